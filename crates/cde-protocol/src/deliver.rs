@@ -1,0 +1,151 @@
+//! Sending one batch and deciding the fate of each item in it, splitting refused batches so that
+//! one bad item never fails its neighbours.
+
+use crate::response::Classified;
+use crate::wire::Item;
+use std::time::Duration;
+
+/// What the transport made of one request: the receiver's classified answer.
+pub type SendResult = Classified;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemOutcome {
+    Sent,
+    /// The receiver will not take this item as it is: not retried until its document changes.
+    Rejected { status: Option<u16>, error: String },
+    /// Try again after the retry interval.
+    Retry { status: Option<u16>, error: String },
+}
+
+#[derive(Debug, Default)]
+pub struct Delivery {
+    pub outcomes: Vec<Option<ItemOutcome>>,
+    /// `Retry-After` from the receiver: hold the whole feed back this long.
+    pub hold: Option<Duration>,
+    pub requests: u64,
+    pub failed_requests: u64,
+}
+
+/// Deliver `items` as one batch through `send`, which performs one request for the items it is
+/// given. A refused batch (4xx) of more than one item is split in halves and each half is sent
+/// again; a refused single item is rejected. The first retryable failure stops all sending for
+/// this batch: the receiver is unwell, so every item not yet delivered is marked for retry.
+pub fn deliver_with_split(items: &[Item], send: &mut dyn FnMut(&[Item]) -> SendResult) -> Delivery {
+    let mut d = Delivery { outcomes: vec![None; items.len()], ..Default::default() };
+    let mut stop: Option<(Option<u16>, String)> = None;
+    deliver_range(items, 0, items.len(), send, &mut d, &mut stop);
+    if let Some((status, error)) = stop {
+        for o in d.outcomes.iter_mut().filter(|o| o.is_none()) {
+            *o = Some(ItemOutcome::Retry { status, error: error.clone() });
+        }
+    }
+    d
+}
+
+fn deliver_range(
+    items: &[Item],
+    start: usize,
+    end: usize,
+    send: &mut dyn FnMut(&[Item]) -> SendResult,
+    d: &mut Delivery,
+    stop: &mut Option<(Option<u16>, String)>,
+) {
+    if stop.is_some() || start == end {
+        return;
+    }
+    d.requests += 1;
+    match send(&items[start..end]) {
+        Classified::Accepted { rejected } => {
+            for i in start..end {
+                d.outcomes[i] = Some(ItemOutcome::Sent);
+            }
+            for r in rejected {
+                d.outcomes[start + r.index] = Some(ItemOutcome::Rejected { status: None, error: r.error });
+            }
+        }
+        Classified::Refused { status, error } => {
+            d.failed_requests += 1;
+            if end - start == 1 {
+                d.outcomes[start] = Some(ItemOutcome::Rejected { status: Some(status), error });
+            } else {
+                let mid = start + (end - start) / 2;
+                deliver_range(items, start, mid, send, d, stop);
+                deliver_range(items, mid, end, send, d, stop);
+            }
+        }
+        Classified::Retryable { status, error, retry_after } => {
+            d.failed_requests += 1;
+            d.hold = retry_after;
+            *stop = Some((status, error));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::response::Rejection;
+
+    fn items(n: usize) -> Vec<Item> {
+        (0..n).map(|i| Item { key: i.to_string(), deleted: false, doc: Some("{}".into()) }).collect()
+    }
+
+    #[test]
+    fn all_sent() {
+        let its = items(5);
+        let d = deliver_with_split(&its, &mut |_| Classified::Accepted { rejected: vec![] });
+        assert_eq!(d.requests, 1);
+        assert!(d.outcomes.iter().all(|o| *o == Some(ItemOutcome::Sent)));
+    }
+
+    #[test]
+    fn per_item_rejections_from_a_2xx() {
+        let its = items(3);
+        let d = deliver_with_split(&its, &mut |_| Classified::Accepted {
+            rejected: vec![Rejection { index: 2, error: "no".into() }],
+        });
+        assert_eq!(d.outcomes[0], Some(ItemOutcome::Sent));
+        assert_eq!(d.outcomes[2], Some(ItemOutcome::Rejected { status: None, error: "no".into() }));
+    }
+
+    #[test]
+    fn one_bad_item_is_isolated_by_splitting() {
+        let its = items(8);
+        let mut sizes = vec![];
+        let d = deliver_with_split(&its, &mut |b: &[Item]| {
+            sizes.push(b.len());
+            if b.iter().any(|i| i.key == "5") {
+                Classified::Refused { status: 422, error: "HTTP 422: bad".into() }
+            } else {
+                Classified::Accepted { rejected: vec![] }
+            }
+        });
+        for (i, o) in d.outcomes.iter().enumerate() {
+            if i == 5 {
+                assert_eq!(*o, Some(ItemOutcome::Rejected { status: Some(422), error: "HTTP 422: bad".into() }));
+            } else {
+                assert_eq!(*o, Some(ItemOutcome::Sent), "item {i}");
+            }
+        }
+        // 8 -> 4 (ok) + 4 -> 2 + 1 (ok) + 1 (rejected) + 2 (ok): log2(n) levels, not n requests.
+        assert_eq!(sizes, vec![8, 4, 4, 2, 1, 1, 2]);
+        assert_eq!(d.requests, 7);
+    }
+
+    #[test]
+    fn retryable_stops_sending_and_marks_the_rest() {
+        let its = items(4);
+        let mut calls = 0;
+        let d = deliver_with_split(&its, &mut |b: &[Item]| {
+            calls += 1;
+            if b.len() == 4 {
+                Classified::Refused { status: 400, error: "x".into() }
+            } else {
+                Classified::Retryable { status: Some(503), error: "down".into(), retry_after: Some(Duration::from_secs(2)) }
+            }
+        });
+        assert_eq!(calls, 2, "after the first retryable failure nothing more is sent");
+        assert_eq!(d.hold, Some(Duration::from_secs(2)));
+        assert!(d.outcomes.iter().all(|o| matches!(o, Some(ItemOutcome::Retry { status: Some(503), .. }))));
+    }
+}

@@ -1,0 +1,316 @@
+//! What the sink holds and how it answers: ingest (protocol v1), faults, and the `/_sink/` API.
+
+use crate::http::{bounded, Request};
+use cde_protocol::{gunzip, ItemRef};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub enum Reply {
+    Http { status: u16, headers: Vec<(String, String)>, body: Vec<u8>, delay: Option<Duration> },
+    Close,
+    Garbage,
+}
+
+fn json_reply(status: u16, v: &Value) -> Reply {
+    Reply::Http {
+        status,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: serde_json::to_vec(v).unwrap(),
+        delay: None,
+    }
+}
+
+/// One fault instruction, as posted to `/_sink/faults`. It applies to the next `count` ingest
+/// requests (for its `feed`, or any feed), or to every request when `count` is absent.
+#[derive(Debug, Deserialize, Clone)]
+pub struct Fault {
+    #[serde(default)]
+    feed: Option<String>,
+    #[serde(default)]
+    count: Option<u64>,
+    /// Answer with this status instead of processing the request.
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    retry_after: Option<String>,
+    /// Wait this long before answering (the request is processed normally unless `status` is set).
+    #[serde(default)]
+    delay_ms: Option<u64>,
+    /// Close the connection without answering.
+    #[serde(default)]
+    close: bool,
+    /// Answer bytes that are not HTTP.
+    #[serde(default)]
+    garbage: bool,
+    /// Reject the items matching this rule: listed in a 2xx body (`reject_mode` "item", default),
+    /// or by refusing the whole batch with `status` (default 422) when it holds one ("batch").
+    #[serde(default)]
+    reject: Option<RejectRule>,
+    #[serde(default)]
+    reject_mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct RejectRule {
+    #[serde(default)]
+    key: Option<String>,
+    /// Substring of the item's JSON text.
+    #[serde(default)]
+    contains: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl RejectRule {
+    fn matches(&self, item: &ItemRef, raw: &str) -> bool {
+        self.key.as_deref().is_some_and(|k| k == item.key) || self.contains.as_deref().is_some_and(|c| raw.contains(c))
+    }
+}
+
+struct Entry {
+    deleted: bool,
+    data: Value,
+    received: u64,
+}
+
+pub struct State {
+    api_key: Option<String>,
+    docs: HashMap<String, BTreeMap<String, Entry>>,
+    log: Vec<Value>,
+    faults: Vec<Fault>,
+    seen_keys: HashSet<String>,
+    items_received: u64,
+    duplicate_requests: u64,
+    faults_injected: u64,
+}
+
+impl State {
+    pub fn new(api_key: Option<String>) -> State {
+        State {
+            api_key,
+            docs: HashMap::new(),
+            log: Vec::new(),
+            faults: Vec::new(),
+            seen_keys: HashSet::new(),
+            items_received: 0,
+            duplicate_requests: 0,
+            faults_injected: 0,
+        }
+    }
+
+    /// The first fault that applies to `feed`, consuming one of its uses.
+    fn take_fault(&mut self, feed: &str) -> Option<Fault> {
+        let i = self.faults.iter().position(|f| f.feed.as_deref().is_none_or(|x| x == feed) && f.count != Some(0))?;
+        let f = &mut self.faults[i];
+        if let Some(c) = f.count.as_mut() {
+            *c -= 1;
+        }
+        let f = f.clone();
+        if f.count == Some(0) {
+            self.faults.remove(i);
+        }
+        self.faults_injected += 1;
+        Some(f)
+    }
+
+    fn stats(&self) -> Value {
+        let docs: usize = self.docs.values().map(|m| m.len()).sum();
+        json!({
+            "requests": self.log.len(),
+            "items_received": self.items_received,
+            "duplicate_requests": self.duplicate_requests,
+            "faults_injected": self.faults_injected,
+            "documents": docs,
+        })
+    }
+
+    fn snapshot(&self, feed: Option<&str>) -> Value {
+        let mut feeds = Map::new();
+        for (name, m) in &self.docs {
+            if feed.is_some_and(|f| f != name) {
+                continue;
+            }
+            let mut items = Map::new();
+            for (k, e) in m {
+                items.insert(k.clone(), json!({"deleted": e.deleted, "data": e.data, "received": e.received}));
+            }
+            feeds.insert(name.clone(), Value::Object(items));
+        }
+        json!({ "feeds": feeds })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
+pub fn handle(state: &Mutex<State>, req: &Request) -> Reply {
+    if let Some(admin) = req.path.strip_prefix("/_sink/") {
+        return handle_admin(state, req, admin);
+    }
+    if req.method != "POST" {
+        return json_reply(404, &json!({"error": "POST /{feed} only"}));
+    }
+    ingest(state, req)
+}
+
+fn handle_admin(state: &Mutex<State>, req: &Request, what: &str) -> Reply {
+    let mut s = state.lock().unwrap();
+    match (req.method.as_str(), what) {
+        ("GET", "health") => json_reply(200, &json!({"ok": true})),
+        ("GET", "state") => json_reply(200, &s.snapshot(query_param(&req.query, "feed"))),
+        ("GET", "log") => {
+            let since: usize = query_param(&req.query, "since").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let reqs: Vec<Value> = s.log.iter().skip(since).cloned().collect();
+            json_reply(200, &json!({"requests": reqs, "stats": s.stats()}))
+        }
+        ("GET", "stats") => json_reply(200, &s.stats()),
+        ("POST", "faults") => match serde_json::from_slice::<Fault>(&req.body) {
+            Ok(f) => {
+                s.faults.push(f);
+                json_reply(200, &json!({"faults": s.faults.len()}))
+            }
+            Err(e) => json_reply(400, &json!({"error": format!("bad fault: {e}")})),
+        },
+        ("DELETE", "faults") => {
+            s.faults.clear();
+            json_reply(200, &json!({"faults": 0}))
+        }
+        ("POST", "reset") => {
+            let key = s.api_key.take();
+            *s = State::new(key);
+            json_reply(200, &json!({"reset": true}))
+        }
+        ("POST", "api-key") => {
+            let k = String::from_utf8_lossy(&req.body).trim().to_string();
+            s.api_key = if k.is_empty() { None } else { Some(k) };
+            json_reply(200, &json!({"api_key_required": s.api_key.is_some()}))
+        }
+        _ => json_reply(404, &json!({"error": format!("no such sink endpoint: {} /_sink/{what}", req.method)})),
+    }
+}
+
+fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
+    let feed = req.path.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_string();
+    let idem = req.header("idempotency-key").unwrap_or_default().to_string();
+    let gz = req.header("content-encoding").is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+    let auth = req.header("authorization").map(String::from);
+    let mut s = state.lock().unwrap();
+    let mut entry = json!({
+        "t": now_ms(), "feed": feed, "bytes": req.body.len(), "gzip": gz,
+        "idempotency_key": idem, "authorization": auth.is_some(),
+        "content_type": req.header("content-type"),
+    });
+
+    let fault = s.take_fault(&feed);
+    let mut delay = None;
+    if let Some(f) = &fault {
+        entry["fault"] = json!(true);
+        if f.close || f.garbage {
+            entry["status"] = json!(if f.close { "closed" } else { "garbage" });
+            s.log.push(entry);
+            return if f.close { Reply::Close } else { Reply::Garbage };
+        }
+        delay = f.delay_ms.map(bounded);
+        if let (Some(status), None) = (f.status, &f.reject) {
+            let mut headers = vec![];
+            if let Some(ra) = &f.retry_after {
+                headers.push(("Retry-After".to_string(), ra.clone()));
+            }
+            entry["status"] = json!(status);
+            s.log.push(entry);
+            return Reply::Http { status, headers, body: f.body.clone().unwrap_or_default().into_bytes(), delay };
+        }
+    }
+
+    if let Some(expected) = &s.api_key {
+        if auth.as_deref() != Some(&format!("Bearer {expected}")) {
+            entry["status"] = json!(401);
+            s.log.push(entry);
+            return json_reply(401, &json!({"error": "missing or wrong bearer token"}));
+        }
+    }
+
+    let raw = if gz {
+        match gunzip(&req.body) {
+            Ok(b) => b,
+            Err(e) => {
+                entry["status"] = json!(400);
+                s.log.push(entry);
+                return json_reply(400, &json!({"error": format!("bad gzip: {e}")}));
+            }
+        }
+    } else {
+        req.body.clone()
+    };
+    let values: Vec<Value> = match serde_json::from_slice(&raw) {
+        Ok(Value::Array(v)) => v,
+        _ => {
+            entry["status"] = json!(400);
+            s.log.push(entry);
+            return json_reply(400, &json!({"error": "body must be a JSON array of items"}));
+        }
+    };
+    let mut items = Vec::with_capacity(values.len());
+    for v in values {
+        let raw = v.to_string();
+        match serde_json::from_value::<ItemRef>(v) {
+            Ok(it) if it.deleted || !it.data.is_null() => items.push((it, raw)),
+            _ => {
+                entry["status"] = json!(400);
+                s.log.push(entry);
+                return json_reply(400, &json!({"error": "each item needs key, deleted and data"}));
+            }
+        }
+    }
+    entry["items"] = json!(items.len());
+
+    let mut rejected = vec![];
+    if let Some(rule) = fault.as_ref().and_then(|f| f.reject.clone()) {
+        let batch_mode = fault.as_ref().and_then(|f| f.reject_mode.as_deref()) == Some("batch");
+        let error = rule.error.clone().unwrap_or_else(|| "rejected by rule".into());
+        let hits: Vec<usize> = items.iter().enumerate().filter(|(_, (it, raw))| rule.matches(it, raw)).map(|(i, _)| i).collect();
+        if batch_mode && !hits.is_empty() {
+            let status = fault.as_ref().and_then(|f| f.status).unwrap_or(422);
+            entry["status"] = json!(status);
+            s.log.push(entry);
+            return Reply::Http { status, headers: vec![], body: format!("{{\"error\":{}}}", json!(error)).into_bytes(), delay };
+        }
+        rejected = hits.into_iter().map(|i| json!({"index": i, "error": error})).collect();
+    }
+    let duplicate = !idem.is_empty() && !s.seen_keys.insert(idem.clone());
+    if duplicate {
+        s.duplicate_requests += 1;
+        entry["duplicate"] = json!(true);
+    }
+    let rejected_idx: HashSet<u64> = rejected.iter().filter_map(|r| r["index"].as_u64()).collect();
+    let t = now_ms();
+    let n = items.len();
+    let docs = s.docs.entry(feed.clone()).or_default();
+    for (i, (it, _)) in items.into_iter().enumerate() {
+        if rejected_idx.contains(&(i as u64)) {
+            continue;
+        }
+        docs.insert(it.key, Entry { deleted: it.deleted, data: it.data, received: t });
+    }
+    s.items_received += n as u64;
+    entry["status"] = json!(200);
+    entry["rejected"] = json!(rejected.len());
+    s.log.push(entry);
+    let body = if rejected.is_empty() { json!({}) } else { json!({"rejected": rejected}) };
+    Reply::Http {
+        status: 200,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: serde_json::to_vec(&body).unwrap(),
+        delay,
+    }
+}
