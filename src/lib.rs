@@ -1,1 +1,59 @@
+//! cde: keeps a SaaS service in sync with a commerce database, from inside PostgreSQL.
+//!
+//! The architecture, one file per concern:
+//! - capture  statement-level triggers record changed keys (generated SQL in sql/capture.sql)
+//! - collect  queued keys become documents in feed tables (sql/collect.sql)
+//! - deliver  pending rows go out in batches; outcomes are recorded (sql/deliver.sql)
+//! - transport one HTTP request of protocol v1 (crates/cde-protocol holds the pure logic)
+//! - engine   one iteration over all feeds, shared by the worker and cde_sync_now()
+//! - worker   the background worker
+//! - api      SQL functions written in Rust
+//! - gucs     settings;  shmem: the worker's latch and counters
 
+use pgrx::prelude::*;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["schema"]);
+extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds"]);
+extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["feeds"]);
+extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["collect"]);
+extension_sql_file!("../sql/views.sql", name = "views", finalize);
+
+mod api;
+mod capture;
+mod collect;
+mod deliver;
+mod engine;
+mod gucs;
+mod shmem;
+mod transport;
+mod worker;
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    capture::init();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shmem::init();
+        worker::register();
+    }
+    // Without preloading, every SQL function works (cde_sync_now() sends); only the worker is
+    // missing, and cde_worker_status / cde_feed_status say so and how to fix it.
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[path = "../pgrx-tests/mod.rs"]
+mod pgrx_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        // Preloaded, as in production; the worker serves a database the tests do not use.
+        vec!["shared_preload_libraries = 'cde'", "cde.database = 'cde_pgrx_idle'"]
+    }
+}

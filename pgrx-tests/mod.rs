@@ -1,0 +1,1 @@
+//! in-database tests (filled below)

@@ -1,0 +1,36 @@
+# Shared by the scripts: where things live and how to run them. Source it; do not run it.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_CONFIG="$PG_BIN/pg_config"
+PGRX_VERSION=0.18.0
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# Cluster state lives in the project (.cde/), unless user postgres cannot reach the project
+# (a checkout under /root, say): then in /tmp, under a name derived from the project path.
+state_dir() {
+    local d="$ROOT/.cde"
+    if [ "$(id -u)" = 0 ] && ! sudo -u postgres test -x "$ROOT" 2>/dev/null; then
+        d="/tmp/cde-state-$(printf %s "$ROOT" | md5sum | cut -c1-8)"
+    fi
+    printf %s "$d"
+}
+STATE="$(state_dir)"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Run a PostgreSQL server binary as the postgres user when we are root (PostgreSQL refuses root).
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then sudo -u postgres "$@"; else "$@"; fi
+}
+
+# wait_for DESCRIPTION SECONDS COMMAND...: poll until COMMAND succeeds, or fail after SECONDS.
+wait_for() {
+    local what="$1" secs="$2"; shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if [ $SECONDS -ge $deadline ]; then echo "timed out after ${secs}s waiting for $what" >&2; return 1; fi
+        sleep 0.2
+    done
+}

@@ -1,0 +1,130 @@
+-- Collecting: turning queued keys into documents in the feed table.
+--
+-- cde._collect(feed) takes a slice of the feed's queue, rebuilds the documents of the keys in it
+-- and updates the feed table, all in the caller's transaction: the queue rows are deleted by the
+-- same transaction that writes their result, so a crash loses nothing and counts nothing twice.
+-- A document whose hash did not change keeps its state (it is not sent again); a key the source
+-- query no longer returns becomes a deletion.
+--
+-- If the rebuild fails (a source query that errors for some rows), cde retries key by key so
+-- that the failing keys are recorded with their error and the rest of the feed keeps flowing.
+
+CREATE FUNCTION cde._collect(
+    p_feed          text,
+    max_statements  int DEFAULT 1000,
+    OUT drained     bigint,   -- queue rows taken
+    OUT keys        bigint,   -- distinct keys rebuilt (NULL when every key was rebuilt)
+    OUT changed     bigint,   -- documents new or changed, now pending
+    OUT deleted     bigint,   -- keys gone from the source, now pending deletion
+    OUT failed      bigint    -- keys whose document could not be built
+) LANGUAGE plpgsql AS $$
+DECLARE
+    f        cde.feeds := cde._feed(p_feed);
+    key_set  text[];
+    everything boolean;
+    k        text;
+    r        record;
+BEGIN
+    failed := 0;
+    WITH taken AS (
+        DELETE FROM cde.queue q
+         WHERE q.id IN (SELECT id FROM cde.queue x WHERE x.feed = f.name ORDER BY x.id
+                         LIMIT max_statements FOR UPDATE SKIP LOCKED)
+        RETURNING q.keys, q.all_keys
+    )
+    SELECT count(*), coalesce(bool_or(all_keys), false),
+           (SELECT array_agg(DISTINCT u) FROM taken t2, unnest(t2.keys) AS u)
+      INTO drained, everything, key_set
+      FROM taken;
+    IF drained = 0 THEN
+        keys := 0; changed := 0; deleted := 0;
+        RETURN;
+    END IF;
+    IF everything THEN
+        key_set := NULL;     -- rebuild every key the source has, and every key the table has
+    ELSIF key_set IS NULL THEN
+        keys := 0; changed := 0; deleted := 0;
+        RETURN;
+    END IF;
+    keys := cardinality(key_set);
+
+    BEGIN
+        EXECUTE format('SELECT * FROM %s($1)', f.rebuild_fn::regproc) INTO r USING key_set;
+        changed := r.changed;
+        deleted := r.deleted;
+    EXCEPTION WHEN OTHERS THEN
+        -- Something in the batch fails: find out which keys, one at a time. For a full rebuild
+        -- (key_set NULL) there is no list to walk; the error is recorded on the feed.
+        changed := 0; deleted := 0;
+        IF key_set IS NULL THEN
+            UPDATE cde.feeds SET last_error = 'rebuild of all keys failed: ' || SQLERRM, last_error_at = now()
+             WHERE name = f.name;
+            failed := 1;
+            INSERT INTO cde.queue (feed, all_keys) VALUES (f.name, true);   -- try again next time
+            RETURN;
+        END IF;
+        FOREACH k IN ARRAY key_set LOOP
+            BEGIN
+                EXECUTE format('SELECT * FROM %s($1)', f.rebuild_fn::regproc) INTO r USING ARRAY[k];
+                changed := changed + r.changed;
+                deleted := deleted + r.deleted;
+            EXCEPTION WHEN OTHERS THEN
+                PERFORM cde._build_failed(f, k, SQLERRM);
+                failed := failed + 1;
+            END;
+        END LOOP;
+    END;
+END $$;
+
+-- A key whose document cannot be built: recorded in the feed table with the error, and in the
+-- retry table so that it is rebuilt after cde.retry_interval (or dead after cde.max_attempts).
+CREATE FUNCTION cde._build_failed(f cde.feeds, k text, err text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    max_attempts int := current_setting('cde.max_attempts')::int;
+    new_status text;
+BEGIN
+    EXECUTE format($q$
+        INSERT INTO %s AS t (key, doc, hash, status, error, attempts)
+        VALUES ($1, NULL, NULL, 'retrying', $2, 1)
+        ON CONFLICT (key) DO UPDATE
+           SET hash = NULL, error = $2, attempts = t.attempts + 1, http_status = NULL,
+               status = CASE WHEN $3 > 0 AND t.attempts + 1 >= $3 THEN 'dead' ELSE 'retrying' END
+        RETURNING status$q$, f.feed_table)
+      INTO new_status USING k, 'build failed: ' || err, max_attempts;
+    IF new_status = 'retrying' THEN
+        INSERT INTO cde.retries (feed, key, next_attempt_at, reason)
+        VALUES (f.name, k, now() + current_setting('cde.retry_interval')::interval, 'build')
+        ON CONFLICT (feed, key) DO UPDATE SET next_attempt_at = excluded.next_attempt_at, reason = 'build';
+    ELSE
+        DELETE FROM cde.retries WHERE feed = f.name AND key = k;
+    END IF;
+    UPDATE cde.feeds SET last_error = 'key ' || k || ': build failed: ' || err, last_error_at = now()
+     WHERE name = f.name;
+END $$;
+
+-- Retries that are due: items whose sending failed go back to pending (the send pass takes
+-- them with their newest document); keys whose build failed are queued to be rebuilt.
+CREATE FUNCTION cde._retry_due(p_feed text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    f cde.feeds := cde._feed(p_feed);
+    n bigint;
+BEGIN
+    EXECUTE format($q$
+        WITH due AS (
+            DELETE FROM cde.retries r WHERE r.feed = $1 AND r.next_attempt_at <= now()
+            RETURNING r.key, r.reason
+        ), resend AS (
+            UPDATE %s AS t SET status = 'pending'
+              FROM due WHERE t.key = due.key AND due.reason = 'send' AND t.status = 'retrying'
+            RETURNING 1
+        ), rebuild AS (
+            INSERT INTO cde.queue (feed, keys)
+            SELECT $1, array_agg(key) FROM due WHERE reason = 'build' HAVING count(*) > 0
+            RETURNING cardinality(keys) AS n
+        )
+        SELECT (SELECT count(*) FROM resend) + coalesce((SELECT sum(n) FROM rebuild), 0)$q$, f.feed_table)
+      INTO n USING f.name;
+    RETURN n;
+END $$;

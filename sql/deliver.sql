@@ -1,0 +1,132 @@
+-- Delivery bookkeeping. The worker (src/deliver.rs) reads pending rows in one short transaction,
+-- sends them with no transaction open, and records what came of each item here, in another.
+
+-- Record the outcome of sent items. An item is only marked when the feed table still holds the
+-- version that was sent (same hash, still pending): a document that changed meanwhile stays
+-- pending and its newest version goes next, so an older version never overtakes a newer one.
+CREATE FUNCTION cde._record(
+    p_feed      text,
+    p_keys      text[],
+    p_hashes    text[],
+    p_outcomes  text[],    -- 'sent' | 'rejected' | 'retry'
+    p_http      int[],
+    p_errors    text[],
+    p_hold      interval,  -- Retry-After: hold the whole feed back this long
+    OUT sent bigint, OUT rejected bigint, OUT retrying bigint, OUT dead bigint
+) LANGUAGE plpgsql AS $$
+DECLARE
+    f cde.feeds;
+    max_attempts int := current_setting('cde.max_attempts')::int;
+    retry_interval interval := current_setting('cde.retry_interval')::interval;
+    first_error text;
+BEGIN
+    SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
+    IF NOT FOUND THEN          -- dropped while its batch was in flight
+        sent := 0; rejected := 0; retrying := 0; dead := 0;
+        RETURN;
+    END IF;
+    EXECUTE format($q$
+        WITH o AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[])
+                       AS o(key, hash, outcome, http_status, error)
+        ), done AS (
+            UPDATE %s AS t SET
+                status = CASE o.outcome
+                             WHEN 'sent' THEN 'sent'
+                             WHEN 'rejected' THEN 'rejected'
+                             ELSE CASE WHEN $6 > 0 AND t.attempts + 1 >= $6 THEN 'dead' ELSE 'retrying' END
+                         END,
+                attempts    = CASE WHEN o.outcome = 'sent' THEN 0 ELSE t.attempts + 1 END,
+                http_status = o.http_status,
+                error       = o.error,
+                sent_at     = CASE WHEN o.outcome = 'sent' THEN now() ELSE t.sent_at END
+              FROM o
+             WHERE t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash AND t.status = 'pending'
+            RETURNING t.key, t.status
+        ), retry_add AS (
+            INSERT INTO cde.retries (feed, key, next_attempt_at, reason)
+            SELECT $7, key, now() + $8, 'send' FROM done WHERE status = 'retrying'
+            ON CONFLICT (feed, key) DO UPDATE SET next_attempt_at = excluded.next_attempt_at, reason = 'send'
+        ), retry_del AS (
+            DELETE FROM cde.retries r USING done
+             WHERE r.feed = $7 AND r.key = done.key AND done.status <> 'retrying'
+        )
+        SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'rejected'),
+               count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead')
+          FROM done$q$, f.feed_table)
+      INTO sent, rejected, retrying, dead
+      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval;
+
+    SELECT e INTO first_error FROM unnest(p_errors) AS e WHERE e IS NOT NULL LIMIT 1;
+    UPDATE cde.feeds SET
+        last_sent_at  = CASE WHEN sent > 0 THEN now() ELSE last_sent_at END,
+        hold_until    = CASE WHEN p_hold IS NOT NULL THEN now() + p_hold ELSE hold_until END,
+        last_error    = coalesce(first_error, last_error),
+        last_error_at = CASE WHEN first_error IS NOT NULL THEN now() ELSE last_error_at END
+     WHERE name = f.name;
+END $$;
+
+-- Send again, now, the items that failed: retrying, rejected and dead ones. Items whose document
+-- could not be built are rebuilt first. Returns how many items were scheduled.
+CREATE FUNCTION cde_retry_failed(feed text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    f cde.feeds;
+    n bigint;
+    total bigint := 0;
+BEGIN
+    IF feed IS NOT NULL THEN
+        PERFORM cde._feed(feed);
+    END IF;
+    FOR f IN SELECT * FROM cde.feeds x WHERE cde_retry_failed.feed IS NULL OR x.name = cde_retry_failed.feed LOOP
+        EXECUTE format($q$
+            WITH failed AS (
+                SELECT key, hash IS NULL AND NOT deleted AS unbuilt FROM %1$s
+                 WHERE status IN ('retrying', 'rejected', 'dead')
+            ), resend AS (
+                UPDATE %1$s AS t SET status = 'pending', attempts = 0
+                  FROM failed WHERE t.key = failed.key AND NOT failed.unbuilt
+                RETURNING 1
+            ), rebuild AS (
+                INSERT INTO cde.queue (feed, keys)
+                SELECT $1, array_agg(key) FROM failed WHERE unbuilt HAVING count(*) > 0
+                RETURNING cardinality(keys) AS n
+            ), forget AS (
+                DELETE FROM cde.retries r WHERE r.feed = $1
+            )
+            SELECT (SELECT count(*) FROM resend) + coalesce((SELECT sum(n) FROM rebuild), 0)$q$, f.feed_table)
+          INTO n USING f.name;
+        total := total + n;
+    END LOOP;
+    IF total > 0 THEN
+        PERFORM cde._changes_recorded();
+    END IF;
+    RETURN total;
+END $$;
+
+COMMENT ON FUNCTION cde_retry_failed(text) IS 'Schedule failed, rejected and dead items to be sent again now';
+
+-- Rebuild these keys now and send them again, even when their document did not change.
+CREATE FUNCTION cde_resync(feed text, keys text[]) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    f cde.feeds := cde._feed(feed);
+    n bigint;
+BEGIN
+    IF keys IS NULL THEN
+        RAISE EXCEPTION 'cde_resync: keys is NULL' USING HINT = 'Pass the keys to resend, or run cde_full_sync(feed).';
+    END IF;
+    -- Forget the hashes, so that the rebuild counts every document as changed; deleted keys
+    -- are simply marked to be sent again.
+    EXECUTE format('UPDATE %s SET hash = NULL WHERE key = ANY ($1) AND NOT deleted', f.feed_table) USING keys;
+    EXECUTE format('SELECT * FROM %s($1)', f.rebuild_fn::regproc) USING keys;
+    EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = now()
+                       WHERE key = ANY ($1) AND status <> 'pending'$q$, f.feed_table) USING keys;
+    EXECUTE format('DELETE FROM cde.retries WHERE feed = $1 AND key = ANY ($2)') USING f.name, keys;
+    EXECUTE format('SELECT count(*) FROM %s WHERE key = ANY ($1) AND status = ''pending''', f.feed_table)
+       INTO n USING keys;
+    PERFORM cde._changes_recorded();
+    RETURN n;
+END $$;
+
+COMMENT ON FUNCTION cde_resync(text, text[]) IS 'Rebuild and resend these keys of a feed, even if unchanged';

@@ -1,0 +1,252 @@
+-- Feeds: registration, the generated feed table and rebuild function, and dropping.
+--
+-- A feed is one SQL query yielding one row per entity key. From it cde generates, per feed:
+--   cde.feed_<name>      the feed table: each key's last document, its hash and delivery state
+--   cde.rebuild_<name>   rebuilds the documents of a set of keys (NULL: every key), filtering the
+--                        source query on the key column in that column's own type so that the
+--                        planner uses the underlying table's index.
+
+-- Feed names become parts of table and function names: keep them plain.
+CREATE FUNCTION cde._check_feed_name(feed text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF feed IS NULL OR feed !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'cde: invalid feed name %', coalesce(quote_literal(feed), 'NULL')
+            USING ERRCODE = 'invalid_name',
+                  HINT = 'A feed name is a plain lower-case identifier: a letter, then letters, digits or _, at most 48 characters.';
+    END IF;
+END $$;
+
+CREATE FUNCTION cde._feed(feed text) RETURNS cde.feeds
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    f cde.feeds;
+BEGIN
+    SELECT * INTO f FROM cde.feeds WHERE name = feed;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cde: unknown feed %', coalesce(quote_literal(feed), 'NULL')
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'SELECT name FROM cde.feeds lists the registered feeds.';
+    END IF;
+    RETURN f;
+END $$;
+
+-- Feeds in dependency order: a feed comes after every feed it depends on.
+CREATE FUNCTION cde._feeds_in_order() RETURNS TABLE (name text, depth int)
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE walk(name, depth, path) AS (
+        SELECT f.name, 0, ARRAY[f.name] FROM cde.feeds f
+        UNION ALL
+        SELECT f.name, w.depth + 1, w.path || f.name
+          FROM walk w JOIN cde.feeds f ON w.name = ANY (f.depends_on)
+         WHERE NOT f.name = ANY (w.path)
+    )
+    SELECT name, max(depth)::int FROM walk GROUP BY name ORDER BY max(depth), name
+$$;
+
+CREATE FUNCTION cde_register_feed(
+    feed         text,
+    source_query text,
+    key_column   text    DEFAULT 'id',
+    mode         text    DEFAULT 'immediate',
+    depends_on   text[]  DEFAULT '{}',
+    batch_size   int     DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    query      text := regexp_replace(coalesce(source_query, ''), '[\s;]+$', '');
+    key_type   regtype;
+    doc_type   regtype;
+    has_doc    boolean := true;
+    doc_expr   text;
+    tbl        text := format('cde.%I', 'feed_' || feed);
+    fn         text := format('cde.%I', 'rebuild_' || feed);
+    old        cde.feeds;
+    dep        text;
+BEGIN
+    PERFORM cde._check_feed_name(feed);
+    IF mode IS NULL OR mode NOT IN ('immediate', 'legacy') THEN
+        RAISE EXCEPTION 'cde: unknown mode % for feed %', coalesce(quote_literal(mode), 'NULL'), feed
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'mode is ''immediate'' or ''legacy''.';
+    END IF;
+    IF batch_size IS NOT NULL AND batch_size < 1 THEN
+        RAISE EXCEPTION 'cde: batch_size must be at least 1 (got %) for feed %', batch_size, feed
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF key_column IS NULL OR key_column = '' THEN
+        RAISE EXCEPTION 'cde: key_column must name a column of the source query of feed %', feed
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF query = '' THEN
+        RAISE EXCEPTION 'cde: the source query of feed % is empty', feed USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- Dependencies: known feeds, and no cycle once this definition is in place.
+    FOREACH dep IN ARRAY coalesce(depends_on, '{}') LOOP
+        IF dep = feed THEN
+            RAISE EXCEPTION 'cde: feed % cannot depend on itself', feed USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM cde.feeds f WHERE f.name = dep) THEN
+            RAISE EXCEPTION 'cde: feed % depends on unknown feed %', feed, quote_literal(dep)
+                USING ERRCODE = 'undefined_object', HINT = 'Register the feeds it depends on first.';
+        END IF;
+        IF EXISTS (
+            WITH RECURSIVE up(name) AS (
+                SELECT dep
+                UNION
+                SELECT unnest(f.depends_on) FROM cde.feeds f JOIN up ON f.name = up.name
+            )
+            SELECT 1 FROM up WHERE up.name = feed
+        ) THEN
+            RAISE EXCEPTION 'cde: dependency cycle: feed % depends on %, which depends on %', feed, dep, feed
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+
+    -- The query must plan and run (with no rows), and have the key column; its type is the
+    -- key's own type. pg_typeof over a null-extended row reads a column's type without a row.
+    BEGIN
+        EXECUTE format('SELECT pg_typeof(s.%I)::regtype FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (%s) AS q LIMIT 0) AS s ON true',
+                       key_column, query)
+           INTO key_type;
+    EXCEPTION
+        WHEN undefined_column THEN
+            IF SQLERRM LIKE '%s.' || key_column || '%' OR SQLERRM LIKE '%' || quote_ident(key_column) || '%' THEN
+                RAISE EXCEPTION 'cde: the source query of feed % has no key column %', feed, quote_ident(key_column)
+                    USING ERRCODE = 'undefined_column', DETAIL = SQLERRM;
+            END IF;
+            RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
+        WHEN OTHERS THEN
+            RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
+    END;
+    IF (SELECT typarray FROM pg_type WHERE oid = key_type) = 0 THEN
+        RAISE EXCEPTION 'cde: key column % of feed % has type %, which has no array type', key_column, feed, key_type;
+    END IF;
+
+    BEGIN
+        EXECUTE format('SELECT pg_typeof(s.doc)::regtype FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (%s) AS q LIMIT 0) AS s ON true', query)
+           INTO doc_type;
+    EXCEPTION WHEN undefined_column THEN
+        has_doc := false;
+    END;
+    IF has_doc AND doc_type NOT IN ('json'::regtype, 'jsonb'::regtype) THEN
+        RAISE EXCEPTION 'cde: column doc of the source query of feed % has type %; it must be json or jsonb', feed, doc_type
+            USING ERRCODE = 'datatype_mismatch',
+                  HINT = 'Rename the column, or build the document with jsonb_build_object(...) AS doc.';
+    END IF;
+    doc_expr := CASE WHEN has_doc THEN 's.doc::jsonb' ELSE 'to_jsonb(s)' END;
+
+    SELECT * INTO old FROM cde.feeds f WHERE f.name = feed;
+
+    EXECUTE format($t$
+        CREATE TABLE IF NOT EXISTS %s (
+            key          text PRIMARY KEY,
+            doc          jsonb,
+            hash         text,
+            deleted      boolean NOT NULL DEFAULT false,
+            status       text NOT NULL DEFAULT 'pending'
+                         CHECK (status IN ('pending', 'sent', 'retrying', 'rejected', 'dead')),
+            http_status  int,
+            error        text,
+            attempts     int NOT NULL DEFAULT 0,
+            modified_at  timestamptz NOT NULL DEFAULT now(),
+            sent_at      timestamptz
+        )$t$, tbl);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (modified_at, key) WHERE status = ''pending''',
+                   'feed_' || feed || '_pending', tbl);
+    EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
+    EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', tbl);
+
+    -- The rebuild function. It runs the source query with the rights of the role registering
+    -- the feed (SECURITY DEFINER, owned by it) and that role's search_path, fixed now.
+    -- EXECUTE ... USING plans each call with the keys as constants, so "= ANY(keys)" becomes
+    -- an index scan for a few keys and "keys IS NULL" drops the filter for a full rebuild.
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION %1$s(keys text[], OUT built bigint, OUT changed bigint, OUT deleted bigint)
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s AS $body$
+        BEGIN
+            EXECUTE %3$L INTO built, changed, deleted USING keys;
+        END $body$$f$,
+        fn, cde._fixed_search_path(),
+        format($q$
+            WITH src AS MATERIALIZED (
+                SELECT (s.%1$I)::text AS key, %2$s AS doc
+                  FROM (%3$s) AS s
+                 WHERE ($1 IS NULL OR s.%1$I = ANY ($1::%4$s[]))
+            ), built AS (
+                INSERT INTO %5$s AS f (key, doc, hash)
+                SELECT key, doc, md5(doc::text) FROM src WHERE doc IS NOT NULL
+                ON CONFLICT (key) DO UPDATE
+                   SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
+                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+                 WHERE f.hash IS DISTINCT FROM excluded.hash OR f.deleted
+                RETURNING 1
+            ), gone AS (
+                UPDATE %5$s AS f
+                   SET doc = NULL, hash = NULL, deleted = true, status = 'pending',
+                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+                 WHERE ($1 IS NULL OR f.key = ANY ($1)) AND NOT f.deleted
+                   AND NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL)
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone)
+        $q$, key_column, doc_expr, query, format_type(key_type, NULL), tbl));
+    EXECUTE format('REVOKE ALL ON FUNCTION %s(text[]) FROM PUBLIC', fn);
+
+    INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,
+                                batch_size, owner, search_path, feed_table, rebuild_fn)
+    VALUES (feed, query, key_column, key_type, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
+            current_user::regrole, cde._fixed_search_path(), tbl::regclass, (fn || '(text[])')::regprocedure)
+    ON CONFLICT (name) DO UPDATE
+       SET source_query = excluded.source_query, key_column = excluded.key_column, key_type = excluded.key_type,
+           doc_column = excluded.doc_column, mode = excluded.mode, depends_on = excluded.depends_on,
+           batch_size = excluded.batch_size, owner = excluded.owner, search_path = excluded.search_path,
+           rebuild_fn = excluded.rebuild_fn, updated_at = now();
+
+    -- A new definition may yield other documents for every key: rebuild them all. Unchanged
+    -- documents keep their hash and are not sent again.
+    IF old.name IS NOT NULL AND (old.source_query, old.key_column) IS DISTINCT FROM (query, key_column) THEN
+        INSERT INTO cde.queue (feed, all_keys) VALUES (feed, true);
+        PERFORM cde._changes_recorded();
+    END IF;
+END $fn$;
+
+COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int) IS
+    'Register (or redefine) a feed: one source query yielding one JSON document per entity key';
+
+-- The calling session's search_path, resolved to schemas that exist, with pg_temp last so that
+-- temporary objects can never shadow what generated code refers to.
+CREATE FUNCTION cde._fixed_search_path() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT string_agg(quote_ident(s), ', ' ORDER BY o) || ', pg_temp'
+      FROM unnest(current_schemas(false)) WITH ORDINALITY AS t(s, o)
+     WHERE s NOT LIKE 'pg_temp%'
+$$;
+
+CREATE FUNCTION cde_drop_feed(feed text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    f cde.feeds := cde._feed(feed);
+    t cde.tracks;
+    dependents text;
+BEGIN
+    SELECT string_agg(x.name, ', ') INTO dependents FROM cde.feeds x WHERE f.name = ANY (x.depends_on);
+    IF dependents IS NOT NULL THEN
+        RAISE EXCEPTION 'cde: feed % cannot be dropped: feeds % depend on it', f.name, dependents
+            USING ERRCODE = 'dependent_objects_still_exist';
+    END IF;
+    IF EXISTS (SELECT 1 FROM cde.sync_phases p JOIN cde.sync_runs r ON r.id = p.run_id
+                WHERE p.feed = f.name AND r.status IN ('preparing', 'planned', 'executing')) THEN
+        RAISE EXCEPTION 'cde: feed % cannot be dropped while a full sync of it runs', f.name
+            USING HINT = 'cde_cancel_sync(run_id) first; see cde_sync_runs.';
+    END IF;
+    FOR t IN SELECT * FROM cde.tracks WHERE tracks.feed = f.name LOOP
+        PERFORM cde._drop_capture(t);
+    END LOOP;
+    DELETE FROM cde.queue q WHERE q.feed = f.name;
+    DELETE FROM cde.feeds x WHERE x.name = f.name;   -- cascades to tracks and retries
+    EXECUTE format('DROP FUNCTION IF EXISTS %s', f.rebuild_fn);
+    EXECUTE format('DROP TABLE IF EXISTS %s', f.feed_table);
+END $$;
+
+COMMENT ON FUNCTION cde_drop_feed(text) IS 'Drop a feed: its capture triggers, feed table, queue and retries';

@@ -1,0 +1,98 @@
+-- cde's own tables. Everything internal lives in schema "cde", which PUBLIC cannot use: the
+-- application roles that write tracked tables reach it only through the SECURITY DEFINER capture
+-- triggers. The public API (cde_* functions and views) lives in the extension's schema.
+
+CREATE SCHEMA cde;
+REVOKE ALL ON SCHEMA cde FROM PUBLIC;
+COMMENT ON SCHEMA cde IS 'cde internals: feed definitions, the change queue, feed tables, retries, sync runs';
+
+-- One row per feed: its source query and everything generated from it at registration.
+CREATE TABLE cde.feeds (
+    name          text PRIMARY KEY,
+    source_query  text NOT NULL,
+    key_column    text NOT NULL,
+    key_type      regtype NOT NULL,        -- the key column's own type: rebuilds filter in it
+    doc_column    boolean NOT NULL,        -- the query has a json/jsonb column "doc"
+    mode          text NOT NULL CHECK (mode IN ('immediate', 'legacy')),
+    depends_on    text[] NOT NULL DEFAULT '{}',
+    batch_size    int CHECK (batch_size > 0),
+    owner         regrole NOT NULL,        -- the source query runs with this role's rights
+    search_path   text NOT NULL,           -- the registering session's, fixed for the source query
+    feed_table    regclass NOT NULL,       -- cde.feed_<name>
+    rebuild_fn    regprocedure NOT NULL,   -- generated: cde.rebuild_<name>(keys text[])
+    hold_until    timestamptz,             -- Retry-After from the endpoint holds the whole feed back
+    last_legacy_send_at timestamptz,
+    last_sent_at  timestamptz,
+    last_error    text,
+    last_error_at timestamptz,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE cde.feeds IS 'Registered feeds (cde_register_feed)';
+
+-- Which tables a feed tracks, and how a change there maps to the feed's keys.
+CREATE TABLE cde.tracks (
+    feed          text NOT NULL REFERENCES cde.feeds ON DELETE CASCADE,
+    source_table  oid NOT NULL,            -- pg_class oid; the name is kept for messages
+    table_name    text NOT NULL,
+    keys          text,                    -- NULL, an expression over the changed row, or a SELECT over "changed"
+    trigger_fn    text NOT NULL,           -- generated capture function, in schema cde
+    PRIMARY KEY (feed, source_table)
+);
+COMMENT ON TABLE cde.tracks IS 'Tracked tables (cde_track): one set of capture triggers per feed and table';
+
+-- The change queue: one row per feed per writing statement, holding the keys it touched.
+-- One row per statement (not per changed row) keeps bulk writes cheap; the collector
+-- deduplicates. all_keys marks a TRUNCATE: every key of the feed must be rebuilt.
+CREATE TABLE cde.queue (
+    id         bigint GENERATED ALWAYS AS IDENTITY,
+    feed       text NOT NULL,
+    keys       text[],
+    all_keys   boolean NOT NULL DEFAULT false,
+    queued_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX queue_feed_id ON cde.queue (feed, id);
+COMMENT ON TABLE cde.queue IS 'Keys changed by committed writes, waiting to be collected into feed tables';
+
+-- The retry table: items whose delivery failed and when they are due again.
+CREATE TABLE cde.retries (
+    feed            text NOT NULL REFERENCES cde.feeds ON DELETE CASCADE,
+    key             text NOT NULL,
+    next_attempt_at timestamptz NOT NULL,
+    reason          text NOT NULL CHECK (reason IN ('send', 'build')),
+    PRIMARY KEY (feed, key)
+);
+CREATE INDEX retries_due ON cde.retries (feed, next_attempt_at);
+COMMENT ON TABLE cde.retries IS 'Failed items and when the worker revisits them (cde.retry_interval)';
+
+-- Full sync runs (cde_full_sync) and their per-feed phases.
+CREATE TABLE cde.sync_runs (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    feeds        text[] NOT NULL,
+    dry_run      boolean NOT NULL DEFAULT false,
+    status       text NOT NULL DEFAULT 'preparing'
+                 CHECK (status IN ('preparing', 'planned', 'executing', 'finished', 'failed', 'cancelled')),
+    current_phase text,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    error        text
+);
+
+CREATE TABLE cde.sync_phases (
+    run_id     bigint NOT NULL REFERENCES cde.sync_runs ON DELETE CASCADE,
+    feed       text NOT NULL,
+    ordinal    int NOT NULL,                -- phase order, from the feeds' dependencies
+    status     text NOT NULL DEFAULT 'waiting'
+               CHECK (status IN ('waiting', 'building', 'sending', 'finished', 'failed', 'cancelled')),
+    cursor_key text,                        -- last source key built (resume point), in text form
+    deletions_cursor text,                  -- last feed-table key checked for deletion
+    planned    bigint NOT NULL DEFAULT 0,
+    processed  bigint NOT NULL DEFAULT 0,
+    sent       bigint NOT NULL DEFAULT 0,
+    unchanged  bigint NOT NULL DEFAULT 0,
+    deleted    bigint NOT NULL DEFAULT 0,
+    failed     bigint NOT NULL DEFAULT 0,
+    started_at timestamptz,
+    finished_at timestamptz,
+    PRIMARY KEY (run_id, feed)
+);

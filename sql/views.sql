@@ -1,0 +1,84 @@
+-- What operators look at. Every column is documented in docs/operations.md.
+
+-- Per-feed counts from the feed tables (one table per feed, hence a function).
+CREATE FUNCTION cde._feed_counts()
+RETURNS TABLE (feed text, items bigint, unsent bigint, sent bigint, rejected bigint, retrying bigint,
+               dead bigint, deleted bigint, oldest_unsent timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    f cde.feeds;
+BEGIN
+    FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
+        RETURN QUERY EXECUTE format($q$
+            SELECT %L::text,
+                   count(*),
+                   count(*) FILTER (WHERE status = 'pending'),
+                   count(*) FILTER (WHERE status = 'sent'),
+                   count(*) FILTER (WHERE status = 'rejected'),
+                   count(*) FILTER (WHERE status = 'retrying'),
+                   count(*) FILTER (WHERE status = 'dead'),
+                   count(*) FILTER (WHERE deleted),
+                   min(modified_at) FILTER (WHERE status IN ('pending', 'retrying'))
+              FROM %s$q$, f.name, f.feed_table);
+    END LOOP;
+END $$;
+
+CREATE VIEW cde_worker_status AS
+SELECT w.running, w.pid, w.state, w.started_at, w.last_iteration_at, w.iterations,
+       w.documents_sent, w.bytes_sent, w.requests, w.requests_failed,
+       current_setting('cde.database') AS database
+  FROM cde._worker_status() AS w;
+
+COMMENT ON VIEW cde_worker_status IS 'The cde background worker: whether it runs, what it has done';
+
+CREATE VIEW cde_feed_status AS
+WITH queued AS (
+    SELECT q.feed, sum(coalesce(cardinality(q.keys), 0)) AS keys, count(*) FILTER (WHERE q.all_keys) AS full_rebuilds,
+           min(q.queued_at) AS oldest
+      FROM cde.queue q GROUP BY q.feed
+), tracked AS (
+    SELECT t.feed, array_agg(t.table_name ORDER BY t.table_name) AS tables FROM cde.tracks t GROUP BY t.feed
+)
+SELECT f.name                                   AS feed,
+       f.mode,
+       f.depends_on,
+       coalesce(tr.tables, '{}')                AS tracked_tables,
+       coalesce(c.items, 0)                     AS items,
+       coalesce(q.keys, 0) + coalesce(c.unsent, 0) AS pending,
+       coalesce(c.sent, 0)                      AS sent,
+       coalesce(c.rejected, 0)                  AS rejected,
+       coalesce(c.retrying, 0)                  AS retrying,
+       coalesce(c.dead, 0)                      AS dead,
+       coalesce(c.deleted, 0)                   AS deleted,
+       f.last_sent_at,
+       CASE WHEN q.oldest IS NULL AND c.oldest_unsent IS NULL THEN interval '0'
+            ELSE now() - least(q.oldest, c.oldest_unsent) END AS lag,
+       f.last_error,
+       f.last_error_at,
+       f.hold_until,
+       (SELECT w.running FROM cde._worker_status() w) AS worker_running
+  FROM cde.feeds f
+  LEFT JOIN cde._feed_counts() c ON c.feed = f.name
+  LEFT JOIN queued q ON q.feed = f.name
+  LEFT JOIN tracked tr ON tr.feed = f.name
+ ORDER BY f.name;
+
+COMMENT ON VIEW cde_feed_status IS 'One row per feed: items by delivery state, lag, last error, worker';
+
+CREATE FUNCTION cde._failed_items()
+RETURNS TABLE (feed text, key text, status text, http_status int, error text, attempts int, next_attempt_at timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    f cde.feeds;
+BEGIN
+    FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
+        RETURN QUERY EXECUTE format($q$
+            SELECT %L::text, t.key, t.status, t.http_status, t.error, t.attempts, r.next_attempt_at
+              FROM %s t LEFT JOIN cde.retries r ON r.feed = %L AND r.key = t.key
+             WHERE t.status IN ('retrying', 'rejected', 'dead')
+             ORDER BY t.key$q$, f.name, f.feed_table, f.name);
+    END LOOP;
+END $$;
+
+CREATE VIEW cde_failed_items AS SELECT * FROM cde._failed_items();
+COMMENT ON VIEW cde_failed_items IS 'Items that are retrying, rejected or dead, with their last error';

@@ -1,0 +1,90 @@
+//! SQL functions written in Rust: the ones that send over HTTP or read shared memory. Everything
+//! else in the SQL API is plain SQL in `sql/`.
+
+use crate::deliver::Counters;
+use crate::engine::{self, Inline};
+use crate::gucs::Settings;
+use crate::shmem;
+use crate::transport::Transport;
+use crate::worker::ITERATION_LOCK;
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+
+/// Run one iteration in this session: collect, then send (legacy feeds too), for every feed in
+/// dependency order or for one feed. Works without the background worker, e.g. from pg_cron.
+#[pg_extern(volatile, parallel_unsafe)]
+fn cde_sync_now(
+    feed: default!(Option<&str>, "NULL"),
+) -> TableIterator<'static, (name!(feed, String), name!(collected, i64), name!(sent, i64), name!(failed, i64))> {
+    if let Some(f) = feed {
+        Spi::run_with_args("SELECT cde._feed($1)", &[f.into()]).unwrap_or_else(|e| error!("{e}"));
+    }
+    // Wait for the worker's iteration, if one runs, rather than racing it on the same rows.
+    Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[ITERATION_LOCK.into()]).unwrap_or_else(|e| error!("{e}"));
+    let settings = Settings::read();
+    let mut transport = Transport::new(&settings);
+    let mut counters = Counters::default();
+    let feeds = engine::load_feeds(feed, settings.legacy_interval.as_millis());
+    let rows: Vec<_> = feeds
+        .iter()
+        .map(|f| {
+            let r = engine::feed_iteration(&Inline, &mut transport, &settings, f, true, &mut counters, usize::MAX);
+            (r.feed, r.collected, r.sent, r.failed)
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+#[pg_schema]
+mod cde {
+    use super::*;
+
+    /// The worker's state from shared memory; one row, all NULL but `running` when cde is not preloaded.
+    #[pg_extern(volatile, parallel_safe)]
+    fn _worker_status() -> TableIterator<
+        'static,
+        (
+            name!(running, bool),
+            name!(pid, Option<i32>),
+            name!(state, String),
+            name!(started_at, Option<TimestampWithTimeZone>),
+            name!(last_iteration_at, Option<TimestampWithTimeZone>),
+            name!(iterations, i64),
+            name!(documents_sent, i64),
+            name!(bytes_sent, i64),
+            name!(requests, i64),
+            name!(requests_failed, i64),
+        ),
+    > {
+        let row = match shmem::worker() {
+            None => (false, None, "not running: add cde to shared_preload_libraries and restart".to_string(), None, None, 0, 0, 0, 0, 0),
+            Some(w) => {
+                let state = w.state.load(Ordering::Relaxed);
+                let pid = w.pid.load(Ordering::Relaxed);
+                let running = state != shmem::STOPPED && pid != 0 && w.latch.load(Ordering::Relaxed) != 0;
+                (
+                    running,
+                    (pid != 0).then_some(pid),
+                    shmem::state_name(state).to_string(),
+                    ts(w.started_at.load(Ordering::Relaxed)),
+                    ts(w.last_iteration_at.load(Ordering::Relaxed)),
+                    w.iterations.load(Ordering::Relaxed) as i64,
+                    w.docs_sent.load(Ordering::Relaxed) as i64,
+                    w.bytes_sent.load(Ordering::Relaxed) as i64,
+                    w.requests.load(Ordering::Relaxed) as i64,
+                    w.requests_failed.load(Ordering::Relaxed) as i64,
+                )
+            }
+        };
+        TableIterator::once(row)
+    }
+}
+
+fn ts(micros: i64) -> Option<TimestampWithTimeZone> {
+    if micros == 0 {
+        return None;
+    }
+    // PostgreSQL timestamps count from 2000-01-01.
+    const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+    TimestampWithTimeZone::try_from(micros - PG_EPOCH_OFFSET_MICROS).ok()
+}

@@ -1,0 +1,118 @@
+//! One iteration over the feeds, shared by the background worker and `cde_sync_now()`.
+//!
+//! Feeds are taken in dependency order. Each is collected (queue -> feed table); due retries are
+//! put back in line; then immediate feeds send their pending rows, and legacy feeds do so only when
+//! their pass is due. The caller decides what a transaction is: the worker commits after every
+//! step so that no HTTP request runs inside an open transaction; `cde_sync_now()` runs in the
+//! caller's transaction.
+
+use crate::collect;
+use crate::deliver::{self, Counters};
+use crate::gucs::Settings;
+use crate::transport::Transport;
+use pgrx::prelude::*;
+use std::time::Instant;
+
+/// Runs a step "in a transaction": a fresh one for the worker, the caller's for sync_now.
+pub trait Txn {
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R;
+}
+
+/// The caller's transaction, as it is.
+pub struct Inline;
+impl Txn for Inline {
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FeedInfo {
+    pub name: String,
+    pub feed_table: String,
+    pub legacy: bool,
+    pub batch_size: Option<i32>,
+    /// For legacy feeds: the legacy pass is due.
+    pub legacy_due: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct FeedReport {
+    pub feed: String,
+    pub collected: i64,
+    pub sent: i64,
+    pub failed: i64,
+    pub retries_due: i64,
+    pub requests: u64,
+    pub elapsed_ms: u128,
+    /// Collecting stopped at its per-step bound: call again soon.
+    pub more: bool,
+}
+
+pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128) -> Vec<FeedInfo> {
+    let q = "SELECT f.name, f.feed_table::text, f.mode = 'legacy', f.batch_size,
+                    f.last_legacy_send_at IS NULL
+                    OR f.last_legacy_send_at + make_interval(secs => $2::float8 / 1000) <= now()
+               FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name)
+              WHERE $1::text IS NULL OR f.name = $1
+              ORDER BY o.depth, o.name";
+    Spi::connect(|c| {
+        let rows = c.select(q, None, &[only.into(), (legacy_interval_ms as i64).into()])?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(FeedInfo {
+                name: r.get::<String>(1)?.unwrap_or_default(),
+                feed_table: r.get::<String>(2)?.unwrap_or_default(),
+                legacy: r.get::<bool>(3)?.unwrap_or(false),
+                batch_size: r.get::<i32>(4)?,
+                legacy_due: r.get::<bool>(5)?.unwrap_or(true),
+            });
+        }
+        Ok::<_, pgrx::spi::SpiError>(out)
+    })
+    .unwrap_or_else(|e| error!("cde: cannot read feeds: {e}"))
+}
+
+/// One iteration for one feed. `force_send` sends legacy feeds regardless of their pass.
+pub fn feed_iteration(
+    tx: &impl Txn,
+    transport: &mut Transport,
+    settings: &Settings,
+    feed: &FeedInfo,
+    force_send: bool,
+    counters: &mut Counters,
+    collect_rounds: usize,
+) -> FeedReport {
+    let started = Instant::now();
+    let mut report = FeedReport { feed: feed.name.clone(), ..Default::default() };
+
+    for round in 0.. {
+        let c = tx.run(|| collect::collect(&feed.name));
+        report.collected += c.changed + c.deleted;
+        report.failed += c.failed;
+        if c.drained == 0 {
+            break;
+        }
+        if round + 1 >= collect_rounds {
+            report.more = true;
+            break;
+        }
+    }
+    report.retries_due = tx.run(|| collect::retry_due(&feed.name));
+
+    let send = !feed.legacy || feed.legacy_due || force_send;
+    if send && settings.endpoint.is_some() {
+        let s = deliver::send_pending(tx, transport, settings, feed, counters);
+        report.sent += s.sent;
+        report.failed += s.failed;
+        report.requests += s.requests;
+        if feed.legacy {
+            tx.run(|| {
+                Spi::run_with_args("UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1", &[feed.name.as_str().into()])
+            })
+            .unwrap_or_else(|e| error!("cde: {e}"));
+        }
+    }
+    report.elapsed_ms = started.elapsed().as_millis();
+    report
+}

@@ -1,0 +1,172 @@
+//! Settings, all under `cde.`: one static per setting, registered in `init()`, read through small
+//! accessors. Invalid values are refused when set (ranges for numbers, a check hook for the URL).
+//!
+//! Documented in docs/settings.md.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::{CStr, CString};
+use std::time::Duration;
+
+pub static ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
+pub static MAX_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4 * 1024 * 1024);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static LEGACY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static RETRY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static HTTP_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+pub static COMPRESSION: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static LOG_PAYLOADS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+pub fn init() {
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"cde.endpoint",
+            c"Base URL of the ingest endpoint (http or https); feeds are POSTed to {endpoint}/{feed}.",
+            c"Empty means: collect into the feed tables, send nothing.",
+            &ENDPOINT,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_endpoint),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_string_guc(
+        c"cde.api_key",
+        c"Bearer token sent in the Authorization header.",
+        c"Superuser only: hidden from SHOW and pg_settings for other roles, never logged.",
+        &API_KEY,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"cde.database",
+        c"Database the cde background worker connects to.",
+        c"",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    int(c"cde.batch_size", c"Most items in one request (a feed may set its own).", &BATCH_SIZE, 1, 100_000, GucFlags::default());
+    int(c"cde.max_batch_bytes", c"Most bytes of JSON in one request body, before compression.", &MAX_BATCH_BYTES, 1024, i32::MAX, GucFlags::UNIT_BYTE);
+    int(c"cde.poll_interval", c"How often the worker looks for work when no commit woke it.", &POLL_INTERVAL_MS, 10, 3_600_000, GucFlags::UNIT_MS);
+    int(c"cde.legacy_interval", c"How often pending rows of legacy-mode feeds are sent.", &LEGACY_INTERVAL_MS, 100, i32::MAX, GucFlags::UNIT_MS);
+    int(c"cde.retry_interval", c"How long a failed item waits before it is sent again.", &RETRY_INTERVAL_MS, 100, i32::MAX, GucFlags::UNIT_MS);
+    int(c"cde.max_attempts", c"Attempts after which a failing item is dead (0: unlimited).", &MAX_ATTEMPTS, 0, 1_000_000, GucFlags::default());
+    int(c"cde.http_timeout", c"Timeout of one HTTP request, connect included.", &HTTP_TIMEOUT_MS, 100, 3_600_000, GucFlags::UNIT_MS);
+    GucRegistry::define_bool_guc(
+        c"cde.compression",
+        c"gzip request bodies (Content-Encoding: gzip).",
+        c"",
+        &COMPRESSION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"cde.log_payloads",
+        c"Log request bodies, truncated, for debugging.",
+        c"",
+        &LOG_PAYLOADS,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"cde".as_ptr())
+    };
+    #[cfg(any(feature = "pg13", feature = "pg14"))]
+    unsafe {
+        pg_sys::EmitWarningsOnPlaceholders(c"cde".as_ptr())
+    };
+}
+
+fn int(name: &'static CStr, short: &'static CStr, setting: &'static GucSetting<i32>, min: i32, max: i32, flags: GucFlags) {
+    GucRegistry::define_int_guc(name, short, c"", setting, min, max, GucContext::Suset, flags);
+}
+
+/// The endpoint must be an absolute http(s) URL, or empty.
+pub fn validate_endpoint(url: &str) -> Result<(), &'static str> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    if url.contains(char::is_whitespace) {
+        return Err("contains white space");
+    }
+    if url.contains('?') || url.contains('#') {
+        return Err("must not carry a query or fragment: feeds are appended as /{feed}");
+    }
+    Ok(())
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_endpoint(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = unsafe { (*newval).as_ref().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned()) };
+    match value.as_deref().map(validate_endpoint) {
+        None | Some(Ok(())) => true,
+        Some(Err(why)) => {
+            // GUC_check_errdetail is a macro in C; setting the variables it sets does the same.
+            let msg = CString::new(format!("cde.endpoint {why}.")).unwrap();
+            unsafe {
+                pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(msg.as_ptr());
+            }
+            false
+        }
+    }
+}
+
+fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
+    s.get().map(|c| c.to_string_lossy().into_owned()).filter(|s| !s.is_empty())
+}
+
+/// Plain values, read once per iteration (retry_interval and max_attempts are read by the SQL
+/// that records outcomes, through current_setting()), on the main thread (GUCs must never be read elsewhere).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub endpoint: Option<String>,
+    pub api_key: Option<String>,
+    pub batch_size: usize,
+    pub max_batch_bytes: usize,
+    pub poll_interval: Duration,
+    pub legacy_interval: Duration,
+    pub http_timeout: Duration,
+    pub compression: bool,
+    pub log_payloads: bool,
+}
+
+impl Settings {
+    pub fn read() -> Settings {
+        let ms = |s: &GucSetting<i32>| Duration::from_millis(s.get().max(0) as u64);
+        Settings {
+            endpoint: string(&ENDPOINT).map(|e| e.trim_end_matches('/').to_string()),
+            api_key: string(&API_KEY),
+            batch_size: BATCH_SIZE.get().max(1) as usize,
+            max_batch_bytes: MAX_BATCH_BYTES.get().max(1024) as usize,
+            poll_interval: ms(&POLL_INTERVAL_MS),
+            legacy_interval: ms(&LEGACY_INTERVAL_MS),
+            http_timeout: ms(&HTTP_TIMEOUT_MS),
+            compression: COMPRESSION.get(),
+            log_payloads: LOG_PAYLOADS.get(),
+        }
+    }
+}
+
+pub fn database() -> String {
+    string(&DATABASE).unwrap_or_else(|| "postgres".into())
+}

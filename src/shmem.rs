@@ -1,0 +1,67 @@
+//! The little shared memory cde uses: where the worker's latch is (so that a commit that recorded
+//! changes can wake it) and the worker's counters for `cde_worker_status`. It exists only when cde
+//! is in `shared_preload_libraries`; without it every accessor answers `None`.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+
+#[derive(Default)]
+pub struct WorkerShared {
+    pub pid: AtomicI32,
+    /// Address of the worker's `MyLatch` (PGPROC latches live in shared memory, at the same address
+    /// in every backend), or 0 while no worker runs.
+    pub latch: AtomicU64,
+    /// 0 stopped, 1 waiting for the extension, 2 idle, 3 working.
+    pub state: AtomicI32,
+    pub started_at: AtomicI64,
+    pub last_iteration_at: AtomicI64,
+    pub iterations: AtomicU64,
+    pub docs_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub requests: AtomicU64,
+    pub requests_failed: AtomicU64,
+}
+
+unsafe impl PGRXSharedMemory for WorkerShared {}
+
+static WORKER: PgAtomic<WorkerShared> = unsafe { PgAtomic::new(c"cde_worker") };
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub const STOPPED: i32 = 0;
+pub const WAITING_FOR_EXTENSION: i32 = 1;
+pub const IDLE: i32 = 2;
+pub const WORKING: i32 = 3;
+
+/// Called from `_PG_init` while shared_preload_libraries is processed.
+pub fn init() {
+    pg_shmem_init!(WORKER);
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+pub fn worker() -> Option<&'static WorkerShared> {
+    PRELOADED.load(Ordering::Relaxed).then(|| WORKER.get())
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match state {
+        WAITING_FOR_EXTENSION => "waiting for extension",
+        IDLE => "idle",
+        WORKING => "working",
+        _ => "stopped",
+    }
+}
+
+/// Set the worker's latch, if a worker runs.
+pub fn wake_worker() {
+    if let Some(w) = worker() {
+        let latch = w.latch.load(Ordering::Acquire);
+        if latch != 0 {
+            unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+        }
+    }
+}
+
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}

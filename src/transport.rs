@@ -1,0 +1,73 @@
+//! One HTTP request of protocol v1, and what came of it. Runs outside any transaction.
+
+use crate::gucs::Settings;
+use cde_protocol::{classify, gzip, idempotency_key, Body, Classified, Item};
+use std::time::{Duration, SystemTime};
+
+pub struct Transport {
+    agent: ureq::Agent,
+    timeout: Duration,
+    pub bytes_sent: u64,
+}
+
+impl Transport {
+    pub fn new(settings: &Settings) -> Transport {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(settings.http_timeout))
+            .http_status_as_error(false)
+            .user_agent(concat!("cde/", env!("CARGO_PKG_VERSION")))
+            .max_idle_connections_per_host(2)
+            .build()
+            .new_agent();
+        Transport { agent, timeout: settings.http_timeout, bytes_sent: 0 }
+    }
+
+    /// Keep the connection pool unless the timeout changed (ureq bakes it into the agent).
+    pub fn refresh(&mut self, settings: &Settings) {
+        if self.timeout != settings.http_timeout {
+            *self = Transport::new(settings);
+        }
+    }
+
+    /// POST one batch to `{endpoint}/{feed}` and classify the answer.
+    pub fn post(&mut self, settings: &Settings, endpoint: &str, feed: &str, items: &[Item]) -> Classified {
+        let body = Body::build(items);
+        let key = idempotency_key(feed, &body);
+        if settings.log_payloads {
+            pgrx::log!("cde: payload to feed {feed} ({} items): {}", items.len(), cde_protocol::response::snippet(&body.0));
+        }
+        let url = format!("{endpoint}/{feed}");
+        let mut req = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", &key);
+        if let Some(k) = &settings.api_key {
+            req = req.header("Authorization", &format!("Bearer {k}"));
+        }
+        let payload = if settings.compression {
+            req = req.header("Content-Encoding", "gzip");
+            gzip(body.0.as_bytes())
+        } else {
+            body.0.into_bytes()
+        };
+        self.bytes_sent += payload.len() as u64;
+        match req.send(&payload[..]) {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(String::from);
+                let text = resp.body_mut().with_config().limit(1 << 20).read_to_string().unwrap_or_default();
+                classify(status, &text, retry_after.as_deref(), items.len(), SystemTime::now())
+            }
+            Err(e) => Classified::Retryable { status: None, error: describe(&e), retry_after: None },
+        }
+    }
+}
+
+fn describe(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Timeout(_) => "timeout".to_string(),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+        other => format!("transport: {other}"),
+    }
+}

@@ -1,0 +1,138 @@
+//! The background worker: one per cluster, connected to `cde.database`, registered when cde is in
+//! `shared_preload_libraries`.
+//!
+//! It sleeps on its latch, woken by any commit that recorded changes (see capture.rs) or after
+//! `cde.poll_interval`, then runs one iteration over all feeds (engine.rs), committing after each
+//! step. It waits for the extension to be created, survives it being dropped, reloads settings on
+//! SIGHUP, stops on SIGTERM, and is restarted by the postmaster if it dies.
+
+use crate::deliver::Counters;
+use crate::engine::{self, Txn};
+use crate::gucs::{self, Settings};
+use crate::shmem::{self, now_micros};
+use crate::transport::Transport;
+use pgrx::bgworkers::*;
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Key of the advisory lock that makes one iteration at a time run (worker or cde_sync_now).
+pub const ITERATION_LOCK: i64 = 0x6364_6500;
+
+/// How many queue slices one feed may collect per iteration before the worker moves on to the
+/// next feed (and comes straight back): keeps one busy feed from starving the others.
+const COLLECT_ROUNDS: usize = 20;
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("cde worker")
+        .set_type("cde worker")
+        .set_function("cde_worker_main")
+        .set_library("cde")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(2)))
+        .load();
+}
+
+/// A fresh transaction per step, committed at its end.
+struct Own;
+impl Txn for Own {
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        let f = std::panic::AssertUnwindSafe(f);
+        BackgroundWorker::transaction(move || {
+            let f = f;
+            (f.0)()
+        })
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = gucs::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    let shared = shmem::worker().expect("the cde worker runs only when cde is preloaded");
+    shared.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
+    shared.started_at.store(now_micros(), Ordering::Relaxed);
+    shared.latch.store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
+    shared.state.store(shmem::WAITING_FOR_EXTENSION, Ordering::Relaxed);
+    log!("cde: worker started in database {database}");
+
+    let mut settings = Settings::read();
+    let mut transport = Transport::new(&settings);
+    let mut counters = Counters::default();
+    let mut announced_waiting = false;
+    let mut more = true; // look for work at once after a (re)start
+    loop {
+        if !more && !BackgroundWorker::wait_latch(Some(settings.poll_interval)) {
+            break;
+        }
+        if unsafe { pg_sys::ShutdownRequestPending } != 0 {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe {
+                pg_sys::ConfigReloadPending = 0;
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            }
+            settings = Settings::read();
+            transport.refresh(&settings);
+            log!("cde: settings reloaded (endpoint {})", settings.endpoint.as_deref().unwrap_or("not set"));
+        }
+        more = false;
+        let installed = Own.run(|| {
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde')")
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+        });
+        if !installed {
+            if !announced_waiting {
+                log!("cde: waiting for CREATE EXTENSION cde in database {database}");
+                announced_waiting = true;
+            }
+            shared.state.store(shmem::WAITING_FOR_EXTENSION, Ordering::Relaxed);
+            continue;
+        }
+        announced_waiting = false;
+        shared.state.store(shmem::WORKING, Ordering::Relaxed);
+        more = iteration(&settings, &mut transport, &mut counters);
+        shared.iterations.fetch_add(1, Ordering::Relaxed);
+        shared.last_iteration_at.store(now_micros(), Ordering::Relaxed);
+        shared.docs_sent.store(counters.docs_sent, Ordering::Relaxed);
+        shared.requests.store(counters.requests, Ordering::Relaxed);
+        shared.requests_failed.store(counters.requests_failed, Ordering::Relaxed);
+        shared.bytes_sent.store(transport.bytes_sent, Ordering::Relaxed);
+        shared.state.store(shmem::IDLE, Ordering::Relaxed);
+    }
+    shared.latch.store(0, Ordering::Release);
+    shared.state.store(shmem::STOPPED, Ordering::Relaxed);
+    log!("cde: worker stopped");
+}
+
+/// One iteration over all feeds; true when there is more to do right away.
+fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Counters) -> bool {
+    let locked = Own.run(|| Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[ITERATION_LOCK.into()]))
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if !locked {
+        return false; // cde_sync_now() is running an iteration; ours would find nothing to do
+    }
+    let feeds = Own.run(|| engine::load_feeds(None, settings.legacy_interval.as_millis()));
+    let mut more = false;
+    for feed in &feeds {
+        let r = engine::feed_iteration(&Own, transport, settings, feed, false, counters, COLLECT_ROUNDS);
+        more |= r.more;
+        if r.collected + r.sent + r.failed + r.retries_due > 0 || r.requests > 0 {
+            let op = if feed.legacy && feed.legacy_due { "legacy send" } else if r.retries_due > 0 { "retry" } else { "partial sync" };
+            log!(
+                "cde: feed {} {op}: collected={} sent={} failed={} retries_due={} requests={} elapsed_ms={}",
+                r.feed, r.collected, r.sent, r.failed, r.retries_due, r.requests, r.elapsed_ms
+            );
+        }
+    }
+    Own.run(|| Spi::run_with_args("SELECT pg_advisory_unlock($1)", &[ITERATION_LOCK.into()])).ok();
+    more
+}
