@@ -23,7 +23,7 @@ DECLARE
     key_set  text[];
     everything boolean;
     k        text;
-    r        record;
+    res      record;
 BEGIN
     failed := 0;
     WITH taken AS (
@@ -41,6 +41,14 @@ BEGIN
         RETURN;
     END IF;
     IF everything THEN
+        -- A TRUNCATE, or a new definition: every key may have changed. That is a full sync's
+        -- job (chunked, resumable); if one already runs for this feed, rebuild in place.
+        IF NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
+                        WHERE p.feed = f.name AND r.status IN ('preparing', 'planned', 'executing')) THEN
+            PERFORM cde_full_sync(f.name);
+            keys := 0; changed := 0; deleted := 0;
+            RETURN;
+        END IF;
         key_set := NULL;     -- rebuild every key the source has, and every key the table has
     ELSIF key_set IS NULL THEN
         keys := 0; changed := 0; deleted := 0;
@@ -49,9 +57,9 @@ BEGIN
     keys := cardinality(key_set);
 
     BEGIN
-        EXECUTE format('SELECT * FROM %s($1)', f.rebuild_fn::regproc) INTO r USING key_set;
-        changed := r.changed;
-        deleted := r.deleted;
+        EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) INTO res USING key_set;
+        changed := res.changed;
+        deleted := res.deleted;
     EXCEPTION WHEN OTHERS THEN
         -- Something in the batch fails: find out which keys, one at a time. For a full rebuild
         -- (key_set NULL) there is no list to walk; the error is recorded on the feed.
@@ -65,9 +73,9 @@ BEGIN
         END IF;
         FOREACH k IN ARRAY key_set LOOP
             BEGIN
-                EXECUTE format('SELECT * FROM %s($1)', f.rebuild_fn::regproc) INTO r USING ARRAY[k];
-                changed := changed + r.changed;
-                deleted := deleted + r.deleted;
+                EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) INTO res USING ARRAY[k];
+                changed := changed + res.changed;
+                deleted := deleted + res.deleted;
             EXCEPTION WHEN OTHERS THEN
                 PERFORM cde._build_failed(f, k, SQLERRM);
                 failed := failed + 1;

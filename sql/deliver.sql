@@ -119,7 +119,7 @@ BEGIN
     -- Forget the hashes, so that the rebuild counts every document as changed; deleted keys
     -- are simply marked to be sent again.
     EXECUTE format('UPDATE %s SET hash = NULL WHERE key = ANY ($1) AND NOT deleted', f.feed_table) USING keys;
-    EXECUTE format('SELECT * FROM %s($1)', f.rebuild_fn::regproc) USING keys;
+    EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) USING keys;
     EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = now()
                        WHERE key = ANY ($1) AND status <> 'pending'$q$, f.feed_table) USING keys;
     EXECUTE format('DELETE FROM cde.retries WHERE feed = $1 AND key = ANY ($2)') USING f.name, keys;

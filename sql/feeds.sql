@@ -59,12 +59,15 @@ DECLARE
     doc_type   regtype;
     has_doc    boolean := true;
     doc_expr   text;
-    tbl        text := format('cde.%I', 'feed_' || feed);
-    fn         text := format('cde.%I', 'rebuild_' || feed);
+    src_sql    text;
+    tbl        text;
+    fn         text;
     old        cde.feeds;
     dep        text;
 BEGIN
     PERFORM cde._check_feed_name(feed);
+    tbl := format('cde.%I', 'feed_' || feed);
+    fn := format('cde.%I', 'rebuild_' || feed);
     IF mode IS NULL OR mode NOT IN ('immediate', 'legacy') THEN
         RAISE EXCEPTION 'cde: unknown mode % for feed %', coalesce(quote_literal(mode), 'NULL'), feed
             USING ERRCODE = 'invalid_parameter_value', HINT = 'mode is ''immediate'' or ''legacy''.';
@@ -138,43 +141,59 @@ BEGIN
 
     SELECT * INTO old FROM cde.feeds f WHERE f.name = feed;
 
-    EXECUTE format($t$
-        CREATE TABLE IF NOT EXISTS %s (
-            key          text PRIMARY KEY,
-            doc          jsonb,
-            hash         text,
-            deleted      boolean NOT NULL DEFAULT false,
-            status       text NOT NULL DEFAULT 'pending'
-                         CHECK (status IN ('pending', 'sent', 'retrying', 'rejected', 'dead')),
-            http_status  int,
-            error        text,
-            attempts     int NOT NULL DEFAULT 0,
-            modified_at  timestamptz NOT NULL DEFAULT now(),
-            sent_at      timestamptz
-        )$t$, tbl);
-    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (modified_at, key) WHERE status = ''pending''',
-                   'feed_' || feed || '_pending', tbl);
-    EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
+    IF to_regclass(tbl) IS NULL THEN
+        EXECUTE format($t$
+            CREATE TABLE %s (
+                key          text PRIMARY KEY,
+                doc          jsonb,
+                hash         text,
+                deleted      boolean NOT NULL DEFAULT false,
+                status       text NOT NULL DEFAULT 'pending'
+                             CHECK (status IN ('pending', 'sent', 'retrying', 'rejected', 'dead')),
+                http_status  int,
+                error        text,
+                attempts     int NOT NULL DEFAULT 0,
+                modified_at  timestamptz NOT NULL DEFAULT now(),
+                sent_at      timestamptz
+            )$t$, tbl);
+        EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''',
+                       'feed_' || feed || '_pending', tbl);
+        EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
+    END IF;
     EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', tbl);
 
     -- The rebuild function. It runs the source query with the rights of the role registering
     -- the feed (SECURITY DEFINER, owned by it) and that role's search_path, fixed now.
     -- EXECUTE ... USING plans each call with the keys as constants, so "= ANY(keys)" becomes
     -- an index scan for a few keys and "keys IS NULL" drops the filter for a full rebuild.
+    --   mode 'apply'     rebuild the keys (NULL: all): changed documents and deletions become pending
+    --   mode 'dry'       the same counts, nothing written
+    --   mode 'gone'      only mark as deleted the keys the source no longer returns ('gone_dry': count them)
+    --   mode 'keys'      the next n source keys after "after", in the key's own order (full sync chunks)
+    src_sql := format($q$
+        SELECT (s.%1$I)::text AS key, %2$s AS doc
+          FROM (%3$s) AS s
+         WHERE ($1 IS NULL OR s.%1$I = ANY ($1::%4$s[]))$q$,
+        key_column, doc_expr, query, format_type(key_type, NULL));
     EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION %1$s(keys text[], OUT built bigint, OUT changed bigint, OUT deleted bigint)
+        CREATE OR REPLACE FUNCTION %1$s(keys text[], mode text DEFAULT 'apply', after text DEFAULT NULL, n int DEFAULT 0,
+                                        OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT next_keys text[])
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s AS $body$
         BEGIN
-            EXECUTE %3$L INTO built, changed, deleted USING keys;
+            CASE mode
+            WHEN 'apply' THEN EXECUTE %3$L INTO built, changed, deleted USING keys;
+            WHEN 'dry' THEN EXECUTE %4$L INTO built, changed, deleted USING keys;
+            WHEN 'gone' THEN EXECUTE %5$L INTO deleted USING keys, false;
+            WHEN 'gone_dry' THEN EXECUTE %5$L INTO deleted USING keys, true;
+            WHEN 'keys' THEN EXECUTE %6$L INTO next_keys USING after, n;
+            END CASE;
         END $body$$f$,
         fn, cde._fixed_search_path(),
+        -- apply
         format($q$
-            WITH src AS MATERIALIZED (
-                SELECT (s.%1$I)::text AS key, %2$s AS doc
-                  FROM (%3$s) AS s
-                 WHERE ($1 IS NULL OR s.%1$I = ANY ($1::%4$s[]))
+            WITH src AS MATERIALIZED (%1$s
             ), built AS (
-                INSERT INTO %5$s AS f (key, doc, hash)
+                INSERT INTO %2$s AS f (key, doc, hash)
                 SELECT key, doc, md5(doc::text) FROM src WHERE doc IS NOT NULL
                 ON CONFLICT (key) DO UPDATE
                    SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
@@ -182,7 +201,7 @@ BEGIN
                  WHERE f.hash IS DISTINCT FROM excluded.hash OR f.deleted
                 RETURNING 1
             ), gone AS (
-                UPDATE %5$s AS f
+                UPDATE %2$s AS f
                    SET doc = NULL, hash = NULL, deleted = true, status = 'pending',
                        http_status = NULL, error = NULL, attempts = 0, modified_at = now()
                  WHERE ($1 IS NULL OR f.key = ANY ($1)) AND NOT f.deleted
@@ -190,13 +209,49 @@ BEGIN
                 RETURNING 1
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone)
-        $q$, key_column, doc_expr, query, format_type(key_type, NULL), tbl));
-    EXECUTE format('REVOKE ALL ON FUNCTION %s(text[]) FROM PUBLIC', fn);
+        $q$, src_sql, tbl),
+        -- dry
+        format($q$
+            WITH src AS MATERIALIZED (%1$s)
+            SELECT (SELECT count(*) FROM src),
+                   (SELECT count(*) FROM src LEFT JOIN %2$s AS f ON f.key = src.key
+                     WHERE src.doc IS NOT NULL
+                       AND (f.key IS NULL OR f.deleted OR f.hash IS DISTINCT FROM md5(src.doc::text))),
+                   (SELECT count(*) FROM %2$s AS f
+                     WHERE ($1 IS NULL OR f.key = ANY ($1)) AND NOT f.deleted
+                       AND NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL))
+        $q$, src_sql, tbl),
+        -- gone / gone_dry ($2: dry)
+        format($q$
+            WITH src AS MATERIALIZED (%1$s
+            ), missing AS (
+                SELECT f.key FROM %2$s AS f
+                 WHERE f.key = ANY ($1) AND NOT f.deleted
+                   AND NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL)
+            ), gone AS (
+                UPDATE %2$s AS f
+                   SET doc = NULL, hash = NULL, deleted = true, status = 'pending',
+                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+                  FROM missing WHERE NOT $2 AND f.key = missing.key
+                RETURNING 1
+            )
+            SELECT CASE WHEN $2 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END
+        $q$, src_sql, tbl),
+        -- keys
+        format($q$
+            SELECT array_agg(k ORDER BY o) FROM (
+                SELECT (s.%1$I)::text AS k, row_number() OVER () AS o
+                  FROM (SELECT s.%1$I FROM (%2$s) AS s
+                         WHERE $1 IS NULL OR s.%1$I > $1::%3$s
+                         ORDER BY s.%1$I LIMIT $2) AS s
+            ) AS chunk
+        $q$, key_column, query, format_type(key_type, NULL)));
+    EXECUTE format('REVOKE ALL ON FUNCTION %s(text[], text, text, int) FROM PUBLIC', fn);
 
     INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,
                                 batch_size, owner, search_path, feed_table, rebuild_fn)
     VALUES (feed, query, key_column, key_type, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
-            current_user::regrole, cde._fixed_search_path(), tbl::regclass, (fn || '(text[])')::regprocedure)
+            current_user::regrole, cde._fixed_search_path(), tbl::regclass, (fn || '(text[], text, text, int)')::regprocedure)
     ON CONFLICT (name) DO UPDATE
        SET source_query = excluded.source_query, key_column = excluded.key_column, key_type = excluded.key_type,
            doc_column = excluded.doc_column, mode = excluded.mode, depends_on = excluded.depends_on,

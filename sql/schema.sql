@@ -19,7 +19,7 @@ CREATE TABLE cde.feeds (
     owner         regrole NOT NULL,        -- the source query runs with this role's rights
     search_path   text NOT NULL,           -- the registering session's, fixed for the source query
     feed_table    regclass NOT NULL,       -- cde.feed_<name>
-    rebuild_fn    regprocedure NOT NULL,   -- generated: cde.rebuild_<name>(keys text[])
+    rebuild_fn    regprocedure NOT NULL,   -- generated: cde.rebuild_<name>(keys, mode, after, n)
     hold_until    timestamptz,             -- Retry-After from the endpoint holds the whole feed back
     last_legacy_send_at timestamptz,
     last_sent_at  timestamptz,

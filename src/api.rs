@@ -5,10 +5,12 @@ use crate::deliver::Counters;
 use crate::engine::{self, Inline};
 use crate::gucs::Settings;
 use crate::shmem;
+use crate::sync;
 use crate::transport::Transport;
 use crate::worker::ITERATION_LOCK;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// Run one iteration in this session: collect, then send (legacy feeds too), for every feed in
 /// dependency order or for one feed. Works without the background worker, e.g. from pg_cron.
@@ -25,13 +27,22 @@ fn cde_sync_now(
     let mut transport = Transport::new(&settings);
     let mut counters = Counters::default();
     let feeds = engine::load_feeds(feed, settings.legacy_interval.as_millis());
-    let rows: Vec<_> = feeds
-        .iter()
-        .map(|f| {
+    let mut rows: Vec<(String, i64, i64, i64)> = feeds.iter().map(|f| (f.name.clone(), 0, 0, 0)).collect();
+    // Full sync runs advance here too when no worker does: build what can be built, send it, and
+    // again, until no run makes progress (a collect may also start a run, after a TRUNCATE).
+    let advance = || sync::advance(&sync::step, Duration::from_secs(24 * 3600));
+    advance();
+    loop {
+        for (f, row) in feeds.iter().zip(rows.iter_mut()) {
             let r = engine::feed_iteration(&Inline, &mut transport, &settings, f, true, &mut counters, usize::MAX);
-            (r.feed, r.collected, r.sent, r.failed)
-        })
-        .collect();
+            row.1 += r.collected;
+            row.2 += r.sent;
+            row.3 += r.failed;
+        }
+        if !advance() {
+            break;
+        }
+    }
     TableIterator::new(rows)
 }
 

@@ -34,6 +34,8 @@ pub struct FeedInfo {
     pub batch_size: Option<i32>,
     /// For legacy feeds: the legacy pass is due.
     pub legacy_due: bool,
+    /// A full sync phase of this feed waits for its items to be sent: send now, whatever the mode.
+    pub full_sync_sending: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -52,7 +54,9 @@ pub struct FeedReport {
 pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128) -> Vec<FeedInfo> {
     let q = "SELECT f.name, f.feed_table::text, f.mode = 'legacy', f.batch_size,
                     f.last_legacy_send_at IS NULL
-                    OR f.last_legacy_send_at + make_interval(secs => $2::float8 / 1000) <= now()
+                    OR f.last_legacy_send_at + make_interval(secs => $2::float8 / 1000) <= now(),
+                    EXISTS (SELECT 1 FROM cde.sync_phases p JOIN cde.sync_runs r ON r.id = p.run_id
+                             WHERE p.feed = f.name AND p.status = 'sending' AND r.status = 'executing')
                FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name)
               WHERE $1::text IS NULL OR f.name = $1
               ORDER BY o.depth, o.name";
@@ -66,6 +70,7 @@ pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128) -> Vec<FeedInfo>
                 legacy: r.get::<bool>(3)?.unwrap_or(false),
                 batch_size: r.get::<i32>(4)?,
                 legacy_due: r.get::<bool>(5)?.unwrap_or(true),
+                full_sync_sending: r.get::<bool>(6)?.unwrap_or(false),
             });
         }
         Ok::<_, pgrx::spi::SpiError>(out)
@@ -100,13 +105,13 @@ pub fn feed_iteration(
     }
     report.retries_due = tx.run(|| collect::retry_due(&feed.name));
 
-    let send = !feed.legacy || feed.legacy_due || force_send;
+    let send = !feed.legacy || feed.legacy_due || feed.full_sync_sending || force_send;
     if send && settings.endpoint.is_some() {
         let s = deliver::send_pending(tx, transport, settings, feed, counters);
         report.sent += s.sent;
         report.failed += s.failed;
         report.requests += s.requests;
-        if feed.legacy {
+        if feed.legacy && (feed.legacy_due || force_send) {
             tx.run(|| {
                 Spi::run_with_args("UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1", &[feed.name.as_str().into()])
             })

@@ -5,6 +5,7 @@
 //! - collect  queued keys become documents in feed tables (sql/collect.sql)
 //! - deliver  pending rows go out in batches; outcomes are recorded (sql/deliver.sql)
 //! - transport one HTTP request of protocol v1 (crates/cde-protocol holds the pure logic)
+//! - sync     full sync runs in phases (sql/sync.sql)
 //! - engine   one iteration over all feeds, shared by the worker and cde_sync_now()
 //! - worker   the background worker
 //! - api      SQL functions written in Rust
@@ -19,6 +20,7 @@ extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["schema"]);
 extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds"]);
 extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["feeds"]);
 extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["collect"]);
+extension_sql_file!("../sql/sync.sql", name = "sync", requires = ["deliver"]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 mod api;
@@ -28,6 +30,7 @@ mod deliver;
 mod engine;
 mod gucs;
 mod shmem;
+mod sync;
 mod transport;
 mod worker;
 

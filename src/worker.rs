@@ -10,11 +10,12 @@ use crate::deliver::Counters;
 use crate::engine::{self, Txn};
 use crate::gucs::{self, Settings};
 use crate::shmem::{self, now_micros};
+use crate::sync;
 use crate::transport::Transport;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Key of the advisory lock that makes one iteration at a time run (worker or cde_sync_now).
 pub const ITERATION_LOCK: i64 = 0x6364_6500;
@@ -22,6 +23,12 @@ pub const ITERATION_LOCK: i64 = 0x6364_6500;
 /// How many queue slices one feed may collect per iteration before the worker moves on to the
 /// next feed (and comes straight back): keeps one busy feed from starving the others.
 const COLLECT_ROUNDS: usize = 20;
+
+/// Time given to full sync steps per iteration, before the feeds' own collect and send.
+const SYNC_BUDGET: Duration = Duration::from_millis(500);
+
+/// A running full sync logs its progress at least this often.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("cde worker")
@@ -63,6 +70,7 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
     let mut transport = Transport::new(&settings);
     let mut counters = Counters::default();
     let mut announced_waiting = false;
+    let mut last_progress_log = Instant::now();
     let mut more = true; // look for work at once after a (re)start
     loop {
         if !more && !BackgroundWorker::wait_latch(Some(settings.poll_interval)) {
@@ -97,7 +105,7 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
         }
         announced_waiting = false;
         shared.state.store(shmem::WORKING, Ordering::Relaxed);
-        more = iteration(&settings, &mut transport, &mut counters);
+        more = iteration(&settings, &mut transport, &mut counters, &mut last_progress_log);
         shared.iterations.fetch_add(1, Ordering::Relaxed);
         shared.last_iteration_at.store(now_micros(), Ordering::Relaxed);
         shared.docs_sent.store(counters.docs_sent, Ordering::Relaxed);
@@ -112,7 +120,7 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
 }
 
 /// One iteration over all feeds; true when there is more to do right away.
-fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Counters) -> bool {
+fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Counters, last_progress_log: &mut Instant) -> bool {
     let locked = Own.run(|| Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[ITERATION_LOCK.into()]))
         .ok()
         .flatten()
@@ -120,13 +128,28 @@ fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Coun
     if !locked {
         return false; // cde_sync_now() is running an iteration; ours would find nothing to do
     }
+    // Full sync runs first, for a bounded time, so that partial sync keeps flowing meanwhile.
+    let mut more = sync::advance(&|| Own.run(sync::step), SYNC_BUDGET);
+    if last_progress_log.elapsed() >= PROGRESS_LOG_EVERY {
+        if let Some(line) = Own.run(sync::progress_line) {
+            log!("{line}");
+        }
+        *last_progress_log = Instant::now();
+    }
     let feeds = Own.run(|| engine::load_feeds(None, settings.legacy_interval.as_millis()));
-    let mut more = false;
     for feed in &feeds {
         let r = engine::feed_iteration(&Own, transport, settings, feed, false, counters, COLLECT_ROUNDS);
         more |= r.more;
         if r.collected + r.sent + r.failed + r.retries_due > 0 || r.requests > 0 {
-            let op = if feed.legacy && feed.legacy_due { "legacy send" } else if r.retries_due > 0 { "retry" } else { "partial sync" };
+            let op = if feed.full_sync_sending {
+                "full sync"
+            } else if feed.legacy && feed.legacy_due {
+                "legacy send"
+            } else if r.retries_due > 0 {
+                "retry"
+            } else {
+                "partial sync"
+            };
             log!(
                 "cde: feed {} {op}: collected={} sent={} failed={} retries_due={} requests={} elapsed_ms={}",
                 r.feed, r.collected, r.sent, r.failed, r.retries_due, r.requests, r.elapsed_ms

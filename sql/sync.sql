@@ -1,0 +1,255 @@
+-- Full sync in phases, after Ergonode's synchronisation: a run is preparing (documents counted),
+-- planned (the plan is recorded: feeds, items each), executing (one phase per feed, in dependency
+-- order), then finished, failed or cancelled.
+--
+-- A phase rebuilds every entity of its feed from the source query in key-ordered chunks, each in
+-- its own short transaction (no snapshot or lock is held for the run; writers keep writing), then
+-- marks as deleted the keys the source no longer returns, then waits until the send pass has
+-- delivered what it made pending. The resume point is committed with each chunk, so a run
+-- interrupted by a crash continues where it stopped.
+--
+-- The worker advances runs (cde._sync_step, one step per call, one transaction per step);
+-- cde_sync_now() advances them when no worker runs.
+
+CREATE TABLE cde.sync_events (
+    run_id  bigint NOT NULL REFERENCES cde.sync_runs ON DELETE CASCADE,
+    at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    status  text NOT NULL,
+    feed    text,
+    message text
+);
+CREATE INDEX ON cde.sync_events (run_id, at);
+COMMENT ON TABLE cde.sync_events IS 'History of each full sync run: every status and phase change';
+
+-- How many keys one chunk rebuilds: large enough to amortise planning, small enough that a
+-- chunk's transaction stays short.
+CREATE FUNCTION cde._sync_chunk() RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 5000';
+
+CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    run_id bigint;
+    names text[];
+    busy record;
+BEGIN
+    IF feed IS NOT NULL THEN
+        PERFORM cde._feed(feed);
+        names := ARRAY[feed];
+    ELSE
+        SELECT array_agg(o.name ORDER BY o.depth, o.name) INTO names FROM cde._feeds_in_order() o;
+        IF names IS NULL THEN
+            RAISE EXCEPTION 'cde_full_sync: no feed is registered' USING HINT = 'cde_register_feed(...) first.';
+        END IF;
+    END IF;
+    IF dry_run IS NULL THEN
+        RAISE EXCEPTION 'cde_full_sync: dry_run is NULL';
+    END IF;
+
+    -- One run at a time per feed: serialise the check against concurrent callers.
+    LOCK TABLE cde.sync_runs IN SHARE ROW EXCLUSIVE MODE;
+    SELECT r.id, r.status, p.feed INTO busy
+      FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
+     WHERE r.status IN ('preparing', 'planned', 'executing') AND p.feed = ANY (names)
+     ORDER BY r.id LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'cde_full_sync: feed % is already in full sync run % (%)', busy.feed, busy.id, busy.status
+            USING ERRCODE = 'object_in_use',
+                  HINT = format('Wait for it (SELECT * FROM cde_sync_runs WHERE run_id = %s) or cde_cancel_sync(%s).', busy.id, busy.id);
+    END IF;
+
+    INSERT INTO cde.sync_runs (feeds, dry_run) VALUES (names, dry_run) RETURNING id INTO run_id;
+    INSERT INTO cde.sync_phases (run_id, feed, ordinal)
+    SELECT run_id, n, o FROM unnest(names) WITH ORDINALITY AS t(n, o);
+    INSERT INTO cde.sync_events (run_id, status, message)
+    VALUES (run_id, 'preparing', format('full sync of %s%s', array_to_string(names, ', '), CASE WHEN dry_run THEN ' (dry run)' ELSE '' END));
+    PERFORM cde._changes_recorded();   -- wake the worker at commit
+    RETURN run_id;
+END $$;
+
+COMMENT ON FUNCTION cde_full_sync(text, boolean) IS
+    'Start a full (re)sync of one feed or all feeds, in dependency order; returns the run id (see cde_sync_runs)';
+
+CREATE FUNCTION cde_cancel_sync(run_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r cde.sync_runs;
+BEGIN
+    SELECT * INTO r FROM cde.sync_runs x WHERE x.id = cde_cancel_sync.run_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cde_cancel_sync: no sync run %', run_id USING ERRCODE = 'undefined_object';
+    END IF;
+    IF r.status NOT IN ('preparing', 'planned', 'executing') THEN
+        RAISE EXCEPTION 'cde_cancel_sync: run % has already ended (%)', run_id, r.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE cde.sync_runs SET status = 'cancelled', finished_at = now(), current_phase = NULL WHERE id = r.id;
+    UPDATE cde.sync_phases SET status = 'cancelled', finished_at = now()
+     WHERE sync_phases.run_id = r.id AND status NOT IN ('finished', 'failed');
+    INSERT INTO cde.sync_events (run_id, status, message) VALUES (r.id, 'cancelled', 'cancelled by ' || current_user);
+END $$;
+
+COMMENT ON FUNCTION cde_cancel_sync(bigint) IS 'Cancel a full sync run; what it already made pending is still delivered';
+
+-- One step of the oldest active run. Returns 'progress' when it did work, 'waiting' when the
+-- run waits for the send pass, NULL when no run is active.
+CREATE FUNCTION cde._sync_step() RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    r     cde.sync_runs;
+    ph    cde.sync_phases;
+    f     cde.feeds;
+    res   record;
+    keys  text[];
+    n     bigint;
+    chunk int := cde._sync_chunk();
+BEGIN
+    SELECT * INTO r FROM cde.sync_runs WHERE status IN ('preparing', 'planned', 'executing')
+     ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+
+    IF r.status = 'preparing' THEN
+        -- The plan: how many entities each feed's source has now.
+        FOR ph IN SELECT * FROM cde.sync_phases WHERE run_id = r.id ORDER BY ordinal LOOP
+            SELECT * INTO f FROM cde.feeds WHERE name = ph.feed;
+            IF NOT FOUND THEN
+                PERFORM cde._sync_fail(r, ph.feed, 'feed ' || ph.feed || ' was dropped');
+                RETURN 'progress';
+            END IF;
+            EXECUTE format('SELECT count(*) FROM (%s) AS s', f.source_query) INTO n;
+            UPDATE cde.sync_phases SET planned = n WHERE run_id = r.id AND feed = ph.feed;
+        END LOOP;
+        UPDATE cde.sync_runs SET status = 'planned' WHERE id = r.id;
+        INSERT INTO cde.sync_events (run_id, status, message)
+        SELECT r.id, 'planned', string_agg(feed || ': ' || planned, ', ' ORDER BY ordinal)
+          FROM cde.sync_phases WHERE run_id = r.id;
+        RETURN 'progress';
+    END IF;
+
+    IF r.status = 'planned' THEN
+        UPDATE cde.sync_runs SET status = 'executing' WHERE id = r.id;
+        INSERT INTO cde.sync_events (run_id, status) VALUES (r.id, 'executing');
+        RETURN 'progress';
+    END IF;
+
+    -- executing: the first phase that has not ended. Phases are ordered by dependency, so every
+    -- phase before it has finished.
+    SELECT * INTO ph FROM cde.sync_phases
+     WHERE run_id = r.id AND status NOT IN ('finished', 'failed', 'cancelled')
+     ORDER BY ordinal LIMIT 1;
+    IF NOT FOUND THEN
+        UPDATE cde.sync_runs SET status = 'finished', finished_at = now(), current_phase = NULL WHERE id = r.id;
+        INSERT INTO cde.sync_events (run_id, status, message)
+        SELECT r.id, 'finished', string_agg(format('%s: %s processed, %s sent, %s unchanged, %s deleted, %s failed',
+                                                   feed, processed, sent, unchanged, deleted, failed), '; ' ORDER BY ordinal)
+          FROM cde.sync_phases WHERE run_id = r.id;
+        RETURN 'progress';
+    END IF;
+    SELECT * INTO f FROM cde.feeds WHERE name = ph.feed;
+    IF NOT FOUND THEN
+        PERFORM cde._sync_fail(r, ph.feed, 'feed ' || ph.feed || ' was dropped');
+        RETURN 'progress';
+    END IF;
+
+    IF ph.status = 'waiting' THEN
+        UPDATE cde.sync_phases SET status = 'building', started_at = now() WHERE run_id = r.id AND feed = ph.feed;
+        UPDATE cde.sync_runs SET current_phase = ph.feed WHERE id = r.id;
+        INSERT INTO cde.sync_events (run_id, status, feed, message) VALUES (r.id, 'executing', ph.feed, 'phase started');
+        RETURN 'progress';
+    END IF;
+
+    IF ph.status = 'building' THEN
+        BEGIN
+            IF ph.deletions_cursor IS NULL THEN
+                -- Build the next chunk of source keys, in the key's own order.
+                EXECUTE format('SELECT next_keys FROM %s(NULL, ''keys'', $1, $2)', f.rebuild_fn::regproc)
+                   INTO keys USING ph.cursor_key, chunk;
+                IF keys IS NOT NULL THEN
+                    EXECUTE format('SELECT built, changed, deleted FROM %s($1, $2)', f.rebuild_fn::regproc)
+                       INTO res USING keys, CASE WHEN r.dry_run THEN 'dry' ELSE 'apply' END;
+                    n := 0;
+                    IF NOT r.dry_run THEN
+                        -- Items that failed before are sent again by a full sync.
+                        EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0
+                                           WHERE key = ANY ($1) AND status IN ('retrying', 'rejected', 'dead')
+                                             AND hash IS NOT NULL$q$, f.feed_table) USING keys;
+                        GET DIAGNOSTICS n = ROW_COUNT;
+                    END IF;
+                    UPDATE cde.sync_phases
+                       SET cursor_key = keys[cardinality(keys)],
+                           processed = processed + res.built,
+                           unchanged = unchanged + res.built - res.changed - n,
+                           sent = CASE WHEN r.dry_run THEN sent + res.changed + n ELSE sent END,
+                           deleted = deleted + res.deleted
+                     WHERE run_id = r.id AND feed = ph.feed;
+                    RETURN 'progress';
+                END IF;
+                UPDATE cde.sync_phases SET deletions_cursor = '' WHERE run_id = r.id AND feed = ph.feed;
+                RETURN 'progress';
+            END IF;
+            -- Then the keys the feed table has and the source no longer returns, in chunks.
+            EXECUTE format('SELECT array_agg(key ORDER BY key) FROM (SELECT key FROM %s WHERE NOT deleted AND key > $1 ORDER BY key LIMIT $2) AS k',
+                           f.feed_table) INTO keys USING ph.deletions_cursor, chunk;
+            IF keys IS NOT NULL THEN
+                EXECUTE format('SELECT deleted FROM %s($1, $2)', f.rebuild_fn::regproc)
+                   INTO n USING keys, CASE WHEN r.dry_run THEN 'gone_dry' ELSE 'gone' END;
+                UPDATE cde.sync_phases
+                   SET deletions_cursor = keys[cardinality(keys)], deleted = deleted + n,
+                       sent = CASE WHEN r.dry_run THEN sent + n ELSE sent END
+                 WHERE run_id = r.id AND feed = ph.feed;
+                RETURN 'progress';
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            PERFORM cde._sync_fail(r, ph.feed, SQLERRM);
+            RETURN 'progress';
+        END;
+        IF r.dry_run THEN
+            UPDATE cde.sync_phases SET status = 'finished', finished_at = now() WHERE run_id = r.id AND feed = ph.feed;
+            INSERT INTO cde.sync_events (run_id, status, feed, message) VALUES (r.id, 'executing', ph.feed, 'phase finished (dry run)');
+        ELSE
+            UPDATE cde.sync_phases SET status = 'sending' WHERE run_id = r.id AND feed = ph.feed;
+            INSERT INTO cde.sync_events (run_id, status, feed, message) VALUES (r.id, 'executing', ph.feed, 'built; sending');
+        END IF;
+        RETURN 'progress';
+    END IF;
+
+    -- sending: done when the send pass has left nothing pending in the feed table.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE status = ''pending'')', f.feed_table) INTO res;
+    IF res.exists THEN
+        RETURN 'waiting';
+    END IF;
+    EXECUTE format($q$SELECT count(*) FILTER (WHERE status = 'sent' AND sent_at >= $1) AS sent_n,
+                             count(*) FILTER (WHERE status IN ('retrying', 'rejected', 'dead')) AS failed_n
+                        FROM %s$q$, f.feed_table)
+       INTO res USING ph.started_at;
+    UPDATE cde.sync_phases SET status = 'finished', finished_at = now(), sent = res.sent_n, failed = res.failed_n
+     WHERE run_id = r.id AND feed = ph.feed;
+    INSERT INTO cde.sync_events (run_id, status, feed, message)
+    VALUES (r.id, 'executing', ph.feed, format('phase finished: %s sent, %s failed', res.sent_n, res.failed_n));
+    RETURN 'progress';
+END $$;
+
+CREATE FUNCTION cde._sync_fail(r cde.sync_runs, feed text, err text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE cde.sync_phases SET status = 'failed', finished_at = now() WHERE run_id = r.id AND sync_phases.feed = _sync_fail.feed;
+    UPDATE cde.sync_phases SET status = 'cancelled', finished_at = now()
+     WHERE run_id = r.id AND status IN ('waiting', 'building', 'sending');
+    UPDATE cde.sync_runs SET status = 'failed', finished_at = now(), error = feed || ': ' || err WHERE id = r.id;
+    INSERT INTO cde.sync_events (run_id, status, feed, message) VALUES (r.id, 'failed', feed, err);
+END $$;
+
+CREATE VIEW cde_sync_runs AS
+SELECT r.id AS run_id, r.feeds, r.dry_run, r.status, r.current_phase,
+       sum(p.planned)::bigint AS planned, sum(p.processed)::bigint AS processed, sum(p.sent)::bigint AS sent,
+       sum(p.unchanged)::bigint AS unchanged, sum(p.deleted)::bigint AS deleted, sum(p.failed)::bigint AS failed,
+       jsonb_object_agg(p.feed, jsonb_build_object(
+           'status', p.status, 'planned', p.planned, 'processed', p.processed, 'sent', p.sent,
+           'unchanged', p.unchanged, 'deleted', p.deleted, 'failed', p.failed)) AS phases,
+       r.started_at, r.finished_at, r.error
+  FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
+ GROUP BY r.id
+ ORDER BY r.id;
+
+COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-feed counts (phases)';

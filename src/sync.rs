@@ -1,0 +1,49 @@
+//! Full sync runs: the state machine is SQL (`sql/sync.sql`), one step per call. Here: calling
+//! it in a loop with a time budget, and the progress log line.
+
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+pub enum Step {
+    /// A step did work.
+    Progress,
+    /// The active run waits for the send pass to deliver its current phase.
+    Waiting,
+    /// No run is active.
+    Idle,
+}
+
+pub fn step() -> Step {
+    match Spi::get_one::<String>("SELECT cde._sync_step()") {
+        Ok(Some(s)) if s == "progress" => Step::Progress,
+        Ok(Some(_)) => Step::Waiting,
+        Ok(None) => Step::Idle,
+        Err(e) => error!("cde: full sync step failed: {e}"),
+    }
+}
+
+/// Advance runs for at most `budget`, one transaction per step through `run`. True when it did
+/// any work.
+pub fn advance(run: &impl Fn() -> Step, budget: Duration) -> bool {
+    let started = Instant::now();
+    let mut progressed = false;
+    while started.elapsed() < budget {
+        match run() {
+            Step::Progress => progressed = true,
+            Step::Waiting | Step::Idle => break,
+        }
+    }
+    progressed
+}
+
+/// One line on the active run, for the server log.
+pub fn progress_line() -> Option<String> {
+    Spi::get_one::<String>(
+        "SELECT format('cde: full sync run %s %s%s: phase %s, %s of %s processed, %s unchanged, %s deleted, %s sent',
+                       run_id, status, CASE WHEN dry_run THEN ' (dry run)' ELSE '' END,
+                       coalesce(current_phase, '-'), processed, planned, unchanged, deleted, sent)
+           FROM cde_sync_runs WHERE status IN ('preparing', 'planned', 'executing') ORDER BY run_id LIMIT 1",
+    )
+    .ok()
+    .flatten()
+}

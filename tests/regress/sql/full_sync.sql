@@ -1,0 +1,53 @@
+-- Full sync runs, advanced here by cde_sync_now() (the worker serves another database).
+\set SHOW_CONTEXT never
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS cde CASCADE;
+DROP SCHEMA public CASCADE;
+CREATE SCHEMA public;
+CREATE EXTENSION cde;
+RESET client_min_messages;
+
+CREATE TABLE categories (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE products (id bigint PRIMARY KEY, name text NOT NULL, category_id int REFERENCES categories);
+INSERT INTO categories SELECT i, 'Category ' || i FROM generate_series(1, 30) i;
+INSERT INTO products SELECT i, 'Product ' || i, 1 + i % 30 FROM generate_series(1, 12000) i;
+
+SELECT cde_register_feed('categories', 'SELECT id, name FROM categories');
+SELECT cde_register_feed('products', 'SELECT id, name, category_id FROM products', depends_on => '{categories}');
+
+-- A dry run builds and hashes everything, reports what would be sent, sends nothing.
+SELECT cde_full_sync(dry_run => true) AS run_id \gset
+SELECT run_id = :run_id AS same_run, feeds, dry_run, status FROM cde_sync_runs;
+SELECT feed, collected, sent, failed FROM cde_sync_now();
+SELECT status, planned, processed, sent, unchanged, deleted, failed, phases FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT count(*) AS feed_rows_after_dry_run FROM cde.feed_products;
+
+-- The real run: statuses in order, one phase per feed, categories before products.
+SELECT cde_full_sync() AS run_id \gset
+SELECT feed, collected, sent, failed FROM cde_sync_now();
+SELECT status, feed, message FROM cde.sync_events WHERE run_id = :run_id ORDER BY at;
+SELECT status, current_phase, planned, processed, sent, unchanged, deleted, failed FROM cde_sync_runs WHERE run_id = :run_id;
+
+-- A second run finds everything unchanged and sends nothing; a deleted entity is sent as such.
+DELETE FROM products WHERE id = 42;
+SELECT cde_full_sync('products') AS run_id \gset
+SELECT feed, collected, sent, failed FROM cde_sync_now();
+SELECT feeds, status, planned, processed, sent, unchanged, deleted, failed FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT key, deleted, status FROM cde.feed_products WHERE key = '42';
+
+-- One run at a time per feed; cancel.
+SELECT cde_full_sync('products') AS run_id \gset
+SELECT cde_full_sync();
+SELECT cde_full_sync('products');
+SELECT cde_cancel_sync(:run_id);
+SELECT status FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT cde_cancel_sync(:run_id);
+SELECT cde_cancel_sync(-1);
+SELECT cde_full_sync('nope');
+
+-- TRUNCATE of a tracked table schedules a full sync of the feeds tracking it.
+SELECT cde_track('categories', 'categories');
+TRUNCATE products, categories;
+SELECT feed, collected, sent, failed FROM cde_sync_now();
+SELECT feeds, status, deleted FROM cde_sync_runs ORDER BY run_id DESC LIMIT 1;
+SELECT count(*) FILTER (WHERE deleted) AS deleted, count(*) AS items FROM cde.feed_categories;
