@@ -25,7 +25,7 @@ END $$;
 
 CREATE VIEW cde_worker_status AS
 SELECT w.running, w.pid, w.state, w.started_at, w.last_iteration_at, w.iterations,
-       w.documents_sent, w.bytes_sent, w.requests, w.requests_failed,
+       w.documents_sent, w.bytes_sent, w.requests, w.requests_failed, w.reloads,
        current_setting('cde.database') AS database
   FROM cde._worker_status() AS w;
 

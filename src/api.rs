@@ -65,10 +65,11 @@ mod cde {
             name!(bytes_sent, i64),
             name!(requests, i64),
             name!(requests_failed, i64),
+            name!(reloads, i64),
         ),
     > {
         let row = match shmem::worker() {
-            None => (false, None, "not running: add cde to shared_preload_libraries and restart".to_string(), None, None, 0, 0, 0, 0, 0),
+            None => (false, None, "not running: add cde to shared_preload_libraries and restart".to_string(), None, None, 0, 0, 0, 0, 0, 0),
             Some(w) => {
                 let state = w.state.load(Ordering::Relaxed);
                 let pid = w.pid.load(Ordering::Relaxed);
@@ -84,6 +85,7 @@ mod cde {
                     w.bytes_sent.load(Ordering::Relaxed) as i64,
                     w.requests.load(Ordering::Relaxed) as i64,
                     w.requests_failed.load(Ordering::Relaxed) as i64,
+                    w.reloads.load(Ordering::Relaxed) as i64,
                 )
             }
         };

@@ -21,6 +21,8 @@ pub struct WorkerShared {
     pub bytes_sent: AtomicU64,
     pub requests: AtomicU64,
     pub requests_failed: AtomicU64,
+    /// Settings reloads (SIGHUP) the worker has processed: lets a test wait for one.
+    pub reloads: AtomicU64,
 }
 
 unsafe impl PGRXSharedMemory for WorkerShared {}

@@ -86,6 +86,7 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
             }
             settings = Settings::read();
             transport.refresh(&settings);
+            shared.reloads.fetch_add(1, Ordering::Relaxed);
             log!("cde: settings reloaded (endpoint {})", settings.endpoint.as_deref().unwrap_or("not set"));
         }
         more = false;

@@ -273,6 +273,8 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
         }
     }
     entry["items"] = json!(items.len());
+    entry["raw_bytes"] = json!(raw.len());
+    entry["keys"] = json!(items.iter().map(|(it, _)| it.key.as_str()).collect::<Vec<_>>());
 
     let mut rejected = vec![];
     if let Some(rule) = fault.as_ref().and_then(|f| f.reject.clone()) {

@@ -1,0 +1,204 @@
+"""Delivery by the background worker: timing, modes, batching, the protocol's headers and every
+kind of failure, against the real sink."""
+
+import re
+import signal
+import os
+import time
+
+from conftest import wait_until, full_sync_and_wait
+
+
+def name_at_sink(sink, key):
+    doc = sink.doc("products", key)
+    return doc["data"]["name"] if doc else ""
+
+
+def test_an_update_arrives_within_a_second_of_commit(catalog, sink):
+    catalog.run("UPDATE products SET name = 'fast' WHERE id = 7")
+    committed = time.monotonic()
+    wait_until("the update at the sink", lambda: name_at_sink(sink, 7) == "fast", timeout=1.0, interval=0.005)
+    print(f"commit to sink: {(time.monotonic() - committed) * 1000:.0f} ms")
+
+
+def test_dependent_keys_reach_the_sink(catalog, sink):
+    # Renaming a category re-sends every product in it, with the new name.
+    members = {r[0] for r in catalog.rows("SELECT id FROM products WHERE category_id = 3")}
+    catalog.run("UPDATE categories SET name = 'Renamed' WHERE id = 3")
+    wait_until("every product of category 3 re-sent",
+               lambda: all((sink.doc("products", k) or {}).get("data", {}).get("category", {}).get("name") == "Renamed" for k in members))
+    assert sink.doc("categories", 3)["data"]["name"] == "Renamed"
+
+
+def test_legacy_feeds_wait_for_their_pass(catalog, sink):
+    catalog.configure(legacy_interval="3s")
+    catalog.run("UPDATE prices SET amount = 12345 WHERE product_id = 5 AND currency = 'EUR'")
+    t0 = time.monotonic()
+    # The immediate products feed has it at once; the legacy prices feed on its next pass.
+    wait_until("products feed", lambda: (sink.doc("products", 5) or {}).get("data", {}).get("prices", {}).get("EUR") == 12345)
+    assert (sink.doc("prices", 5) or {}).get("data", {}).get("prices", {}).get("EUR") != 12345
+    assert catalog.one("SELECT status FROM cde.feed_prices WHERE key = '5'") == "pending"
+    wait_until("prices feed's legacy pass",
+               lambda: (sink.doc("prices", 5) or {}).get("data", {}).get("prices", {}).get("EUR") == 12345, timeout=8)
+    print(f"legacy delivery after {time.monotonic() - t0:.1f}s")
+
+
+def test_batches_by_count_and_by_bytes(catalog, sink):
+    catalog.configure(batch_size=7)
+    catalog.run("UPDATE products SET name = name || ' b' WHERE id <= 30")
+    wait_until("30 products", lambda: sum(r.get("items", 0) for r in sink.log("products") if r["status"] == 200) >= 30)
+    sizes = [r["items"] for r in sink.log("products")]
+    assert max(sizes) <= 7 and len(sizes) == 5, sizes
+
+    sink.reset()
+    catalog.configure(batch_size=500, max_batch_bytes="4kB")
+    catalog.run("UPDATE products SET name = name || ' c' WHERE id <= 60")
+    wait_until("60 products", lambda: sum(r.get("items", 0) for r in sink.log("products")) >= 60)
+    log = sink.log("products")
+    assert len(log) > 1 and all(r["raw_bytes"] <= 4096 for r in log), [(r["items"], r["raw_bytes"]) for r in log]
+
+
+def test_gzip_authorization_and_idempotency_key(catalog, sink):
+    sink.call("POST", "/_sink/api-key", b"s3cret")
+    catalog.configure(api_key="s3cret")
+    catalog.run("UPDATE products SET name = 'auth' WHERE id = 9")
+    wait_until("the update", lambda: name_at_sink(sink, 9) == "auth")
+    r = sink.log("products")[-1]
+    assert r["gzip"] is True and r["authorization"] is True and r["content_type"] == "application/json"
+    assert re.fullmatch(r"[0-9a-f]{32}", r["idempotency_key"])
+
+    catalog.configure(compression="off")
+    catalog.run("UPDATE products SET name = 'plain' WHERE id = 9")
+    wait_until("the update", lambda: name_at_sink(sink, 9) == "plain")
+    assert sink.log("products")[-1]["gzip"] is False
+
+    # A wrong key is refused by the sink (401): the item is rejected, visible, not retried.
+    catalog.configure(api_key="wrong")
+    catalog.run("UPDATE products SET name = 'nope' WHERE id = 9")
+    wait_until("the rejection", lambda: catalog.one("SELECT status FROM cde.feed_products WHERE key = '9'") == "rejected")
+    assert catalog.one("SELECT http_status FROM cde_failed_items WHERE key = '9'") == 401
+
+
+def test_same_content_same_idempotency_key(catalog, sink):
+    # The sink answers 503 once: the batch is retried with exactly the same key.
+    sink.fault(feed="products", status=503, count=1)
+    catalog.run("UPDATE products SET name = 'idem' WHERE id = 11")
+    wait_until("delivery after the retry", lambda: name_at_sink(sink, 11) == "idem", timeout=6)
+    keys = [r["idempotency_key"] for r in sink.log("products")]
+    assert len(keys) == 2 and keys[0] == keys[1]
+
+
+def test_items_rejected_in_a_2xx_answer(catalog, sink):
+    sink.fault(feed="products", reject={"key": "5", "error": "bad sku"})
+    catalog.run("UPDATE products SET name = name || ' r' WHERE id IN (4, 5, 6)")
+    wait_until("4 and 6 delivered", lambda: all(name_at_sink(sink, k).endswith(" r") for k in (4, 6)))
+    assert not name_at_sink(sink, 5).endswith(" r")
+    wait_until("5 rejected", lambda: catalog.one("SELECT status FROM cde.feed_products WHERE key = '5'") == "rejected")
+    assert catalog.rows("SELECT feed, key, status, error FROM cde_failed_items") == [("products", "5", "rejected", "bad sku")]
+    # Rejected items are not retried until their document changes.
+    sink.clear_faults()
+    assert catalog.one("SELECT count(*) FROM cde.retries") == 0
+    catalog.run("UPDATE products SET name = 'fixed' WHERE id = 5")
+    wait_until("5 delivered once changed", lambda: name_at_sink(sink, 5) == "fixed")
+
+
+def test_a_refused_batch_is_split_to_isolate_the_bad_item(catalog, sink):
+    sink.fault(feed="products", reject={"key": "13", "error": "invalid"}, reject_mode="batch", status=422)
+    catalog.run("UPDATE products SET name = name || ' s' WHERE id BETWEEN 10 AND 25")
+    wait_until("13 rejected", lambda: catalog.one("SELECT status FROM cde.feed_products WHERE key = '13'") == "rejected")
+    good = [k for k in range(10, 26) if k != 13]
+    wait_until("the 15 others delivered", lambda: all(name_at_sink(sink, k).endswith(" s") for k in good))
+    row = catalog.rows("SELECT http_status, error FROM cde.feed_products WHERE key = '13'")[0]
+    assert row[0] == 422 and "invalid" in row[1]
+    # log2(16) levels of halving, not 16 requests.
+    assert len(sink.log("products")) <= 9
+
+
+def _retry_scenario(catalog, sink, fault, key, name):
+    sink.fault(feed="products", **fault)
+    catalog.run(f"UPDATE products SET name = '{name}' WHERE id = {key}")
+    wait_until("the item in the retry table",
+               lambda: catalog.one("SELECT count(*) FROM cde.retries WHERE feed = 'products' AND key = %s", str(key)) == 1
+               or name_at_sink(sink, key) == name)
+    wait_until("delivery once the sink recovers and the retry interval passed",
+               lambda: name_at_sink(sink, key) == name, timeout=10)
+    assert catalog.one("SELECT status FROM cde.feed_products WHERE key = %s", str(key)) == "sent"
+    assert catalog.one("SELECT count(*) FROM cde.retries") == 0
+
+
+def test_500_goes_to_the_retry_table_and_is_delivered_later(catalog, sink):
+    _retry_scenario(catalog, sink, {"status": 500, "count": 2}, 21, "after 500")
+    assert [r["status"] for r in sink.log("products")][:2] == [500, 500]
+
+
+def test_503_is_retried(catalog, sink):
+    _retry_scenario(catalog, sink, {"status": 503, "count": 1}, 22, "after 503")
+
+
+def test_429_with_retry_after_holds_the_feed_back(catalog, sink):
+    catalog.configure(retry_interval="100ms")
+    sink.fault(feed="products", status=429, count=1, retry_after="2")
+    catalog.run("UPDATE products SET name = 'slow down' WHERE id = 23")
+    t0 = time.monotonic()
+    wait_until("the hold", lambda: catalog.one("SELECT hold_until > now() FROM cde.feeds WHERE name = 'products'"))
+    wait_until("delivery after Retry-After", lambda: name_at_sink(sink, 23) == "slow down", timeout=8)
+    assert time.monotonic() - t0 >= 1.5, "sent again before Retry-After elapsed"
+
+
+def test_timeouts_are_retried(catalog, sink):
+    catalog.configure(http_timeout="300ms")
+    sink.fault(feed="products", delay_ms=1500, status=200, count=1)
+    catalog.run("UPDATE products SET name = 'after timeout' WHERE id = 24")
+    wait_until("the timeout recorded", lambda: catalog.one(
+        "SELECT error FROM cde.feed_products WHERE key = '24'") == "timeout" or name_at_sink(sink, 24) == "after timeout")
+    wait_until("delivery", lambda: name_at_sink(sink, 24) == "after timeout", timeout=10)
+
+
+def test_refused_connections_are_retried_and_the_endpoint_reloads(catalog, sink):
+    catalog.configure(endpoint="http://127.0.0.1:9/ingest")   # nothing listens on port 9
+    catalog.run("UPDATE products SET name = 'refused' WHERE id = 25")
+    wait_until("connection refused recorded",
+               lambda: catalog.one("SELECT error FROM cde.feed_products WHERE key = '25'") == "connection refused")
+    assert catalog.one("SELECT status FROM cde_failed_items WHERE key = '25'") == "retrying"
+    catalog.configure(endpoint=None)    # back to the sink, without a restart
+    wait_until("delivery", lambda: name_at_sink(sink, 25) == "refused", timeout=10)
+
+
+def test_max_attempts_makes_items_dead_and_retry_failed_revives_them(catalog, sink):
+    catalog.configure(max_attempts=2, retry_interval="200ms")
+    sink.fault(feed="products", status=500)             # down until cleared
+    catalog.run("UPDATE products SET name = 'doomed' WHERE id = 26")
+    wait_until("the item dead", lambda: catalog.one("SELECT status FROM cde.feed_products WHERE key = '26'") == "dead")
+    assert catalog.one("SELECT attempts FROM cde.feed_products WHERE key = '26'") == 2
+    assert catalog.rows("SELECT status, attempts FROM cde_failed_items WHERE key = '26'") == [("dead", 2)]
+    sink.clear_faults()
+    assert catalog.one("SELECT cde_retry_failed('products')") == 1
+    wait_until("delivery on request", lambda: name_at_sink(sink, 26) == "doomed")
+
+
+def test_resync_resends_unchanged_documents(catalog, sink):
+    assert catalog.one("SELECT cde_resync('products', ARRAY['1', '2'])") == 2
+    wait_until("both resent", lambda: {"1", "2"} <= {k for r in sink.log("products") for k in r["keys"]})
+
+
+def test_the_worker_restarts_after_kill_9_and_loses_nothing(catalog, sink):
+    pid = catalog.worker_pid()
+    os.kill(pid, signal.SIGKILL)
+    # A crashed backend makes the postmaster reset every connection: reconnect and write.
+    wait_until("a new worker", lambda: _new_worker(pid), timeout=30, interval=0.2)
+    from conftest import connect, Db
+    with connect() as conn:
+        db = Db(conn)
+        db.run("UPDATE products SET name = 'after crash' WHERE id BETWEEN 30 AND 39")
+        wait_until("delivery by the new worker",
+                   lambda: all(name_at_sink(sink, k) == "after crash" for k in range(30, 40)), timeout=10)
+
+
+def _new_worker(old_pid):
+    from conftest import connect, Db
+    try:
+        with connect() as conn:
+            pid = Db(conn).worker_pid()
+            return pid and pid != old_pid
+    except Exception:
+        return False
