@@ -82,3 +82,28 @@ END $$;
 
 CREATE VIEW cde_failed_items AS SELECT * FROM cde._failed_items();
 COMMENT ON VIEW cde_failed_items IS 'Items that are retrying, rejected or dead, with their last error';
+
+-- Privileges. Management is for superusers and the roles they grant it to (docs/operations.md,
+-- "Privileges"); the views are for pg_monitor. The view helpers run as the extension owner, with
+-- a fixed search_path, because the views' readers have no right on schema cde.
+DO $$
+DECLARE
+    fn text;
+BEGIN
+    FOREACH fn IN ARRAY ARRAY[
+        'cde_register_feed(text, text, text, text, text[], int)', 'cde_drop_feed(text)',
+        'cde_track(text, regclass, text)', 'cde_untrack(text, regclass)',
+        'cde_sync_now(text)', 'cde_retry_failed(text)', 'cde_resync(text, text[])',
+        'cde_full_sync(text, boolean)', 'cde_cancel_sync(bigint)'
+    ] LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+    END LOOP;
+    FOREACH fn IN ARRAY ARRAY['cde._feed_counts()', 'cde._failed_items()', 'cde._worker_status()'] LOOP
+        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', fn);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_monitor', fn);
+    END LOOP;
+END $$;
+
+REVOKE ALL ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status FROM PUBLIC;
+GRANT SELECT ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status TO pg_monitor;

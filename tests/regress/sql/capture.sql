@@ -4,6 +4,7 @@ SET client_min_messages = warning;
 DROP EXTENSION IF EXISTS cde CASCADE;
 DROP SCHEMA public CASCADE;
 CREATE SCHEMA public;
+GRANT USAGE ON SCHEMA public TO PUBLIC;
 CREATE EXTENSION cde;
 RESET client_min_messages;
 SET cde.endpoint = '';

@@ -1,0 +1,78 @@
+"""Full sync, run by the background worker: phase order at the sink, resume after the worker is
+killed mid-run, and writes made during a run all delivered."""
+
+import os
+import signal
+
+from conftest import Db, connect, fresh_catalog, full_sync_and_wait, wait_until
+
+
+def test_phases_arrive_in_dependency_order(db, sink):
+    fresh_catalog(db, products=3000)
+    run = full_sync_and_wait(db)
+    events = [r[0] for r in db.rows("SELECT status FROM cde.sync_events WHERE run_id = %s ORDER BY at", run)]
+    assert events[:3] == ["preparing", "planned", "executing"] and events[-1] == "finished"
+    phases = [r[0] for r in db.rows(
+        "SELECT feed FROM cde.sync_events WHERE run_id = %s AND message = 'phase started' ORDER BY at", run)]
+    assert phases == ["attributes", "categories", "products", "prices", "product_relations"]
+
+    # At the sink: every category arrived before the first product.
+    log = sink.log()
+    first_product = min(i for i, r in enumerate(log) if r["feed"] == "products")
+    last_category = max(i for i, r in enumerate(log) if r["feed"] == "categories")
+    assert last_category < first_product
+    assert len(sink.docs("products")) == 3000 and len(sink.docs("categories")) == 60
+
+    # A second run sends nothing: everything is unchanged.
+    sink.reset()
+    run = full_sync_and_wait(db)
+    sent, unchanged = db.rows("SELECT sent, unchanged FROM cde_sync_runs WHERE run_id = %s", run)[0]
+    assert sent == 0 and unchanged == 3000 + 60 + 20 + 3000 + 1500
+    assert sink.stats()["items_received"] == 0
+
+
+def test_a_run_resumes_after_the_worker_is_killed(db, sink):
+    fresh_catalog(db, products=60000)
+    run = db.one("SELECT cde_full_sync('products')")
+    wait_until("the products phase under way",
+               lambda: db.one("SELECT (phases->'products'->>'processed')::int FROM cde_sync_runs WHERE run_id = %s", run) >= 5000,
+               timeout=60)
+    os.kill(db.worker_pid(), signal.SIGKILL)
+    # The postmaster resets every backend after a crash: reconnect.
+    wait_until("the cluster back", _can_connect, timeout=60, interval=0.2)
+    with connect() as conn:
+        db2 = Db(conn)
+        status = db2.rows("SELECT status, processed FROM cde_sync_runs WHERE run_id = %s", run)[0]
+        assert status[0] == "executing"
+        wait_until(f"run {run} finished after the restart",
+                   lambda: db2.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=180)
+        processed, planned = db2.rows("SELECT processed, planned FROM cde_sync_runs WHERE run_id = %s", run)[0]
+        assert processed == planned == 60000
+        wait_until("every product at the sink", lambda: len(sink.docs("products")) == 60000, timeout=60)
+        assert db2.one("SELECT count(*) FROM cde.feed_products WHERE status <> 'sent'") == 0
+
+
+def test_writes_during_a_run_are_all_delivered(db, sink):
+    fresh_catalog(db, products=30000)
+    run = db.one("SELECT cde_full_sync()")
+    wait_until("the run executing", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "executing", timeout=30)
+    # Writers keep writing: on keys the run has built, and on keys it has not reached yet.
+    for i in range(20):
+        db.run("UPDATE products SET name = %s WHERE id = %s", f"during {i}", 1 + i * 1499)
+    db.run("DELETE FROM products WHERE id = 29999")
+    db.run("INSERT INTO products (id, sku, name, category_id) VALUES (40000, 'DURING', 'during new', 1)")
+    wait_until("the run to finish", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=180)
+    wait_until("nothing pending", lambda: db.one("SELECT sum(pending) FROM cde_feed_status WHERE mode = 'immediate'") == 0, timeout=30)
+    docs = sink.docs("products")
+    for i in range(20):
+        assert docs[str(1 + i * 1499)]["data"]["name"] == f"during {i}"
+    assert docs["29999"]["deleted"] is True
+    assert docs["40000"]["data"]["name"] == "during new"
+
+
+def _can_connect():
+    try:
+        with connect() as conn:
+            return Db(conn).worker_pid() is not None
+    except Exception:
+        return False

@@ -1,0 +1,57 @@
+-- Least privilege: who may read, who may manage, and what stays hidden.
+\set SHOW_CONTEXT never
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS cde CASCADE;
+DROP SCHEMA public CASCADE;
+CREATE SCHEMA public;
+GRANT USAGE ON SCHEMA public TO PUBLIC;
+CREATE EXTENSION cde;
+DROP ROLE IF EXISTS regress_cde_monitor;
+DROP ROLE IF EXISTS regress_cde_app;
+RESET client_min_messages;
+SET cde.endpoint = '';
+SET cde.api_key = 'top-secret';
+
+CREATE TABLE products (id bigint PRIMARY KEY, name text);
+INSERT INTO products VALUES (1, 'one'), (2, 'two');
+SELECT cde_register_feed('products', 'SELECT id, name FROM products');
+SELECT cde_track('products', 'products');
+
+CREATE ROLE regress_cde_monitor IN ROLE pg_monitor;
+CREATE ROLE regress_cde_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON products TO regress_cde_app;
+
+-- A monitoring role reads the views, and nothing else of cde.
+SET ROLE regress_cde_monitor;
+SELECT feed, items, pending FROM cde_feed_status;
+SELECT count(*) FROM cde_failed_items;
+SELECT count(*) FROM cde_sync_runs;
+SELECT count(*) FROM cde_worker_status;
+SELECT count(*) FROM cde.feed_products;
+SELECT cde_sync_now();
+RESET ROLE;
+
+-- An application role writes the tracked table, and its changes are captured; it cannot read
+-- cde's tables, manage feeds, run a sync, or see the API key.
+SET ROLE regress_cde_app;
+UPDATE products SET name = 'uno' WHERE id = 1;
+SELECT count(*) FROM cde.queue;
+SELECT count(*) FROM cde_feed_status;
+SELECT cde_register_feed('mine', 'SELECT 1 AS id');
+SELECT cde_track('products', 'products');
+SELECT cde_drop_feed('products');
+SELECT cde_full_sync();
+SELECT cde_sync_now();
+SELECT cde_retry_failed();
+SELECT cde_resync('products', ARRAY['1']);
+SHOW cde.api_key;
+SELECT count(*) AS api_key_rows FROM pg_settings WHERE name = 'cde.api_key';
+SET cde.endpoint = 'http://127.0.0.1:1/stolen';
+RESET ROLE;
+
+SELECT feed, collected FROM cde_sync_now();
+SELECT key, doc FROM cde.feed_products ORDER BY key;
+
+REVOKE ALL ON products FROM regress_cde_app;
+DROP ROLE regress_cde_app;
+DROP ROLE regress_cde_monitor;
