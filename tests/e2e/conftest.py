@@ -111,6 +111,24 @@ def connect(dbname="cde"):
     return psycopg.connect(host=SOCKET, port=PORT, user="postgres", dbname=dbname, autocommit=True)
 
 
+def kill_worker(db):
+    """kill -9 the worker. The postmaster then resets every backend (this connection too) and
+    restarts: wait for a new worker and return a new connection."""
+    old = db.worker_pid()
+    os.kill(old, 9)
+
+    def new_worker():
+        try:
+            with connect() as conn:
+                pid = Db(conn).worker_pid()
+                return pid is not None and pid != old
+        except psycopg.Error:
+            return False
+
+    wait_until("a new worker after kill -9", new_worker, timeout=60, interval=0.2)
+    return connect()
+
+
 @pytest.fixture
 def sink():
     s = Sink(SINK)

@@ -2,11 +2,9 @@
 kind of failure, against the real sink."""
 
 import re
-import signal
-import os
 import time
 
-from conftest import wait_until, full_sync_and_wait
+from conftest import Db, kill_worker, wait_until
 
 
 def name_at_sink(sink, key):
@@ -182,23 +180,10 @@ def test_resync_resends_unchanged_documents(catalog, sink):
 
 
 def test_the_worker_restarts_after_kill_9_and_loses_nothing(catalog, sink):
-    pid = catalog.worker_pid()
-    os.kill(pid, signal.SIGKILL)
-    # A crashed backend makes the postmaster reset every connection: reconnect and write.
-    wait_until("a new worker", lambda: _new_worker(pid), timeout=30, interval=0.2)
-    from conftest import connect, Db
-    with connect() as conn:
+    old = catalog.worker_pid()
+    with kill_worker(catalog) as conn:
         db = Db(conn)
+        assert db.worker_pid() != old
         db.run("UPDATE products SET name = 'after crash' WHERE id BETWEEN 30 AND 39")
         wait_until("delivery by the new worker",
                    lambda: all(name_at_sink(sink, k) == "after crash" for k in range(30, 40)), timeout=10)
-
-
-def _new_worker(old_pid):
-    from conftest import connect, Db
-    try:
-        with connect() as conn:
-            pid = Db(conn).worker_pid()
-            return pid and pid != old_pid
-    except Exception:
-        return False
