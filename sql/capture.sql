@@ -27,6 +27,7 @@ DECLARE
     keys_sql text := cde._keys_query(f, keys);
     fn       text := format('cde.%I', 'capture_' || f.name || '_' || source_table::oid);
     old      cde.tracks;
+    branch   text;
 BEGIN
     IF source_table IS NULL THEN
         RAISE EXCEPTION 'cde_track: source_table is NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -52,34 +53,30 @@ BEGIN
         PERFORM cde._drop_capture(old);
     END IF;
 
+    -- One branch per operation, differing only in which transition tables make up "changed".
+    branch := $b$
+                INSERT INTO cde.queue (feed, keys)
+                SELECT %1$L, array_agg(k) FROM (
+                    WITH changed AS (%2$s)
+                    SELECT DISTINCT k FROM (%3$s) AS c(k) WHERE k IS NOT NULL
+                ) AS d HAVING count(*) > 0;$b$;
     EXECUTE format($f$
         CREATE FUNCTION %1$s() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s AS $body$
         BEGIN
-            IF TG_OP = 'UPDATE' THEN
-                INSERT INTO cde.queue (feed, keys)
-                SELECT %3$L, array_agg(k) FROM (
-                    WITH changed AS (SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)
-                    SELECT DISTINCT k FROM (%4$s) AS c(k) WHERE k IS NOT NULL
-                ) AS d HAVING count(*) > 0;
-            ELSIF TG_OP = 'INSERT' THEN
-                INSERT INTO cde.queue (feed, keys)
-                SELECT %3$L, array_agg(k) FROM (
-                    WITH changed AS (SELECT * FROM new_rows)
-                    SELECT DISTINCT k FROM (%4$s) AS c(k) WHERE k IS NOT NULL
-                ) AS d HAVING count(*) > 0;
-            ELSIF TG_OP = 'DELETE' THEN
-                INSERT INTO cde.queue (feed, keys)
-                SELECT %3$L, array_agg(k) FROM (
-                    WITH changed AS (SELECT * FROM old_rows)
-                    SELECT DISTINCT k FROM (%4$s) AS c(k) WHERE k IS NOT NULL
-                ) AS d HAVING count(*) > 0;
+            IF TG_OP = 'UPDATE' THEN %3$s
+            ELSIF TG_OP = 'INSERT' THEN %4$s
+            ELSIF TG_OP = 'DELETE' THEN %5$s
             ELSE -- TRUNCATE: every key of the feed may have changed
-                INSERT INTO cde.queue (feed, all_keys) VALUES (%3$L, true);
+                INSERT INTO cde.queue (feed, all_keys) VALUES (%6$L, true);
             END IF;
             PERFORM cde._changes_recorded();
             RETURN NULL;
-        END $body$$f$, fn, cde._fixed_search_path(), f.name, keys_sql);
+        END $body$$f$, fn, cde._fixed_search_path(),
+        format(branch, f.name, 'SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows', keys_sql),
+        format(branch, f.name, 'SELECT * FROM new_rows', keys_sql),
+        format(branch, f.name, 'SELECT * FROM old_rows', keys_sql),
+        f.name);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
 
     EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',

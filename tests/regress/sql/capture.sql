@@ -1,12 +1,5 @@
 -- Change capture: statement-level triggers record the touched keys, once per statement.
-\set SHOW_CONTEXT never
-SET client_min_messages = warning;
-DROP EXTENSION IF EXISTS cde CASCADE;
-DROP SCHEMA public CASCADE;
-CREATE SCHEMA public;
-GRANT USAGE ON SCHEMA public TO PUBLIC;
-CREATE EXTENSION cde;
-RESET client_min_messages;
+\i sql/fresh.inc
 SET cde.endpoint = '';
 
 CREATE TABLE categories (id int PRIMARY KEY, name text NOT NULL);

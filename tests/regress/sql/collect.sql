@@ -1,14 +1,7 @@
 -- Collecting and sending: queued keys become documents in the feed table, then go to the sink.
 -- The test cluster's cde.endpoint points at the project's sink; cde_sync_now() runs one
 -- iteration in this session.
-\set SHOW_CONTEXT never
-SET client_min_messages = warning;
-DROP EXTENSION IF EXISTS cde CASCADE;
-DROP SCHEMA public CASCADE;
-CREATE SCHEMA public;
-GRANT USAGE ON SCHEMA public TO PUBLIC;
-CREATE EXTENSION cde;
-RESET client_min_messages;
+\i sql/fresh.inc
 
 CREATE TABLE products (id bigint PRIMARY KEY, sku text NOT NULL, price numeric NOT NULL, visible boolean NOT NULL DEFAULT true);
 INSERT INTO products SELECT i, 'SKU-' || i, i * 1.5 FROM generate_series(1, 20000) i;

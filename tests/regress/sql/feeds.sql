@@ -1,12 +1,5 @@
 -- Registering feeds: the definition, what cde generates for it, and every refusal.
-\set SHOW_CONTEXT never
-SET client_min_messages = warning;
-DROP EXTENSION IF EXISTS cde CASCADE;
-DROP SCHEMA public CASCADE;
-CREATE SCHEMA public;
-GRANT USAGE ON SCHEMA public TO PUBLIC;
-CREATE EXTENSION cde;
-RESET client_min_messages;
+\i sql/fresh.inc
 SET cde.endpoint = '';
 
 CREATE TABLE categories (id int PRIMARY KEY, name text NOT NULL);

@@ -1,12 +1,5 @@
 -- Full sync runs, advanced here by cde_sync_now() (the worker serves another database).
-\set SHOW_CONTEXT never
-SET client_min_messages = warning;
-DROP EXTENSION IF EXISTS cde CASCADE;
-DROP SCHEMA public CASCADE;
-CREATE SCHEMA public;
-GRANT USAGE ON SCHEMA public TO PUBLIC;
-CREATE EXTENSION cde;
-RESET client_min_messages;
+\i sql/fresh.inc
 
 CREATE TABLE categories (id int PRIMARY KEY, name text NOT NULL);
 CREATE TABLE products (id bigint PRIMARY KEY, name text NOT NULL, category_id int REFERENCES categories);

@@ -1,11 +1,6 @@
 -- Least privilege: who may read, who may manage, and what stays hidden.
-\set SHOW_CONTEXT never
+\i sql/fresh.inc
 SET client_min_messages = warning;
-DROP EXTENSION IF EXISTS cde CASCADE;
-DROP SCHEMA public CASCADE;
-CREATE SCHEMA public;
-GRANT USAGE ON SCHEMA public TO PUBLIC;
-CREATE EXTENSION cde;
 DROP ROLE IF EXISTS regress_cde_monitor;
 DROP ROLE IF EXISTS regress_cde_app;
 RESET client_min_messages;
