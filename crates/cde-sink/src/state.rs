@@ -316,3 +316,99 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
         delay,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(s: &Mutex<State>, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let req = Request {
+            method: "POST".into(),
+            path: path.into(),
+            query: String::new(),
+            headers: headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.to_string())).collect(),
+            body: body.as_bytes().to_vec(),
+        };
+        match handle(s, &req) {
+            Reply::Http { status, body, .. } => (status, serde_json::from_slice(&body).unwrap_or(Value::Null)),
+            Reply::Close => (0, json!("closed")),
+            Reply::Garbage => (0, json!("garbage")),
+        }
+    }
+
+    fn fault(s: &Mutex<State>, rule: Value) {
+        assert_eq!(post(s, "/_sink/faults", &rule.to_string(), &[]).0, 200);
+    }
+
+    const TWO: &str = r#"[{"key":"1","deleted":false,"data":{"a":1}},{"key":"2","deleted":true,"data":null}]"#;
+
+    #[test]
+    fn keeps_the_latest_document_per_feed_and_key() {
+        let s = Mutex::new(State::new(None));
+        assert_eq!(post(&s, "/ingest/products", TWO, &[]).0, 200);
+        assert_eq!(post(&s, "/ingest/products", r#"[{"key":"1","deleted":false,"data":{"a":2}}]"#, &[]).0, 200);
+        let st = s.lock().unwrap().snapshot(Some("products"));
+        assert_eq!(st["feeds"]["products"]["1"]["data"], json!({"a": 2}));
+        assert_eq!(st["feeds"]["products"]["2"]["deleted"], json!(true));
+    }
+
+    #[test]
+    fn refuses_what_is_not_the_protocol() {
+        let s = Mutex::new(State::new(None));
+        assert_eq!(post(&s, "/p", "{}", &[]).0, 400);
+        assert_eq!(post(&s, "/p", r#"[{"key":"1","deleted":false}]"#, &[]).0, 400);
+        assert_eq!(post(&s, "/p", "not json", &[("Content-Encoding", "gzip")]).0, 400);
+    }
+
+    #[test]
+    fn gzip_bodies_and_bearer_tokens() {
+        let s = Mutex::new(State::new(Some("k".into())));
+        assert_eq!(post(&s, "/p", TWO, &[]).0, 401);
+        assert_eq!(post(&s, "/p", TWO, &[("Authorization", "Bearer k")]).0, 200);
+        let z = cde_protocol::gzip(TWO.as_bytes());
+        let req = Request {
+            method: "POST".into(),
+            path: "/p".into(),
+            query: String::new(),
+            headers: [("content-encoding".to_string(), "gzip".to_string()), ("authorization".to_string(), "Bearer k".to_string())]
+                .into_iter()
+                .collect(),
+            body: z,
+        };
+        assert!(matches!(handle(&s, &req), Reply::Http { status: 200, .. }));
+    }
+
+    #[test]
+    fn faults_apply_count_times_to_their_feed() {
+        let s = Mutex::new(State::new(None));
+        fault(&s, json!({"feed": "a", "status": 503, "count": 2, "retry_after": "1"}));
+        assert_eq!(post(&s, "/b", TWO, &[]).0, 200, "another feed is not affected");
+        assert_eq!(post(&s, "/a", TWO, &[]).0, 503);
+        assert_eq!(post(&s, "/a", TWO, &[]).0, 503);
+        assert_eq!(post(&s, "/a", TWO, &[]).0, 200, "the fault is used up");
+        fault(&s, json!({"close": true, "count": 1}));
+        assert_eq!(post(&s, "/a", TWO, &[]).1, json!("closed"));
+        assert_eq!(s.lock().unwrap().stats()["faults_injected"], json!(3));
+    }
+
+    #[test]
+    fn reject_rules_by_item_or_by_batch() {
+        let s = Mutex::new(State::new(None));
+        fault(&s, json!({"reject": {"key": "2", "error": "no"}}));
+        let (status, body) = post(&s, "/p", TWO, &[]);
+        assert_eq!(status, 200);
+        assert_eq!(body, json!({"rejected": [{"index": 1, "error": "no"}]}));
+        s.lock().unwrap().faults.clear();
+        fault(&s, json!({"reject": {"contains": "\"a\":1"}, "reject_mode": "batch", "status": 422}));
+        assert_eq!(post(&s, "/p", TWO, &[]).0, 422);
+        assert_eq!(post(&s, "/p", r#"[{"key":"3","deleted":false,"data":{"a":3}}]"#, &[]).0, 200);
+    }
+
+    #[test]
+    fn repeated_idempotency_keys_count_as_duplicates() {
+        let s = Mutex::new(State::new(None));
+        post(&s, "/p", TWO, &[("Idempotency-Key", "abc")]);
+        post(&s, "/p", TWO, &[("Idempotency-Key", "abc")]);
+        assert_eq!(s.lock().unwrap().stats()["duplicate_requests"], json!(1));
+    }
+}
