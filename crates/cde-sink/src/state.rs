@@ -103,9 +103,13 @@ impl State {
         }
     }
 
-    /// The first fault that applies to `feed`, consuming one of its uses.
+    /// The first fault that applies to `feed`, consuming one of its uses. Reject rules are
+    /// standing orders, applied to every request besides: see `reject_rule`.
     fn take_fault(&mut self, feed: &str) -> Option<Fault> {
-        let i = self.faults.iter().position(|f| f.feed.as_deref().is_none_or(|x| x == feed) && f.count != Some(0))?;
+        let i = self
+            .faults
+            .iter()
+            .position(|f| f.reject.is_none() && f.feed.as_deref().is_none_or(|x| x == feed) && f.count != Some(0))?;
         let f = &mut self.faults[i];
         if let Some(c) = f.count.as_mut() {
             *c -= 1;
@@ -116,6 +120,10 @@ impl State {
         }
         self.faults_injected += 1;
         Some(f)
+    }
+
+    fn reject_rule(&self, feed: &str) -> Option<Fault> {
+        self.faults.iter().find(|f| f.reject.is_some() && f.feed.as_deref().is_none_or(|x| x == feed)).cloned()
     }
 
     fn stats(&self) -> Value {
@@ -221,7 +229,7 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
             return if f.close { Reply::Close } else { Reply::Garbage };
         }
         delay = f.delay_ms.map(bounded);
-        if let (Some(status), None) = (f.status, &f.reject) {
+        if let Some(status) = f.status {
             let mut headers = vec![];
             if let Some(ra) = &f.retry_after {
                 headers.push(("Retry-After".to_string(), ra.clone()));
@@ -277,12 +285,13 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
     entry["keys"] = json!(items.iter().map(|(it, _)| it.key.as_str()).collect::<Vec<_>>());
 
     let mut rejected = vec![];
-    if let Some(rule) = fault.as_ref().and_then(|f| f.reject.clone()) {
-        let batch_mode = fault.as_ref().and_then(|f| f.reject_mode.as_deref()) == Some("batch");
+    if let Some(rule_fault) = s.reject_rule(&feed) {
+        let rule = rule_fault.reject.clone().expect("a reject rule");
+        let batch_mode = rule_fault.reject_mode.as_deref() == Some("batch");
         let error = rule.error.clone().unwrap_or_else(|| "rejected by rule".into());
         let hits: Vec<usize> = items.iter().enumerate().filter(|(_, (it, raw))| rule.matches(it, raw)).map(|(i, _)| i).collect();
         if batch_mode && !hits.is_empty() {
-            let status = fault.as_ref().and_then(|f| f.status).unwrap_or(422);
+            let status = rule_fault.status.unwrap_or(422);
             entry["status"] = json!(status);
             s.log.push(entry);
             return Reply::Http { status, headers: vec![], body: format!("{{\"error\":{}}}", json!(error)).into_bytes(), delay };
