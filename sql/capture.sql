@@ -59,18 +59,21 @@ BEGIN
                 SELECT %1$L, array_agg(k) FROM (
                     WITH changed AS (%2$s)
                     SELECT DISTINCT k FROM (%3$s) AS c(k) WHERE k IS NOT NULL
-                ) AS d HAVING count(*) > 0;$b$;
+                ) AS d HAVING count(*) > 0
+                RETURNING cde._changes_recorded() INTO woke;$b$;
     EXECUTE format($f$
         CREATE FUNCTION %1$s() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s AS $body$
+        DECLARE
+            woke boolean;   -- cde._changes_recorded() wakes the worker at commit when keys were queued
         BEGIN
             IF TG_OP = 'UPDATE' THEN %3$s
             ELSIF TG_OP = 'INSERT' THEN %4$s
             ELSIF TG_OP = 'DELETE' THEN %5$s
             ELSE -- TRUNCATE: every key of the feed may have changed
-                INSERT INTO cde.queue (feed, all_keys) VALUES (%6$L, true);
+                INSERT INTO cde.queue (feed, all_keys) VALUES (%6$L, true)
+                RETURNING cde._changes_recorded() INTO woke;
             END IF;
-            PERFORM cde._changes_recorded();
             RETURN NULL;
         END $body$$f$, fn, cde._fixed_search_path(),
         format(branch, f.name, 'SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows', keys_sql),

@@ -17,9 +17,11 @@ mod cde {
     use super::*;
 
     /// Mark the current transaction as having recorded changes. Costs a store; safe to call often.
+    /// Returns true, so that a capture trigger can call it from its INSERT's RETURNING clause.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn _changes_recorded() {
+    fn _changes_recorded() -> bool {
         CHANGES_IN_XACT.store(true, Ordering::Relaxed);
+        true
     }
 }
 

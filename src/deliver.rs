@@ -26,7 +26,7 @@ pub struct Sent {
     pub requests: u64,
 }
 
-struct Pending {
+pub struct Pending {
     items: Vec<Item>,
     hashes: Vec<Option<String>>,
     held: bool,
@@ -36,7 +36,8 @@ struct Pending {
 /// are amortised over several requests without holding much in memory.
 const READ_BATCHES: usize = 4;
 
-fn read_pending(feed: &FeedInfo, limit: usize) -> Pending {
+/// Read up to `limit` pending rows of the feed, oldest change first (none while the feed is held).
+pub fn read_pending(feed: &FeedInfo, limit: usize) -> Pending {
     Spi::connect(|c| {
         let held = c
             .select("SELECT coalesce(hold_until > now(), false) FROM cde.feeds WHERE name = $1", None, &[feed.name.as_str().into()])?
@@ -62,14 +63,34 @@ fn read_pending(feed: &FeedInfo, limit: usize) -> Pending {
     .unwrap_or_else(|e| error!("cde: reading pending rows of feed {} failed: {e}", feed.name))
 }
 
-/// Send every pending row of the feed, batch after batch, until none is left or the endpoint fails.
-pub fn send_pending(tx: &impl Txn, transport: &mut Transport, settings: &Settings, feed: &FeedInfo, counters: &mut Counters) -> Sent {
+fn batch_size(settings: &Settings, feed: &FeedInfo) -> usize {
+    feed.batch_size.map_or(settings.batch_size, |b| b.max(1) as usize)
+}
+
+/// How many pending rows one read takes.
+pub fn read_limit(settings: &Settings, feed: &FeedInfo) -> usize {
+    batch_size(settings, feed) * READ_BATCHES
+}
+
+/// Send every pending row of the feed, batch after batch, until none is left or the endpoint
+/// fails. `first` is a slice already read by the caller's transaction.
+pub fn send_pending(
+    tx: &impl Txn,
+    transport: &mut Transport,
+    settings: &Settings,
+    feed: &FeedInfo,
+    counters: &mut Counters,
+    mut first: Option<Pending>,
+) -> Sent {
     let Some(endpoint) = settings.endpoint.as_deref() else { return Sent::default() };
-    let batch_size = feed.batch_size.map_or(settings.batch_size, |b| b.max(1) as usize);
-    let limit = batch_size * READ_BATCHES;
+    let batch_size = batch_size(settings, feed);
+    let limit = read_limit(settings, feed);
     let mut total = Sent::default();
     loop {
-        let pending = tx.run(|| read_pending(feed, limit));
+        let pending = match first.take() {
+            Some(p) => p,
+            None => tx.run(|| read_pending(feed, limit)),
+        };
         if pending.held || pending.items.is_empty() {
             break;
         }

@@ -91,23 +91,32 @@ pub fn feed_iteration(
     let started = Instant::now();
     let mut report = FeedReport { feed: feed.name.clone(), ..Default::default() };
 
+    let send = !feed.legacy || feed.legacy_due || feed.full_sync_sending || force_send;
+    let sending = send && settings.endpoint.is_some();
+    let limit = deliver::read_limit(settings, feed);
+    // Collect what is queued, put due retries back in line, and read the first pending slice, in
+    // one transaction: for a quiet feed, that one transaction is the whole iteration.
+    let mut first = None;
     for round in 0.. {
-        let c = tx.run(|| collect::collect(&feed.name));
+        let last_round = round + 1 >= collect_rounds;
+        let (c, tail) = tx.run(|| {
+            let c = collect::collect(&feed.name);
+            let tail = (c.drained == 0 || last_round)
+                .then(|| (collect::retry_due(&feed.name), sending.then(|| deliver::read_pending(feed, limit))));
+            (c, tail)
+        });
         report.collected += c.changed + c.deleted;
         report.failed += c.failed;
-        if c.drained == 0 {
-            break;
-        }
-        if round + 1 >= collect_rounds {
-            report.more = true;
+        if let Some((due, pending)) = tail {
+            report.retries_due = due;
+            report.more = c.drained != 0;
+            first = pending;
             break;
         }
     }
-    report.retries_due = tx.run(|| collect::retry_due(&feed.name));
 
-    let send = !feed.legacy || feed.legacy_due || feed.full_sync_sending || force_send;
-    if send && settings.endpoint.is_some() {
-        let s = deliver::send_pending(tx, transport, settings, feed, counters);
+    if sending {
+        let s = deliver::send_pending(tx, transport, settings, feed, counters, first);
         report.sent += s.sent;
         report.failed += s.failed;
         report.requests += s.requests;

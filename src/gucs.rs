@@ -21,6 +21,7 @@ pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static HTTP_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static COMPRESSION: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_PAYLOADS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static PAUSE: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
     unsafe {
@@ -65,6 +66,14 @@ pub fn init() {
         c"",
         &COMPRESSION,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"cde.pause",
+        c"Pause the background worker: changes are still captured, nothing is collected or sent.",
+        c"For maintenance windows; set it back and the worker catches up.",
+        &PAUSE,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
@@ -148,6 +157,7 @@ pub struct Settings {
     pub http_timeout: Duration,
     pub compression: bool,
     pub log_payloads: bool,
+    pub pause: bool,
 }
 
 impl Settings {
@@ -163,6 +173,7 @@ impl Settings {
             http_timeout: ms(&HTTP_TIMEOUT_MS),
             compression: COMPRESSION.get(),
             log_payloads: LOG_PAYLOADS.get(),
+            pause: PAUSE.get(),
         }
     }
 }

@@ -12,7 +12,7 @@ pub struct WorkerShared {
     /// Address of the worker's `MyLatch` (PGPROC latches live in shared memory, at the same address
     /// in every backend), or 0 while no worker runs.
     pub latch: AtomicU64,
-    /// 0 stopped, 1 waiting for the extension, 2 idle, 3 working.
+    /// 0 stopped, 1 waiting for the extension, 2 idle, 3 working, 4 paused.
     pub state: AtomicI32,
     pub started_at: AtomicI64,
     pub last_iteration_at: AtomicI64,
@@ -34,6 +34,7 @@ pub const STOPPED: i32 = 0;
 pub const WAITING_FOR_EXTENSION: i32 = 1;
 pub const IDLE: i32 = 2;
 pub const WORKING: i32 = 3;
+pub const PAUSED: i32 = 4;
 
 /// Called from `_PG_init` while shared_preload_libraries is processed.
 pub fn init() {
@@ -50,6 +51,7 @@ pub fn state_name(state: i32) -> &'static str {
         WAITING_FOR_EXTENSION => "waiting for extension",
         IDLE => "idle",
         WORKING => "working",
+        PAUSED => "paused (cde.pause)",
         _ => "stopped",
     }
 }

@@ -24,6 +24,9 @@ pub const ITERATION_LOCK: i64 = 0x6364_6500;
 /// next feed (and comes straight back): keeps one busy feed from starving the others.
 const COLLECT_ROUNDS: usize = 20;
 
+/// Shortest time between the starts of two iterations (see the loop).
+const MIN_ITERATION_GAP: Duration = Duration::from_millis(20);
+
 /// Time given to full sync steps per iteration, before the feeds' own collect and send.
 const SYNC_BUDGET: Duration = Duration::from_millis(500);
 
@@ -72,10 +75,18 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
     let mut announced_waiting = false;
     let mut last_progress_log = Instant::now();
     let mut more = true; // look for work at once after a (re)start
+    let mut last_start = Instant::now();
     loop {
         if !more && !BackgroundWorker::wait_latch(Some(settings.poll_interval)) {
             break;
         }
+        // Under a stream of commits the latch is set again before an iteration ends: leave a
+        // short gap so that one iteration takes many changes at once instead of one each.
+        let gap = last_start.elapsed();
+        if gap < MIN_ITERATION_GAP {
+            std::thread::sleep(MIN_ITERATION_GAP - gap);
+        }
+        last_start = Instant::now();
         if unsafe { pg_sys::ShutdownRequestPending } != 0 {
             break;
         }
@@ -90,6 +101,10 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
             log!("cde: settings reloaded (endpoint {})", settings.endpoint.as_deref().unwrap_or("not set"));
         }
         more = false;
+        if settings.pause {
+            shared.state.store(shmem::PAUSED, Ordering::Relaxed);
+            continue;
+        }
         let installed = Own.run(|| {
             Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde')")
                 .ok()

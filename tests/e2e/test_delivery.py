@@ -120,7 +120,8 @@ def _retry_scenario(catalog, sink, fault, key, name):
                or name_at_sink(sink, key) == name)
     wait_until("delivery once the sink recovers and the retry interval passed",
                lambda: name_at_sink(sink, key) == name, timeout=10)
-    assert catalog.one("SELECT status FROM cde.feed_products WHERE key = %s", str(key)) == "sent"
+    wait_until("the delivery recorded",
+               lambda: catalog.one("SELECT status FROM cde.feed_products WHERE key = %s", str(key)) == "sent")
     assert catalog.one("SELECT count(*) FROM cde.retries") == 0
 
 
