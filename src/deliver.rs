@@ -24,6 +24,8 @@ pub struct Sent {
     pub sent: i64,
     pub failed: i64,
     pub requests: u64,
+    /// The first failure of the pass, with its stable code, for the worker's WARNING line.
+    pub first_error: Option<(&'static str, String)>,
 }
 
 pub struct Pending {
@@ -109,6 +111,9 @@ pub fn send_pending(
             counters.requests_failed += d.failed_requests;
             unwell = d.outcomes.iter().any(|o| matches!(o, Some(ItemOutcome::Retry { .. })));
             hold = hold.or(d.hold);
+            if total.first_error.is_none() {
+                total.first_error = d.outcomes.iter().flatten().find_map(|o| Some((o.error_code()?, o.error()?.to_string())));
+            }
             for (i, o) in d.outcomes.into_iter().enumerate() {
                 outcomes[b.start + i] = o;
             }

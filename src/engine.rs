@@ -49,6 +49,10 @@ pub struct FeedReport {
     pub elapsed_ms: u128,
     /// Collecting stopped at its per-step bound: call again soon.
     pub more: bool,
+    /// Documents that could not be built this iteration (CDE-101).
+    pub build_failures: i64,
+    /// The first delivery failure, with its code.
+    pub first_error: Option<(&'static str, String)>,
 }
 
 pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128) -> Vec<FeedInfo> {
@@ -107,6 +111,7 @@ pub fn feed_iteration(
         });
         report.collected += c.changed + c.deleted;
         report.failed += c.failed;
+        report.build_failures += c.failed;
         if let Some((due, pending)) = tail {
             report.retries_due = due;
             report.more = c.drained != 0;
@@ -120,6 +125,7 @@ pub fn feed_iteration(
         report.sent += s.sent;
         report.failed += s.failed;
         report.requests += s.requests;
+        report.first_error = s.first_error;
         if feed.legacy && (feed.legacy_due || force_send) {
             tx.run(|| {
                 Spi::run_with_args("UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1", &[feed.name.as_str().into()])

@@ -171,6 +171,12 @@ fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Coun
                 r.feed, r.collected, r.sent, r.failed, r.retries_due, r.requests, r.elapsed_ms
             );
         }
+        if r.build_failures > 0 {
+            warning!("cde: CDE-101 feed {}: {} documents could not be built; see cde_failed_items", r.feed, r.build_failures);
+        }
+        if let Some((code, error)) = &r.first_error {
+            warning!("cde: {code} feed {}: {} items not delivered; first: {error}", r.feed, r.failed - r.build_failures);
+        }
     }
     Own.run(|| Spi::run_with_args("SELECT pg_advisory_unlock($1)", &[ITERATION_LOCK.into()])).ok();
     more

@@ -17,6 +17,28 @@ pub enum ItemOutcome {
     Retry { status: Option<u16>, error: String },
 }
 
+impl ItemOutcome {
+    /// The stable code of a failed outcome, as logged by the worker (docs/operations.md, "Error
+    /// codes"); None for a delivered item.
+    pub fn error_code(&self) -> Option<&'static str> {
+        match self {
+            ItemOutcome::Sent => None,
+            ItemOutcome::Rejected { status: Some(_), .. } => Some("CDE-201"),
+            ItemOutcome::Rejected { status: None, .. } => Some("CDE-202"),
+            ItemOutcome::Retry { status: Some(408 | 429), .. } => Some("CDE-203"),
+            ItemOutcome::Retry { status: Some(_), .. } => Some("CDE-204"),
+            ItemOutcome::Retry { status: None, .. } => Some("CDE-205"),
+        }
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            ItemOutcome::Sent => None,
+            ItemOutcome::Rejected { error, .. } | ItemOutcome::Retry { error, .. } => Some(error),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Delivery {
     pub outcomes: Vec<Option<ItemOutcome>>,
@@ -88,6 +110,18 @@ mod tests {
 
     fn items(n: usize) -> Vec<Item> {
         (0..n).map(|i| Item { key: i.to_string(), deleted: false, doc: Some("{}".into()) }).collect()
+    }
+
+    #[test]
+    fn error_codes_are_stable() {
+        let r = |status| ItemOutcome::Retry { status, error: String::new() };
+        assert_eq!(ItemOutcome::Sent.error_code(), None);
+        assert_eq!(ItemOutcome::Rejected { status: Some(422), error: String::new() }.error_code(), Some("CDE-201"));
+        assert_eq!(ItemOutcome::Rejected { status: None, error: String::new() }.error_code(), Some("CDE-202"));
+        assert_eq!(r(Some(429)).error_code(), Some("CDE-203"));
+        assert_eq!(r(Some(408)).error_code(), Some("CDE-203"));
+        assert_eq!(r(Some(503)).error_code(), Some("CDE-204"));
+        assert_eq!(r(None).error_code(), Some("CDE-205"));
     }
 
     #[test]
