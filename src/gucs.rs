@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub static ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static MAX_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4 * 1024 * 1024);
@@ -44,6 +45,14 @@ pub fn init() {
         &API_KEY,
         GucContext::Suset,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"cde.api_key_file",
+        c"File holding the bearer token (used when cde.api_key is empty).",
+        c"PostgreSQL logs a changed setting's value on reload; a key kept in a file never reaches the log.",
+        &API_KEY_FILE,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_string_guc(
         c"cde.database",
@@ -165,7 +174,7 @@ impl Settings {
         let ms = |s: &GucSetting<i32>| Duration::from_millis(s.get().max(0) as u64);
         Settings {
             endpoint: string(&ENDPOINT).map(|e| e.trim_end_matches('/').to_string()),
-            api_key: string(&API_KEY),
+            api_key: string(&API_KEY).or_else(|| string(&API_KEY_FILE).and_then(read_key_file)),
             batch_size: BATCH_SIZE.get().max(1) as usize,
             max_batch_bytes: MAX_BATCH_BYTES.get().max(1024) as usize,
             poll_interval: ms(&POLL_INTERVAL_MS),
@@ -174,6 +183,18 @@ impl Settings {
             compression: COMPRESSION.get(),
             log_payloads: LOG_PAYLOADS.get(),
             pause: PAUSE.get(),
+        }
+    }
+}
+
+/// The key file's first line. A file that cannot be read is reported (never its content) and
+/// leaves the key unset, so that the endpoint answers 401 and the items wait, visible.
+fn read_key_file(path: String) -> Option<String> {
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.lines().next().map(|l| l.trim().to_string()).filter(|k| !k.is_empty()),
+        Err(e) => {
+            pgrx::warning!("cde: CDE-206 cannot read cde.api_key_file {path}: {e}");
+            None
         }
     }
 }

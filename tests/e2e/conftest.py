@@ -16,6 +16,7 @@ PORT = int(os.environ.get("CDE_TEST_PORT", "54330"))
 SOCKET = os.environ.get("CDE_TEST_SOCKET", str(ROOT / ".cde" / "test" / "run"))
 SINK = os.environ.get("CDE_TEST_SINK", "http://127.0.0.1:18787")
 CATALOG = ROOT / "examples" / "catalog"
+SERVER_LOG = Path(SOCKET).parent / "postgres.log"
 
 
 def wait_until(what, fn, timeout=10.0, interval=0.05):

@@ -1,10 +1,13 @@
 """Delivery by the background worker: timing, modes, batching, the protocol's headers and every
 kind of failure, against the real sink."""
 
+import os
 import re
+import tempfile
 import time
+from pathlib import Path
 
-from conftest import Db, kill_worker, wait_until
+from conftest import SERVER_LOG, Db, kill_worker, wait_until
 
 
 def name_at_sink(sink, key):
@@ -75,6 +78,21 @@ def test_gzip_authorization_and_idempotency_key(catalog, sink):
     catalog.run("UPDATE products SET name = 'nope' WHERE id = 9")
     wait_until("the rejection", lambda: catalog.one("SELECT status FROM cde.feed_products WHERE key = '9'") == "rejected")
     assert catalog.one("SELECT http_status FROM cde_failed_items WHERE key = '9'") == 401
+    assert "CDE-201 feed products" in SERVER_LOG.read_text()
+
+
+def test_the_api_key_from_a_file_never_reaches_the_log(catalog, sink):
+    key = "k-" + os.urandom(8).hex()
+    path = Path(tempfile.mkdtemp(prefix="cde-key-")) / "cde.key"   # user postgres must read it
+    path.parent.chmod(0o755)
+    path.write_text(key + "\n")
+    path.chmod(0o644)
+    sink.call("POST", "/_sink/api-key", key.encode())
+    catalog.configure(api_key_file=str(path), log_payloads="on")
+    catalog.run("UPDATE products SET name = 'from file' WHERE id = 10")
+    wait_until("the update, authorised", lambda: name_at_sink(sink, 10) == "from file")
+    assert sink.log("products")[-1]["authorization"] is True
+    assert key not in SERVER_LOG.read_text()
 
 
 def test_same_content_same_idempotency_key(catalog, sink):
@@ -131,7 +149,9 @@ def test_500_goes_to_the_retry_table_and_is_delivered_later(catalog, sink):
 
 
 def test_503_is_retried(catalog, sink):
-    _retry_scenario(catalog, sink, {"status": 503, "count": 1}, 22, "after 503")
+    _retry_scenario(catalog, sink, {"status": 503, "count": 1, "body": "upstream down"}, 22, "after 503")
+    # The worker's WARNING carries the stable code of the failure.
+    assert "cde: CDE-204 feed products: 1 items not delivered; first: HTTP 503: upstream down" in SERVER_LOG.read_text()
 
 
 def test_429_with_retry_after_holds_the_feed_back(catalog, sink):
