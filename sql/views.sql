@@ -107,3 +107,25 @@ END $$;
 
 REVOKE ALL ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status FROM PUBLIC;
 GRANT SELECT ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status TO pg_monitor;
+
+-- Delegating management to a role that is not a superuser. Such a role registers feeds on the
+-- tables it may read (the source query then runs with its rights, through the generated
+-- function it owns), tracks tables on which it has the TRIGGER privilege, and runs syncs.
+CREATE FUNCTION cde_grant_admin(admin regrole) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    fn text;
+BEGIN
+    EXECUTE format('GRANT USAGE, CREATE ON SCHEMA cde TO %s', admin);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA cde TO %s', admin);
+    EXECUTE format('GRANT pg_monitor TO %s', admin);
+    FOR fn IN
+        SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.classid = 'pg_proc'::regclass
+         WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'cde') AND d.deptype = 'e'
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', fn, admin);
+    END LOOP;
+END $$;
+
+REVOKE ALL ON FUNCTION cde_grant_admin(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION cde_grant_admin(regrole) IS 'Let a role that is not a superuser manage cde (docs/operations.md, Privileges)';

@@ -142,6 +142,13 @@ def sink():
 def db():
     with connect() as conn:
         yield Db(conn)
+    # Leave the cluster's configuration as the tests found it.
+    try:
+        with connect() as conn:
+            conn.execute("ALTER SYSTEM RESET ALL")
+            conn.execute("SELECT pg_reload_conf()")
+    except psycopg.Error:
+        pass
 
 
 def fresh_catalog(db, products=200):

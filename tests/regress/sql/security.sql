@@ -3,6 +3,7 @@
 SET client_min_messages = warning;
 DROP ROLE IF EXISTS regress_cde_monitor;
 DROP ROLE IF EXISTS regress_cde_app;
+DROP ROLE IF EXISTS regress_cde_admin;
 RESET client_min_messages;
 SET cde.endpoint = '';
 SET cde.api_key = 'top-secret';
@@ -47,6 +48,35 @@ RESET ROLE;
 SELECT feed, collected FROM cde_sync_now();
 SELECT key, doc FROM cde.feed_products ORDER BY key;
 
+-- Management delegated to a role that is not a superuser: it registers a feed over what it may
+-- read, and its source query runs with its rights, not the worker's.
+CREATE ROLE regress_cde_admin;
+SELECT cde_grant_admin('regress_cde_admin');
+CREATE TABLE orders (id int PRIMARY KEY, total numeric);
+CREATE TABLE secrets (id int PRIMARY KEY, secret text);
+INSERT INTO orders VALUES (1, 10), (2, 20);
+INSERT INTO secrets VALUES (1, 'hunter2');
+GRANT SELECT, TRIGGER ON orders TO regress_cde_admin;
+ALTER TABLE orders OWNER TO regress_cde_admin;
+SET ROLE regress_cde_admin;
+SELECT cde_register_feed('orders', 'SELECT id, total FROM orders');
+SELECT cde_track('orders', 'orders');
+SELECT cde_register_feed('leak', 'SELECT id, secret FROM secrets');    -- checked at registration
+UPDATE orders SET total = 11 WHERE id = 1;
+SELECT feed, collected FROM cde_sync_now('orders');
+SELECT feed, pending FROM cde_feed_status WHERE feed = 'orders';
+RESET ROLE;
+-- Later revoked: the feed's query keeps the registering role's rights, even run by a superuser.
+REVOKE SELECT ON orders FROM regress_cde_admin;
+ALTER TABLE orders OWNER TO postgres;
+UPDATE orders SET total = 12 WHERE id = 1;
+SELECT feed, collected, failed FROM cde_sync_now('orders');
+SELECT key, status, error FROM cde.feed_orders ORDER BY key;
+
+SELECT cde_drop_feed('orders');
+DROP TABLE orders, secrets;
 REVOKE ALL ON products FROM regress_cde_app;
 DROP ROLE regress_cde_app;
 DROP ROLE regress_cde_monitor;
+DROP OWNED BY regress_cde_admin;
+DROP ROLE regress_cde_admin;
