@@ -147,3 +147,34 @@ BEGIN
 END $$;
 
 CREATE EVENT TRIGGER cde_on_sql_drop ON sql_drop EXECUTE FUNCTION cde._on_sql_drop();
+
+-- An ALTER TABLE that breaks a tracked table's keys (a column they use dropped, renamed or
+-- retyped) is refused with a clear error: the alternative, a capture trigger failing on every
+-- later write, would break the application. Renaming the table itself is fine: triggers follow it.
+CREATE FUNCTION cde._on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    t   cde.tracks;
+    f   cde.feeds;
+BEGIN
+    FOR t IN
+        SELECT DISTINCT x.* FROM cde.tracks x
+          JOIN pg_event_trigger_ddl_commands() c ON c.objid = x.source_table AND c.classid = 'pg_class'::regclass
+         WHERE c.command_tag = 'ALTER TABLE'
+    LOOP
+        SELECT * INTO f FROM cde.feeds WHERE name = t.feed;
+        UPDATE cde.tracks SET table_name = t.source_table::regclass::text
+         WHERE feed = t.feed AND source_table = t.source_table;
+        BEGIN
+            EXECUTE format('WITH changed AS (SELECT * FROM %s LIMIT 0) SELECT count(*) FROM (%s) AS c',
+                           t.source_table::regclass, cde._keys_query(f, t.keys));
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'cde: this ALTER TABLE breaks the tracking of % for feed %: %', t.source_table::regclass, t.feed, SQLERRM
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = format('Run cde_untrack(%L, %L) first, or cde_track it again with keys that fit.', t.feed, t.source_table::regclass::text);
+        END;
+    END LOOP;
+END $$;
+
+CREATE EVENT TRIGGER cde_on_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION cde._on_ddl_command_end();

@@ -90,6 +90,22 @@ SELECT tgname FROM pg_trigger WHERE tgrelid = 'categories'::regclass AND NOT tgi
 SELECT cde_drop_feed('skus');
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'products'::regclass AND NOT tgisinternal ORDER BY tgname;
 
+-- A tracked table may be renamed: its triggers follow it. An ALTER TABLE that breaks the keys
+-- of a tracking is refused, rather than every later write failing.
+CREATE TABLE stock (sku text PRIMARY KEY, product_id bigint, qty int);
+SELECT cde_track('products', 'stock', 'product_id');
+ALTER TABLE stock RENAME TO inventory;
+INSERT INTO inventory VALUES ('A', 1, 5);
+SELECT * FROM queued();
+DELETE FROM cde.queue;
+SELECT feed, table_name, keys FROM cde.tracks WHERE keys = 'product_id';
+ALTER TABLE inventory DROP COLUMN product_id;
+ALTER TABLE inventory RENAME COLUMN product_id TO pid;
+ALTER TABLE inventory ADD COLUMN note text;                    -- harmless changes pass
+SELECT cde_untrack('products', 'inventory');
+ALTER TABLE inventory DROP COLUMN product_id;
+DROP TABLE inventory;
+
 -- A tracked table that is dropped is forgotten.
 DROP TABLE prices;
 SELECT feed, table_name FROM cde.tracks ORDER BY table_name;
