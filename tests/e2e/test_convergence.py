@@ -6,8 +6,10 @@ test for longer. Figures are printed at the end (pytest -s shows them; scripts/s
 
 import os
 import random
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 
@@ -81,32 +83,51 @@ def _conninfo():
 
 
 def inject_faults(db_holder, sink, stop, stats, rng):
-    """Every half second, one fault: the sink failing in each way, a kill -9 of the worker, the
-    endpoint switched away and back."""
+    """Every half second, one fault: the sink failing in each way, a kill -9 of the worker, an
+    immediate PostgreSQL restart, the endpoint switched away and back."""
     faults = [
         {"status": 500, "count": 3}, {"status": 503, "count": 2}, {"status": 429, "count": 1, "retry_after": "1"},
         {"delay_ms": 2500, "count": 1}, {"close": True, "count": 2}, {"garbage": True, "count": 1},
         {"status": 502, "count": 1, "body": "<html>bad gateway"},
     ]
-    killed = False
+    # The worker is killed at a third of the run and PostgreSQL restarted at two thirds (and, in a
+    # long soak, every five minutes after); the rest of the time the sink fails or the endpoint moves.
+    next_kill = SECONDS / 3
+    next_restart = 2 * SECONDS / 3
     while not stop.is_set():
         time.sleep(0.5)
-        choice = rng.random()
+        elapsed = time.monotonic() - stats["t0"]
         try:
-            if choice < 0.75:
-                sink.fault(**rng.choice(faults))
-            elif choice < 0.85 and not killed and time.monotonic() - stats["t0"] > SECONDS / 3:
+            if elapsed >= next_kill:
                 db_holder[0] = Db(kill_worker(db_holder[0]).__enter__())
                 stats["worker_kills"] += 1
-                killed = SECONDS < 120   # in a long soak, kill again from time to time
-            elif choice < 0.95:
+                next_kill += 300
+            elif elapsed >= next_restart:
+                restart_postgres_immediately()
+                db_holder[0] = Db(_reconnect())
+                stats["postgres_restarts"] += 1
+                next_restart += 300
+            elif rng.random() < 0.85:
+                sink.fault(**rng.choice(faults))
+            else:
                 db_holder[0].configure(endpoint="http://127.0.0.1:9/ingest")
                 time.sleep(0.7)
                 db_holder[0].configure(endpoint=None)
                 stats["endpoint_switches"] += 1
-        except (psycopg.Error, AssertionError):
+        except (psycopg.Error, AssertionError, subprocess.CalledProcessError):
             db_holder[0] = Db(_reconnect())
         stats["faults"] += 1
+
+
+def restart_postgres_immediately():
+    """pg_ctl -m immediate restart: no shutdown checkpoint, crash recovery at start."""
+    from conftest import SOCKET
+    data = Path(SOCKET).parent / "data"
+    cmd = ["/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "-t", "120",
+           "-l", str(Path(SOCKET).parent / "postgres.log"), "restart"]
+    if os.geteuid() == 0:
+        cmd = ["sudo", "-u", "postgres"] + cmd
+    subprocess.run(cmd, check=True, capture_output=True)
 
 
 def _reconnect():
@@ -127,7 +148,7 @@ def test_the_sink_converges_to_the_database(db, sink):
     sink.fault(reject={"contains": POISON, "error": "poisoned sku"})
     base_requests = sink.stats()["requests"]
 
-    stats = {"writes": 0, "faults": 0, "worker_kills": 0, "endpoint_switches": 0, "t0": time.monotonic()}
+    stats = {"writes": 0, "faults": 0, "worker_kills": 0, "postgres_restarts": 0, "endpoint_switches": 0, "t0": time.monotonic()}
     stop = threading.Event()
     writers = [Writer(n, stop, stats) for n in range(4)]
     holder = [db]
@@ -178,6 +199,7 @@ def test_the_sink_converges_to_the_database(db, sink):
     s = sink.stats()
     print(f"\nconvergence: {SECONDS:.0f}s of writes; writes committed {stats['writes']}; "
           f"faults injected {stats['faults']} ({s['faults_injected']} at the sink, {stats['worker_kills']} worker kills, "
+          f"{stats['postgres_restarts']} immediate PostgreSQL restarts, "
           f"{stats['endpoint_switches']} endpoint switches); requests {s['requests'] - base_requests}; "
           f"items delivered {s['items_received']}; duplicate requests {s['duplicate_requests']}; "
           f"keys checked {checked}; rejected as expected {rejected_ok}; items lost {lost}")
