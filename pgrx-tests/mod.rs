@@ -102,7 +102,7 @@ mod tests {
         .unwrap();
         assert!(!public_exec);
         let security_definer = Spi::get_one::<bool>(
-            "SELECT bool_and(prosecdef) FROM pg_proc WHERE pronamespace = 'cde'::regnamespace AND proname LIKE 'capture\\_items\\_%'",
+            "SELECT bool_and(prosecdef) FROM pg_proc WHERE pronamespace = 'cde'::regnamespace AND proname LIKE 'capture\\_%'",
         )
         .unwrap()
         .unwrap();

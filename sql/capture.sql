@@ -1,33 +1,44 @@
 -- Change capture: cde_track installs statement-level triggers with transition tables on a table.
 --
--- Per (feed, table) cde generates one PL/pgSQL function, cde.capture_<feed>_<table oid>, and four
--- triggers on the table (insert, update, delete, truncate). Once per writing statement the function
--- computes the feed keys that the changed rows touch and appends one row to cde.queue. It builds
--- no document and takes no lock beyond that insert, so writers pay little and never wait on each
--- other; a rollback takes the queue row with it.
+-- Per tracked table cde generates one PL/pgSQL function, cde.capture_<table oid>, and four
+-- triggers on the table (cde_capture_ins, _upd, _del, _trn). Once per writing statement the
+-- function computes, for every feed tracking the table, the keys the changed rows touch, and
+-- appends one row per feed to cde.queue in a single INSERT. It builds no document and takes no
+-- lock beyond that insert, so writers pay little and never wait on each other; a rollback takes
+-- the queue rows with it.
 --
 -- The function is SECURITY DEFINER with a fixed search_path: an application role that may only
 -- write the table needs no right on cde's objects, and its own search_path cannot hijack capture.
 
--- What "keys" means, as a query over the relation "changed" that yields one text column.
-CREATE FUNCTION cde._keys_query(f cde.feeds, keys text) RETURNS text
+-- What "keys" means: a query yielding one text column, the touched keys, over the transition
+-- tables named in "sources". Expressions read the tables directly (a cheap UNION ALL, no
+-- deduplication: the collector does that once for many statements); a SELECT sees them as the
+-- relation "changed".
+CREATE FUNCTION cde._keys_query(f cde.feeds, keys text, sources text[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
-        WHEN keys IS NULL THEN format('SELECT (%I)::text FROM changed', f.key_column)
-        WHEN keys ~* '^\s*(select|with)\s' THEN format('SELECT (k)::text FROM (%s) AS x(k)', keys)
-        ELSE format('SELECT (%s)::text FROM changed', keys)
+        WHEN keys ~* '^\s*(select|with)\s' THEN
+            format('WITH changed AS (%s) SELECT (k)::text FROM (%s) AS x(k)',
+                   (SELECT string_agg(format('SELECT * FROM %I', s), ' UNION ALL ') FROM unnest(sources) AS s), keys)
+        ELSE
+            (SELECT string_agg(format('SELECT (%s)::text FROM %I', coalesce(keys, quote_ident(f.key_column)), s), ' UNION ALL ')
+               FROM unnest(sources) AS s)
     END
 $$;
+
+-- Does this keys definition fit this table? Runs it over no rows; raises if not.
+CREATE FUNCTION cde._check_keys(f cde.feeds, source_table regclass, keys text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('WITH probe AS (SELECT * FROM %s LIMIT 0) SELECT count(*) FROM (%s) AS c',
+                   source_table, cde._keys_query(f, keys, ARRAY['probe']));
+END $$;
 
 CREATE FUNCTION cde_track(feed text, source_table regclass, keys text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
     f        cde.feeds := cde._feed(feed);
     relkind  "char";
-    keys_sql text := cde._keys_query(f, keys);
-    fn       text := format('cde.%I', 'capture_' || f.name || '_' || source_table::oid);
-    old      cde.tracks;
-    branch   text;
 BEGIN
     IF source_table IS NULL THEN
         RAISE EXCEPTION 'cde_track: source_table is NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -40,7 +51,7 @@ BEGIN
 
     -- The keys must make sense for this table: run them over an empty "changed".
     BEGIN
-        EXECUTE format('WITH changed AS (SELECT * FROM %s LIMIT 0) SELECT count(*) FROM (%s) AS c', source_table, keys_sql);
+        PERFORM cde._check_keys(f, source_table, keys);
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'cde_track: keys % do not fit table % for feed %: %',
             coalesce(quote_literal(keys), 'NULL (the key column ' || quote_ident(f.key_column) || ')'), source_table, f.name, SQLERRM
@@ -48,19 +59,59 @@ BEGIN
                   HINT = 'keys is NULL (the feed''s key column of the changed row), an expression over the changed row, or a SELECT over the relation "changed".';
     END;
 
-    SELECT * INTO old FROM cde.tracks t WHERE t.feed = f.name AND t.source_table = cde_track.source_table::oid;
-    IF FOUND THEN
-        PERFORM cde._drop_capture(old);
+    INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys, trigger_fn)
+    VALUES (f.name, source_table::oid, source_table::text, keys, format('cde.%I', 'capture_' || source_table::oid))
+    ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE SET keys = excluded.keys, table_name = excluded.table_name;
+    PERFORM cde._install_capture(source_table::oid);
+END $fn$;
+
+COMMENT ON FUNCTION cde_track(text, regclass, text) IS
+    'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
+
+-- (Re)generate the capture function and triggers of one table from all its tracks: one trigger
+-- per operation whatever the number of feeds tracking the table, and one INSERT per statement
+-- with a row for each feed. With no track left, remove them.
+CREATE FUNCTION cde._install_capture(tbl oid) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    fn      text := format('cde.%I', 'capture_' || tbl);
+    exists_ boolean := EXISTS (SELECT 1 FROM pg_class WHERE oid = tbl);
+    op      text;
+    feeds   text;
+    branch  text;
+    upd     text;
+    ins     text;
+    del     text;
+BEGIN
+    FOR op IN SELECT tgname FROM pg_trigger WHERE tgrelid = tbl AND tgname LIKE 'cde\_capture\_%' LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', op, tbl::regclass);
+    END LOOP;
+    IF to_regprocedure(fn || '()') IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION %s()', fn);
+    END IF;
+    IF NOT exists_ OR NOT EXISTS (SELECT 1 FROM cde.tracks WHERE source_table = tbl) THEN
+        RETURN;
     END IF;
 
-    -- One branch per operation, differing only in which transition tables make up "changed".
+    -- One statement per operation, differing only in which transition tables the keys come from.
+    -- A feed whose keys are empty for this statement gets no row.
     branch := $b$
-                INSERT INTO cde.queue (feed, keys)
-                SELECT %1$L, array_agg(k) FROM (
-                    WITH changed AS (%2$s)
-                    SELECT DISTINCT k FROM (%3$s) AS c(k) WHERE k IS NOT NULL
-                ) AS d HAVING count(*) > 0
-                RETURNING cde._changes_recorded() INTO woke;$b$;
+                WITH queued AS (
+                    INSERT INTO cde.queue (feed, keys)
+                    SELECT v.feed, v.keys FROM (VALUES %s) AS v(feed, keys) WHERE v.keys IS NOT NULL
+                    RETURNING 1)
+                SELECT bool_or(cde._changes_recorded()) INTO woke FROM queued;$b$;
+    SELECT format(branch, string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
+                                            t.feed, cde._keys_query(f, t.keys, ARRAY['old_rows', 'new_rows'])), ', ' ORDER BY t.feed)),
+           format(branch, string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
+                                            t.feed, cde._keys_query(f, t.keys, ARRAY['new_rows'])), ', ' ORDER BY t.feed)),
+           format(branch, string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
+                                            t.feed, cde._keys_query(f, t.keys, ARRAY['old_rows'])), ', ' ORDER BY t.feed)),
+           string_agg(format('(%L, true)', t.feed), ', ' ORDER BY t.feed)
+      INTO upd, ins, del, feeds
+      FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+     WHERE t.source_table = tbl;
+
     EXECUTE format($f$
         CREATE FUNCTION %1$s() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s AS $body$
@@ -70,46 +121,29 @@ BEGIN
             IF TG_OP = 'UPDATE' THEN %3$s
             ELSIF TG_OP = 'INSERT' THEN %4$s
             ELSIF TG_OP = 'DELETE' THEN %5$s
-            ELSE -- TRUNCATE: every key of the feed may have changed
-                INSERT INTO cde.queue (feed, all_keys) VALUES (%6$L, true)
-                RETURNING cde._changes_recorded() INTO woke;
+            ELSE -- TRUNCATE: every key of these feeds may have changed
+                INSERT INTO cde.queue (feed, all_keys) VALUES %6$s;
+                woke := cde._changes_recorded();
             END IF;
             RETURN NULL;
-        END $body$$f$, fn, cde._fixed_search_path(),
-        format(branch, f.name, 'SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows', keys_sql),
-        format(branch, f.name, 'SELECT * FROM new_rows', keys_sql),
-        format(branch, f.name, 'SELECT * FROM old_rows', keys_sql),
-        f.name);
+        END $body$$f$, fn, cde._fixed_search_path(), upd, ins, del, feeds);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
 
-    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   'cde_' || f.name || '_ins', source_table, fn);
-    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   'cde_' || f.name || '_upd', source_table, fn);
-    EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   'cde_' || f.name || '_del', source_table, fn);
-    EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   'cde_' || f.name || '_trn', source_table, fn);
-
-    INSERT INTO cde.tracks (feed, source_table, table_name, keys, trigger_fn)
-    VALUES (f.name, source_table::oid, source_table::text, keys, fn);
+    EXECUTE format('CREATE TRIGGER cde_capture_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                   tbl::regclass, fn);
+    EXECUTE format('CREATE TRIGGER cde_capture_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                   tbl::regclass, fn);
+    EXECUTE format('CREATE TRIGGER cde_capture_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                   tbl::regclass, fn);
+    EXECUTE format('CREATE TRIGGER cde_capture_trn AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                   tbl::regclass, fn);
 END $fn$;
-
-COMMENT ON FUNCTION cde_track(text, regclass, text) IS
-    'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
 
 CREATE FUNCTION cde._drop_capture(t cde.tracks) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    op text;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = t.source_table) THEN
-        FOREACH op IN ARRAY ARRAY['ins', 'upd', 'del', 'trn'] LOOP
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'cde_' || t.feed || '_' || op, t.source_table::regclass);
-        END LOOP;
-    END IF;
-    EXECUTE format('DROP FUNCTION IF EXISTS %s()', t.trigger_fn);
     DELETE FROM cde.tracks x WHERE x.feed = t.feed AND x.source_table = t.source_table;
+    PERFORM cde._install_capture(t.source_table);
 END $$;
 
 CREATE FUNCTION cde_untrack(feed text, source_table regclass) RETURNS void
@@ -140,8 +174,7 @@ BEGIN
           JOIN pg_event_trigger_dropped_objects() d ON d.objid = x.source_table AND d.classid = 'pg_class'::regclass
          WHERE d.object_type = 'table'
     LOOP
-        EXECUTE format('DROP FUNCTION IF EXISTS %s()', t.trigger_fn);
-        DELETE FROM cde.tracks x WHERE x.feed = t.feed AND x.source_table = t.source_table;
+        PERFORM cde._drop_capture(t);
         RAISE NOTICE 'cde: table % was dropped; feed % no longer tracks it', t.table_name, t.feed;
     END LOOP;
 END $$;
@@ -166,8 +199,7 @@ BEGIN
         UPDATE cde.tracks SET table_name = t.source_table::regclass::text
          WHERE feed = t.feed AND source_table = t.source_table;
         BEGIN
-            EXECUTE format('WITH changed AS (SELECT * FROM %s LIMIT 0) SELECT count(*) FROM (%s) AS c',
-                           t.source_table::regclass, cde._keys_query(f, t.keys));
+            PERFORM cde._check_keys(f, t.source_table::regclass, t.keys);
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'cde: this ALTER TABLE breaks the tracking of % for feed %: %', t.source_table::regclass, t.feed, SQLERRM
                 USING ERRCODE = 'dependent_objects_still_exist',

@@ -19,9 +19,10 @@ SELECT cde_track('products', 'categories',                      -- a query over 
 SELECT feed, table_name, keys FROM cde.tracks ORDER BY table_name;
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'products'::regclass AND NOT tgisinternal ORDER BY tgname;
 
--- What the queue holds, one row per statement, keys sorted for a stable output.
+-- What the queue holds, one row per statement. The trigger does not deduplicate (the collector
+-- does, once for many statements): show each statement's distinct keys, sorted.
 CREATE FUNCTION queued() RETURNS TABLE (feed text, keys text[], all_keys boolean)
-LANGUAGE sql AS $$ SELECT feed, ARRAY(SELECT unnest(keys) ORDER BY 1), all_keys FROM cde.queue ORDER BY id $$;
+LANGUAGE sql AS $$ SELECT feed, ARRAY(SELECT DISTINCT unnest(keys) ORDER BY 1), all_keys FROM cde.queue ORDER BY id $$;
 
 INSERT INTO categories VALUES (1, 'Shoes'), (2, 'Hats');
 INSERT INTO products VALUES (1, 'A', 1), (2, 'B', 1), (3, 'C', 2);    -- one statement, three rows
