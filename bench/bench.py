@@ -138,13 +138,14 @@ def bench_full_sync(db):
     db.execute("TRUNCATE cde.feed_products")
     sink("POST", "/_sink/reset", b"")
     pid = one(db, "SELECT pid FROM cde_worker_status")
-    peak = [0]
+    peak = [0, 0]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
             try:
                 peak[0] = max(peak[0], worker_rss_kb(pid, "VmRSS:"))
+                peak[1] = max(peak[1], worker_rss_kb(pid, "RssAnon:"))
             except OSError:
                 pass
             time.sleep(0.1)
@@ -159,7 +160,10 @@ def bench_full_sync(db):
     report(f"full sync ({SCALE} products built, hashed, stored, sent, acknowledged)", f"{rate:,.0f} docs/s ({took:.1f}s; sink got {received})",
            ">= 50,000 docs/s", rate >= 50_000)
     report("full sync vs COPY (source query) TO '/dev/null'", f"{took / copy_s:.1f}x ({copy_s:.1f}s for COPY)", "<= 3x", took / copy_s <= 3)
-    report("worker peak RSS during the full sync", f"{peak[0] / 1024:.0f} MB", "<= 200 MB", peak[0] / 1024 <= 200)
+    # VmRSS counts the shared buffers the worker touched (shared with every backend); RssAnon is
+    # the worker's own memory.
+    report("worker peak RSS during the full sync", f"{peak[0] / 1024:.0f} MB ({peak[1] / 1024:.0f} MB private)",
+           "<= 200 MB", peak[0] / 1024 <= 200)
 
 
 def bench_latency(db, rate=200):
