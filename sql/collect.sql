@@ -22,8 +22,8 @@ DECLARE
     f        cde.feeds := cde._feed(p_feed);
     key_set  text[];
     everything boolean;
-    k        text;
     res      record;
+    chunk    int := cde._chunk_size();
 BEGIN
     failed := 0;
     WITH taken AS (
@@ -56,29 +56,48 @@ BEGIN
     END IF;
     keys := cardinality(key_set);
 
+    -- Rebuild in chunks of cde._chunk_size() keys: a bulk write's million keys never become one
+    -- statement whose memory grows with the catalog. (NULL, every key, is a single pass.)
+    changed := 0; deleted := 0;
+    FOR i IN 1 .. coalesce(cardinality(key_set), 1) BY chunk LOOP
+        SELECT * INTO res FROM cde._rebuild_chunk(f, key_set[i : i + chunk - 1]);
+        changed := changed + res.r_changed;
+        deleted := deleted + res.r_deleted;
+        failed := failed + res.r_failed;
+    END LOOP;
+END $$;
+
+-- Rebuild one set of keys (NULL: all). If that fails (a source query that errors for some rows),
+-- find out which keys, one at a time: they are recorded with their error, the others go on.
+CREATE FUNCTION cde._rebuild_chunk(f cde.feeds, key_set text[],
+                                   OUT r_changed bigint, OUT r_deleted bigint, OUT r_failed bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    res record;
+    k   text;
+BEGIN
+    r_changed := 0; r_deleted := 0; r_failed := 0;
     BEGIN
         EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) INTO res USING key_set;
-        changed := res.changed;
-        deleted := res.deleted;
+        r_changed := res.changed;
+        r_deleted := res.deleted;
     EXCEPTION WHEN OTHERS THEN
-        -- Something in the batch fails: find out which keys, one at a time. For a full rebuild
-        -- (key_set NULL) there is no list to walk; the error is recorded on the feed.
-        changed := 0; deleted := 0;
         IF key_set IS NULL THEN
+            -- No list to walk: the error is recorded on the feed, and the full rebuild queued again.
             UPDATE cde.feeds SET last_error = 'rebuild of all keys failed: ' || SQLERRM, last_error_at = now()
              WHERE name = f.name;
-            failed := 1;
-            INSERT INTO cde.queue (feed, all_keys) VALUES (f.name, true);   -- try again next time
+            r_failed := 1;
+            INSERT INTO cde.queue (feed, all_keys) VALUES (f.name, true);
             RETURN;
         END IF;
         FOREACH k IN ARRAY key_set LOOP
             BEGIN
                 EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) INTO res USING ARRAY[k];
-                changed := changed + res.changed;
-                deleted := deleted + res.deleted;
+                r_changed := r_changed + res.changed;
+                r_deleted := r_deleted + res.deleted;
             EXCEPTION WHEN OTHERS THEN
                 PERFORM cde._build_failed(f, k, SQLERRM);
-                failed := failed + 1;
+                r_failed := r_failed + 1;
             END;
         END LOOP;
     END;

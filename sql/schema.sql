@@ -96,3 +96,7 @@ CREATE TABLE cde.sync_phases (
     finished_at timestamptz,
     PRIMARY KEY (run_id, feed)
 );
+
+-- How many keys one rebuild statement takes (collect and full sync alike): large enough to
+-- amortise planning, small enough that memory and transactions stay small.
+CREATE FUNCTION cde._chunk_size() RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 5000';

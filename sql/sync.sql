@@ -21,10 +21,6 @@ CREATE TABLE cde.sync_events (
 CREATE INDEX ON cde.sync_events (run_id, at);
 COMMENT ON TABLE cde.sync_events IS 'History of each full sync run: every status and phase change';
 
--- How many keys one chunk rebuilds: large enough to amortise planning, small enough that a
--- chunk's transaction stays short.
-CREATE FUNCTION cde._sync_chunk() RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 5000';
-
 CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -101,7 +97,7 @@ DECLARE
     res   record;
     keys  text[];
     n     bigint;
-    chunk int := cde._sync_chunk();
+    chunk int := cde._chunk_size();
 BEGIN
     SELECT * INTO r FROM cde.sync_runs WHERE status IN ('preparing', 'planned', 'executing')
      ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED;
