@@ -207,16 +207,20 @@ def bench_throughput(db, rows_per_statement=50):
 
 
 def main():
+    only = os.environ.get("CDE_BENCH_ONLY")   # e.g. "throughput": load, full sync, then that one
     with conn() as db:
         load(db)
         print("benchmarks", flush=True)
-        bench_single_row(db)
+        if only:
+            register(db)
+        else:
+            bench_single_row(db)
         one(db, "SELECT cde_full_sync()")
         wait("the initial full sync", lambda: one(db, "SELECT count(*) FROM cde_sync_runs WHERE status IN ('preparing', 'planned', 'executing')") == 0, 7200)
-        bench_bulk(db)
-        bench_full_sync(db)
-        bench_latency(db)
-        bench_throughput(db)
+        for name, bench in [("bulk", bench_bulk), ("full_sync", bench_full_sync), ("latency", bench_latency),
+                            ("throughput", bench_throughput)]:
+            if not only or only == name:
+                bench(db)
     print("\n| benchmark | result | goal | met |\n|---|---|---|---|")
     for name, figure, goal, ok, _ in rows:
         print(f"| {name} | {figure} | {goal} | {ok} |")

@@ -11,7 +11,7 @@
 
 CREATE FUNCTION cde._collect(
     p_feed          text,
-    max_statements  int DEFAULT 1000,
+    max_keys        int DEFAULT 10000,
     OUT drained     bigint,   -- queue rows taken
     OUT keys        bigint,   -- distinct keys rebuilt (NULL when every key was rebuilt)
     OUT changed     bigint,   -- documents new or changed, now pending
@@ -26,10 +26,15 @@ DECLARE
     chunk    int := cde._chunk_size();
 BEGIN
     failed := 0;
-    WITH taken AS (
-        DELETE FROM cde.queue q
-         WHERE q.id IN (SELECT id FROM cde.queue x WHERE x.feed = f.name ORDER BY x.id
-                         LIMIT max_statements FOR UPDATE SKIP LOCKED)
+    -- The oldest queue rows holding about max_keys keys (at least one row, however large), so
+    -- that one call is a bounded amount of work and sending is never far behind collecting.
+    WITH slice AS (
+        SELECT x.id FROM (
+            SELECT q.id, sum(coalesce(cardinality(q.keys), 0)) OVER (ORDER BY q.id) - coalesce(cardinality(q.keys), 0) AS before
+              FROM cde.queue q WHERE q.feed = f.name ORDER BY q.id LIMIT max_keys
+        ) AS x WHERE x.before < max_keys
+    ), taken AS (
+        DELETE FROM cde.queue q USING slice WHERE q.id = slice.id
         RETURNING q.keys, q.all_keys
     )
     SELECT count(*), coalesce(bool_or(all_keys), false),

@@ -11,7 +11,7 @@ use crate::deliver::{self, Counters};
 use crate::gucs::Settings;
 use crate::transport::Transport;
 use pgrx::prelude::*;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Runs a step "in a transaction": a fresh one for the worker, the caller's for sync_now.
 pub trait Txn {
@@ -47,7 +47,7 @@ pub struct FeedReport {
     pub retries_due: i64,
     pub requests: u64,
     pub elapsed_ms: u128,
-    /// Collecting stopped at its per-step bound: call again soon.
+    /// Collecting stopped at its time budget with more queued: call again soon.
     pub more: bool,
     /// Documents that could not be built this iteration (CDE-101).
     pub build_failures: i64,
@@ -90,7 +90,7 @@ pub fn feed_iteration(
     feed: &FeedInfo,
     force_send: bool,
     counters: &mut Counters,
-    collect_rounds: usize,
+    collect_budget: Duration,
 ) -> FeedReport {
     let started = Instant::now();
     let mut report = FeedReport { feed: feed.name.clone(), ..Default::default() };
@@ -100,9 +100,8 @@ pub fn feed_iteration(
     let limit = deliver::read_limit(settings, feed);
     // Collect what is queued, put due retries back in line, and read the first pending slice, in
     // one transaction: for a quiet feed, that one transaction is the whole iteration.
-    let mut first = None;
-    for round in 0.. {
-        let last_round = round + 1 >= collect_rounds;
+    let first = loop {
+        let last_round = started.elapsed() >= collect_budget;
         let (c, tail) = tx.run(|| {
             let c = collect::collect(&feed.name);
             let tail = (c.drained == 0 || last_round)
@@ -115,10 +114,9 @@ pub fn feed_iteration(
         if let Some((due, pending)) = tail {
             report.retries_due = due;
             report.more = c.drained != 0;
-            first = pending;
-            break;
+            break pending;
         }
-    }
+    };
 
     if sending {
         let s = deliver::send_pending(tx, transport, settings, feed, counters, first);

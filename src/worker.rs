@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 /// Key of the advisory lock that makes one iteration at a time run (worker or cde_sync_now).
 pub const ITERATION_LOCK: i64 = 0x6364_6500;
 
-/// How many queue slices one feed may collect per iteration before the worker moves on to the
-/// next feed (and comes straight back): keeps one busy feed from starving the others.
-const COLLECT_ROUNDS: usize = 20;
+/// How long one feed may collect per iteration before it sends what it has and the worker moves
+/// on to the next feed (and comes straight back): under a flood of changes, delivery keeps pace
+/// and one busy feed does not starve the others.
+const COLLECT_BUDGET: Duration = Duration::from_millis(300);
 
 /// Shortest time between the starts of two iterations (see the loop).
 const MIN_ITERATION_GAP: Duration = Duration::from_millis(20);
@@ -154,7 +155,7 @@ fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Coun
     }
     let feeds = Own.run(|| engine::load_feeds(None, settings.legacy_interval.as_millis()));
     for feed in &feeds {
-        let r = engine::feed_iteration(&Own, transport, settings, feed, false, counters, COLLECT_ROUNDS);
+        let r = engine::feed_iteration(&Own, transport, settings, feed, false, counters, COLLECT_BUDGET);
         more |= r.more;
         if r.collected + r.sent + r.failed + r.retries_due > 0 || r.requests > 0 {
             let op = if feed.full_sync_sending {
