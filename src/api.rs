@@ -69,7 +69,19 @@ mod cde {
         ),
     > {
         let row = match shmem::worker() {
-            None => (false, None, "not running: add cde to shared_preload_libraries and restart".to_string(), None, None, 0, 0, 0, 0, 0, 0),
+            None => (
+                false,
+                None,
+                "not running: add cde to shared_preload_libraries and restart".to_string(),
+                None,
+                None,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ),
             Some(w) => {
                 let state = w.state.load(Ordering::Relaxed);
                 let pid = w.pid.load(Ordering::Relaxed);

@@ -42,7 +42,11 @@ const READ_BATCHES: usize = 4;
 pub fn read_pending(feed: &FeedInfo, limit: usize) -> Pending {
     Spi::connect(|c| {
         let held = c
-            .select("SELECT coalesce(hold_until > now(), false) FROM cde.feeds WHERE name = $1", None, &[feed.name.as_str().into()])?
+            .select(
+                "SELECT coalesce(hold_until > now(), false) FROM cde.feeds WHERE name = $1",
+                None,
+                &[feed.name.as_str().into()],
+            )?
             .first()
             .get_one::<bool>()?
             .unwrap_or(true); // feed dropped meanwhile: nothing to send
@@ -158,7 +162,15 @@ fn record(feed: &FeedInfo, p: &Pending, outcomes: &[Option<ItemOutcome>], hold: 
             .update(
                 "SELECT sent, rejected + retrying + dead FROM cde._record($1, $2, $3, $4, $5, $6, $7::interval)",
                 None,
-                &[feed.name.as_str().into(), keys.into(), hashes.into(), kinds.into(), statuses.into(), errors.into(), hold.into()],
+                &[
+                    feed.name.as_str().into(),
+                    keys.into(),
+                    hashes.into(),
+                    kinds.into(),
+                    statuses.into(),
+                    errors.into(),
+                    hold.into(),
+                ],
             )?
             .first();
         Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?.unwrap_or(0), row.get::<i64>(2)?.unwrap_or(0)))

@@ -126,7 +126,10 @@ pub fn feed_iteration(
         report.first_error = s.first_error;
         if feed.legacy && (feed.legacy_due || force_send) {
             tx.run(|| {
-                Spi::run_with_args("UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1", &[feed.name.as_str().into()])
+                Spi::run_with_args(
+                    "UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1",
+                    &[feed.name.as_str().into()],
+                )
             })
             .unwrap_or_else(|e| error!("cde: {e}"));
         }

@@ -63,12 +63,54 @@ pub fn init() {
         GucFlags::default(),
     );
     int(c"cde.batch_size", c"Most items in one request (a feed may set its own).", &BATCH_SIZE, 1, 100_000, GucFlags::default());
-    int(c"cde.max_batch_bytes", c"Most bytes of JSON in one request body, before compression.", &MAX_BATCH_BYTES, 1024, i32::MAX, GucFlags::UNIT_BYTE);
-    int(c"cde.poll_interval", c"How often the worker looks for work when no commit woke it.", &POLL_INTERVAL_MS, 10, 3_600_000, GucFlags::UNIT_MS);
-    int(c"cde.legacy_interval", c"How often pending rows of legacy-mode feeds are sent.", &LEGACY_INTERVAL_MS, 100, i32::MAX, GucFlags::UNIT_MS);
-    int(c"cde.retry_interval", c"How long a failed item waits before it is sent again.", &RETRY_INTERVAL_MS, 100, i32::MAX, GucFlags::UNIT_MS);
-    int(c"cde.max_attempts", c"Attempts after which a failing item is dead (0: unlimited).", &MAX_ATTEMPTS, 0, 1_000_000, GucFlags::default());
-    int(c"cde.http_timeout", c"Timeout of one HTTP request, connect included.", &HTTP_TIMEOUT_MS, 100, 3_600_000, GucFlags::UNIT_MS);
+    int(
+        c"cde.max_batch_bytes",
+        c"Most bytes of JSON in one request body, before compression.",
+        &MAX_BATCH_BYTES,
+        1024,
+        i32::MAX,
+        GucFlags::UNIT_BYTE,
+    );
+    int(
+        c"cde.poll_interval",
+        c"How often the worker looks for work when no commit woke it.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"cde.legacy_interval",
+        c"How often pending rows of legacy-mode feeds are sent.",
+        &LEGACY_INTERVAL_MS,
+        100,
+        i32::MAX,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"cde.retry_interval",
+        c"How long a failed item waits before it is sent again.",
+        &RETRY_INTERVAL_MS,
+        100,
+        i32::MAX,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"cde.max_attempts",
+        c"Attempts after which a failing item is dead (0: unlimited).",
+        &MAX_ATTEMPTS,
+        0,
+        1_000_000,
+        GucFlags::default(),
+    );
+    int(
+        c"cde.http_timeout",
+        c"Timeout of one HTTP request, connect included.",
+        &HTTP_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_bool_guc(
         c"cde.compression",
         c"gzip request bodies (Content-Encoding: gzip).",
@@ -112,10 +154,8 @@ pub fn validate_endpoint(url: &str) -> Result<(), &'static str> {
     if url.is_empty() {
         return Ok(());
     }
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or("must start with http:// or https://")?;
+    let rest =
+        url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).ok_or("must start with http:// or https://")?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if host.is_empty() {
         return Err("has no host");

@@ -37,11 +37,7 @@ impl Transport {
             pgrx::log!("cde: payload to feed {feed} ({} items): {}", items.len(), cde_protocol::response::snippet(&body.0));
         }
         let url = format!("{endpoint}/{feed}");
-        let mut req = self
-            .agent
-            .post(&url)
-            .header("Content-Type", "application/json")
-            .header("Idempotency-Key", &key);
+        let mut req = self.agent.post(&url).header("Content-Type", "application/json").header("Idempotency-Key", &key);
         if let Some(k) = &settings.api_key {
             req = req.header("Authorization", &format!("Bearer {k}"));
         }

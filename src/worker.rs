@@ -138,7 +138,8 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
 
 /// One iteration over all feeds; true when there is more to do right away.
 fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Counters, last_progress_log: &mut Instant) -> bool {
-    let locked = Own.run(|| Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[ITERATION_LOCK.into()]))
+    let locked = Own
+        .run(|| Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[ITERATION_LOCK.into()]))
         .ok()
         .flatten()
         .unwrap_or(false);
@@ -169,7 +170,13 @@ fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Coun
             };
             log!(
                 "cde: feed {} {op}: collected={} sent={} failed={} retries_due={} requests={} elapsed_ms={}",
-                r.feed, r.collected, r.sent, r.failed, r.retries_due, r.requests, r.elapsed_ms
+                r.feed,
+                r.collected,
+                r.sent,
+                r.failed,
+                r.retries_due,
+                r.requests,
+                r.elapsed_ms
             );
         }
         if r.build_failures > 0 {

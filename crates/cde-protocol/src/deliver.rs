@@ -12,9 +12,15 @@ pub type SendResult = Classified;
 pub enum ItemOutcome {
     Sent,
     /// The receiver will not take this item as it is: not retried until its document changes.
-    Rejected { status: Option<u16>, error: String },
+    Rejected {
+        status: Option<u16>,
+        error: String,
+    },
     /// Try again after the retry interval.
-    Retry { status: Option<u16>, error: String },
+    Retry {
+        status: Option<u16>,
+        error: String,
+    },
 }
 
 impl ItemOutcome {

@@ -12,7 +12,7 @@ pub mod wire;
 
 pub use batch::{cut_batches, Batch};
 pub use response::{classify, parse_retry_after, Classified, Rejection};
-pub use wire::{gzip, gunzip, idempotency_key, Body, Item, ItemRef};
+pub use wire::{gunzip, gzip, idempotency_key, Body, Item, ItemRef};
 
 pub mod deliver;
 pub use deliver::{deliver_with_split, Delivery, ItemOutcome, SendResult};

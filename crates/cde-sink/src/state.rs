@@ -379,9 +379,12 @@ mod tests {
             method: "POST".into(),
             path: "/p".into(),
             query: String::new(),
-            headers: [("content-encoding".to_string(), "gzip".to_string()), ("authorization".to_string(), "Bearer k".to_string())]
-                .into_iter()
-                .collect(),
+            headers: [
+                ("content-encoding".to_string(), "gzip".to_string()),
+                ("authorization".to_string(), "Bearer k".to_string()),
+            ]
+            .into_iter()
+            .collect(),
             body: z,
         };
         assert!(matches!(handle(&s, &req), Reply::Http { status: 200, .. }));
