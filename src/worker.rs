@@ -106,19 +106,25 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
             shared.state.store(shmem::PAUSED, Ordering::Relaxed);
             continue;
         }
-        let installed = Own.run(|| {
-            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde')")
-                .ok()
-                .flatten()
-                .unwrap_or(false)
+        // One short transaction: is the extension there, and is no cde_sync_now() iterating?
+        let ready = Own.run(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde') THEN pg_try_advisory_lock($1) END",
+                &[ITERATION_LOCK.into()],
+            )
+            .ok()
+            .flatten()
         });
-        if !installed {
+        let Some(locked) = ready else {
             if !announced_waiting {
                 log!("cde: waiting for CREATE EXTENSION cde in database {database}");
                 announced_waiting = true;
             }
             shared.state.store(shmem::WAITING_FOR_EXTENSION, Ordering::Relaxed);
             continue;
+        };
+        if !locked {
+            continue; // cde_sync_now() is running an iteration; ours would find nothing to do
         }
         announced_waiting = false;
         shared.state.store(shmem::WORKING, Ordering::Relaxed);
@@ -136,16 +142,9 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
     log!("cde: worker stopped");
 }
 
-/// One iteration over all feeds; true when there is more to do right away.
+/// One iteration over all feeds, holding the iteration lock (released at the end); true when
+/// there is more to do right away.
 fn iteration(settings: &Settings, transport: &mut Transport, counters: &mut Counters, last_progress_log: &mut Instant) -> bool {
-    let locked = Own
-        .run(|| Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[ITERATION_LOCK.into()]))
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-    if !locked {
-        return false; // cde_sync_now() is running an iteration; ours would find nothing to do
-    }
     // Full sync runs first, for a bounded time, so that partial sync keeps flowing meanwhile.
     let mut more = sync::advance(&|| Own.run(sync::step), SYNC_BUDGET);
     if last_progress_log.elapsed() >= PROGRESS_LOG_EVERY {
