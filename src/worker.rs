@@ -68,6 +68,10 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
     shared.started_at.store(now_micros(), Ordering::Relaxed);
     shared.latch.store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
     shared.state.store(shmem::WAITING_FOR_EXTENSION, Ordering::Relaxed);
+    // The worker's commits need not wait for the WAL flush: a commit lost in a crash takes its
+    // queue drain and feed-table writes with it (collected again), or its delivery record (sent
+    // again, same Idempotency-Key). Writers then do not share their group commits with it.
+    Own.run(|| Spi::run("SET synchronous_commit = off")).unwrap_or_else(|e| error!("cde: {e}"));
     log!("cde: worker started in database {database}");
 
     let mut settings = Settings::read();
