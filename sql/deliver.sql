@@ -122,7 +122,7 @@ BEGIN
     EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) USING keys;
     EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = now()
                        WHERE key = ANY ($1) AND status <> 'pending'$q$, f.feed_table) USING keys;
-    EXECUTE format('DELETE FROM cde.retries WHERE feed = $1 AND key = ANY ($2)') USING f.name, keys;
+    DELETE FROM cde.retries r WHERE r.feed = f.name AND r.key = ANY (cde_resync.keys);
     EXECUTE format('SELECT count(*) FROM %s WHERE key = ANY ($1) AND status = ''pending''', f.feed_table)
        INTO n USING keys;
     PERFORM cde._changes_recorded();
