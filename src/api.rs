@@ -22,7 +22,7 @@ fn cde_sync_now(
         Spi::run_with_args("SELECT cde._feed($1)", &[f.into()]).unwrap_or_else(|e| error!("{e}"));
     }
     // Wait for the worker's iteration, if one runs, rather than racing it on the same rows.
-    Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[ITERATION_LOCK.into()]).unwrap_or_else(|e| error!("{e}"));
+    cde::_hold_iteration_lock();
     let settings = Settings::read();
     let mut transport = Transport::new(&settings);
     let mut counters = Counters::default();
@@ -49,6 +49,15 @@ fn cde_sync_now(
 #[pg_schema]
 mod cde {
     use super::*;
+
+    /// Wait for the worker's current iteration to end, and keep it from starting another until
+    /// this transaction ends. cde_sync_now() uses it; so does DROP EXTENSION (an event trigger in
+    /// sql/capture.sql), which would otherwise lock cde's tables in another order than a running
+    /// iteration and may deadlock with it.
+    #[pg_extern(volatile, parallel_unsafe)]
+    pub(super) fn _hold_iteration_lock() {
+        Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[ITERATION_LOCK.into()]).unwrap_or_else(|e| error!("{e}"));
+    }
 
     /// The worker's state from shared memory; one row, all NULL but `running` when cde is not preloaded.
     #[pg_extern(volatile, parallel_safe)]
