@@ -41,7 +41,12 @@ BEGIN
                 error       = o.error,
                 sent_at     = CASE WHEN o.outcome = 'sent' THEN now() ELSE t.sent_at END
               FROM o
-             WHERE t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash AND t.status = 'pending'
+             WHERE t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash
+               -- Written so that the partial index on pending rows cannot serve: its row estimate
+               -- is usually stale (rows were just built), and the planner would hash every
+               -- pending row of the feed to find the few sent ones, instead of one primary key
+               -- probe per item.
+               AND t.status || '' = 'pending'
             RETURNING t.key, t.status
         ), retry_add AS (
             INSERT INTO cde.retries (feed, key, next_attempt_at, reason)

@@ -32,14 +32,17 @@ pub struct Pending {
     items: Vec<Item>,
     hashes: Vec<Option<String>>,
     held: bool,
+    /// Where the next read starts: (modified_at, key) of the last row, in the pending index's order.
+    last: Option<(String, String)>,
 }
 
 /// How many rows one read takes: a few requests' worth, so that the read and record transactions
 /// are amortised over several requests without holding much in memory.
 const READ_BATCHES: usize = 4;
 
-/// Read up to `limit` pending rows of the feed, oldest change first (none while the feed is held).
-pub fn read_pending(feed: &FeedInfo, limit: usize) -> Pending {
+/// Read up to `limit` pending rows of the feed, oldest change first (none while the feed is held),
+/// after `after` in that order when given.
+pub fn read_pending(feed: &FeedInfo, limit: usize, after: Option<&(String, String)>) -> Pending {
     Spi::connect(|c| {
         let held = c
             .select(
@@ -51,18 +54,32 @@ pub fn read_pending(feed: &FeedInfo, limit: usize) -> Pending {
             .get_one::<bool>()?
             .unwrap_or(true); // feed dropped meanwhile: nothing to send
         if held {
-            return Ok::<_, pgrx::spi::SpiError>(Pending { items: vec![], hashes: vec![], held });
+            return Ok::<_, pgrx::spi::SpiError>(Pending { items: vec![], hashes: vec![], held, last: None });
         }
+        // An ordered scan of the pending index from the cursor on: each read costs what it
+        // returns, however many rows are pending.
+        // The documents are rendered as text outside the ordered subquery: when the planner
+        // sorts the pending rows rather than walk the index, only the rows kept are rendered.
+        let (filter, args) = match after {
+            None => ("", vec![]),
+            Some((m, k)) => ("AND (t.modified_at, t.key) > ($1::timestamptz, $2)", vec![m.as_str().into(), k.as_str().into()]),
+        };
         let q = format!(
-            "SELECT key, deleted, doc::text, hash FROM {} WHERE status = 'pending' ORDER BY modified_at, key LIMIT {limit}",
+            "SELECT p.key, p.deleted, p.doc::text, p.hash, p.modified_at::text FROM (
+                 SELECT t.key, t.deleted, t.doc, t.hash, t.modified_at FROM {} AS t
+                  WHERE t.status = 'pending' {filter}
+                  ORDER BY t.modified_at, t.key LIMIT {limit}) AS p
+              ORDER BY p.modified_at, p.key",
             feed.feed_table
         );
-        let rows = c.select(&q, None, &[])?;
-        let mut p = Pending { items: Vec::with_capacity(rows.len()), hashes: Vec::with_capacity(rows.len()), held };
+        let rows = c.select(&q, None, &args)?;
+        let mut p = Pending { items: Vec::with_capacity(rows.len()), hashes: Vec::with_capacity(rows.len()), held, last: None };
         for r in rows {
+            let key = r.get::<String>(1)?.unwrap_or_default();
             let deleted = r.get::<bool>(2)?.unwrap_or(false);
-            p.items.push(Item { key: r.get::<String>(1)?.unwrap_or_default(), deleted, doc: r.get::<String>(3)? });
             p.hashes.push(r.get::<String>(4)?);
+            p.last = Some((r.get::<String>(5)?.unwrap_or_default(), key.clone()));
+            p.items.push(Item { key, deleted, doc: r.get::<String>(3)? });
         }
         Ok(p)
     })
@@ -78,58 +95,137 @@ pub fn read_limit(settings: &Settings, feed: &FeedInfo) -> usize {
     batch_size(settings, feed) * READ_BATCHES
 }
 
-/// Send every pending row of the feed, batch after batch, until none is left or the endpoint
+/// What came of posting one slice of pending rows.
+struct Posted {
+    pending: Pending,
+    outcomes: Vec<Option<ItemOutcome>>,
+    hold: Option<std::time::Duration>,
+    requests: u64,
+    failed_requests: u64,
+    /// The endpoint failed (retryable): nothing more goes out in this pass.
+    unwell: bool,
+    first_error: Option<(&'static str, String)>,
+}
+
+/// Post one slice, batch after batch, stopping at the first retryable failure. Pure Rust and
+/// HTTP: it runs on the sender thread and must not call into PostgreSQL.
+fn post_slice(transport: &mut Transport, settings: &Settings, endpoint: &str, feed: &str, batch_size: usize, pending: Pending) -> Posted {
+    let n = pending.items.len();
+    let mut p = Posted {
+        outcomes: vec![None; n],
+        hold: None,
+        requests: 0,
+        failed_requests: 0,
+        unwell: false,
+        first_error: None,
+        pending,
+    };
+    for b in cut_batches(&p.pending.items, batch_size, settings.max_batch_bytes) {
+        let slice = &p.pending.items[b.start..b.end];
+        let d = deliver_with_split(slice, &mut |items| transport.post(settings, endpoint, feed, items));
+        p.requests += d.requests;
+        p.failed_requests += d.failed_requests;
+        p.unwell = d.outcomes.iter().any(|o| matches!(o, Some(ItemOutcome::Retry { .. })));
+        p.hold = p.hold.or(d.hold);
+        if p.first_error.is_none() {
+            p.first_error = d.outcomes.iter().flatten().find_map(|o| Some((o.error_code()?, o.error()?.to_string())));
+        }
+        for (i, o) in d.outcomes.into_iter().enumerate() {
+            p.outcomes[b.start + i] = o;
+        }
+        if p.unwell {
+            break; // the endpoint failed: the rest stays pending for the next pass
+        }
+    }
+    p
+}
+
+/// Send every pending row of the feed, slice after slice, until none is left or the endpoint
 /// fails. `first` is a slice already read by the caller's transaction.
+///
+/// A sender thread posts while this thread, the only one that may call into PostgreSQL, reads the
+/// next slice and records the previous one: the database work and the HTTP round trips (the
+/// receiver's work included) overlap, on different cores. One slice is read ahead, so at most two
+/// are out of the feed table's hands at once. Requests still go out one at a time, in the
+/// pending order: a newer version of a document never arrives before an older one.
 pub fn send_pending(
     tx: &impl Txn,
     transport: &mut Transport,
     settings: &Settings,
     feed: &FeedInfo,
     counters: &mut Counters,
-    mut first: Option<Pending>,
+    first: Option<Pending>,
 ) -> Sent {
     let Some(endpoint) = settings.endpoint.as_deref() else { return Sent::default() };
     let batch_size = batch_size(settings, feed);
     let limit = read_limit(settings, feed);
     let mut total = Sent::default();
-    loop {
-        let pending = match first.take() {
-            Some(p) => p,
-            None => tx.run(|| read_pending(feed, limit)),
-        };
-        if pending.held || pending.items.is_empty() {
-            break;
-        }
-        let n = pending.items.len();
-        let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; n];
-        let mut hold = None;
-        let mut unwell = false;
-        for b in cut_batches(&pending.items, batch_size, settings.max_batch_bytes) {
-            if unwell {
-                break; // the endpoint failed: the rest stays pending for the next pass
+    std::thread::scope(|scope| {
+        let (to_sender, jobs) = std::sync::mpsc::channel::<Pending>();
+        let (to_main, done) = std::sync::mpsc::channel::<Posted>();
+        let name = feed.name.as_str();
+        let sender = scope.spawn(move || {
+            let mut unwell = false;
+            for pending in jobs {
+                let posted = if unwell {
+                    // After a failure the rest of the pass is not sent: it stays pending.
+                    Posted { outcomes: vec![None; pending.items.len()], hold: None, requests: 0, failed_requests: 0, unwell, first_error: None, pending }
+                } else {
+                    post_slice(transport, settings, endpoint, name, batch_size, pending)
+                };
+                unwell = posted.unwell;
+                if to_main.send(posted).is_err() {
+                    break;
+                }
             }
-            let slice = &pending.items[b.start..b.end];
-            let d = deliver_with_split(slice, &mut |items| transport.post(settings, endpoint, &feed.name, items));
-            total.requests += d.requests;
-            counters.requests += d.requests;
-            counters.requests_failed += d.failed_requests;
-            unwell = d.outcomes.iter().any(|o| matches!(o, Some(ItemOutcome::Retry { .. })));
-            hold = hold.or(d.hold);
+            std::mem::take(&mut transport.payload_log)
+        });
+
+        let mut in_flight = 0;
+        let mut cursor: Option<(String, String)> = None;
+        let mut exhausted = false;
+        let mut first = first;
+        loop {
+            // Keep one slice being posted and one read ahead.
+            if !exhausted && in_flight < 2 {
+                let pending = match first.take() {
+                    Some(p) => p,
+                    None => tx.run(|| read_pending(feed, limit, cursor.as_ref())),
+                };
+                exhausted = pending.held || pending.items.len() < limit;
+                if pending.held || pending.items.is_empty() {
+                    continue;
+                }
+                cursor = pending.last.clone();
+                to_sender.send(pending).expect("the sender thread is alive while the pass runs");
+                in_flight += 1;
+                continue;
+            }
+            if in_flight == 0 {
+                break;
+            }
+            let posted = done.recv().expect("the sender thread answers every slice");
+            in_flight -= 1;
+            exhausted |= posted.unwell;
+            total.requests += posted.requests;
+            counters.requests += posted.requests;
+            counters.requests_failed += posted.failed_requests;
             if total.first_error.is_none() {
-                total.first_error = d.outcomes.iter().flatten().find_map(|o| Some((o.error_code()?, o.error()?.to_string())));
+                total.first_error = posted.first_error.clone();
             }
-            for (i, o) in d.outcomes.into_iter().enumerate() {
-                outcomes[b.start + i] = o;
+            let r = tx.run(|| record(feed, &posted.pending, &posted.outcomes, posted.hold));
+            total.sent += r.0;
+            total.failed += r.1;
+            counters.docs_sent += r.0 as u64;
+        }
+        drop(to_sender);
+        let logs = sender.join().unwrap_or_default();
+        if settings.log_payloads {
+            for line in logs {
+                pgrx::log!("{line}");
             }
         }
-        let r = tx.run(|| record(feed, &pending, &outcomes, hold));
-        total.sent += r.0;
-        total.failed += r.1;
-        counters.docs_sent += r.0 as u64;
-        if unwell || n < limit {
-            break;
-        }
-    }
+    });
     total
 }
 
@@ -177,3 +273,4 @@ fn record(feed: &FeedInfo, p: &Pending, outcomes: &[Option<ItemOutcome>], hold: 
     })
     .unwrap_or_else(|e| error!("cde: recording deliveries of feed {} failed: {e}", feed.name))
 }
+

@@ -105,7 +105,7 @@ pub fn feed_iteration(
         let (c, tail) = tx.run(|| {
             let c = collect::collect(&feed.name);
             let tail = (c.drained == 0 || last_round)
-                .then(|| (collect::retry_due(&feed.name), sending.then(|| deliver::read_pending(feed, limit))));
+                .then(|| (collect::retry_due(&feed.name), sending.then(|| deliver::read_pending(feed, limit, None))));
             (c, tail)
         });
         report.collected += c.changed + c.deleted;

@@ -1,4 +1,5 @@
-//! One HTTP request of protocol v1, and what came of it. Runs outside any transaction.
+//! One HTTP request of protocol v1, and what came of it. Runs outside any transaction, on the
+//! sender thread (src/deliver.rs): nothing here may call into PostgreSQL.
 
 use crate::gucs::Settings;
 use cde_protocol::{classify, gzip, idempotency_key, Body, Classified, Item};
@@ -8,6 +9,9 @@ pub struct Transport {
     agent: ureq::Agent,
     timeout: Duration,
     pub bytes_sent: u64,
+    /// With cde.log_payloads: lines for the server log. Posting runs on the sender thread, which
+    /// must not call into PostgreSQL; the worker's main thread logs them.
+    pub payload_log: Vec<String>,
 }
 
 impl Transport {
@@ -19,7 +23,7 @@ impl Transport {
             .max_idle_connections_per_host(2)
             .build()
             .new_agent();
-        Transport { agent, timeout: settings.http_timeout, bytes_sent: 0 }
+        Transport { agent, timeout: settings.http_timeout, bytes_sent: 0, payload_log: Vec::new() }
     }
 
     /// Keep the connection pool unless the timeout changed (ureq bakes it into the agent).
@@ -34,7 +38,8 @@ impl Transport {
         let body = Body::build(items);
         let key = idempotency_key(feed, &body);
         if settings.log_payloads {
-            pgrx::log!("cde: payload to feed {feed} ({} items): {}", items.len(), cde_protocol::response::snippet(&body.0));
+            let line = format!("cde: payload to feed {feed} ({} items): {}", items.len(), cde_protocol::response::snippet(&body.0));
+            self.payload_log.push(line);
         }
         let url = format!("{endpoint}/{feed}");
         let mut req = self.agent.post(&url).header("Content-Type", "application/json").header("Idempotency-Key", &key);
