@@ -1,14 +1,19 @@
 -- Change capture: cde_track installs statement-level triggers with transition tables on a table.
 --
--- Per tracked table cde generates one PL/pgSQL function, cde.capture_<table oid>, and four
--- triggers on the table (cde_capture_ins, _upd, _del, _trn). Once per writing statement the
--- function computes, for every feed tracking the table, the keys the changed rows touch, and
--- appends one row per feed to cde.queue in a single INSERT. It builds no document and takes no
--- lock beyond that insert, so writers pay little and never wait on each other; a rollback takes
--- the queue rows with it.
+-- Once per writing statement, for every feed tracking the table, the keys the changed rows touch
+-- are appended to cde.queue, one row per feed. Nothing else happens in the writer's transaction:
+-- no document is built and no lock is taken beyond that insert, so writers pay little and never
+-- wait on each other; a rollback takes the queue rows with it.
 --
--- The function is SECURITY DEFINER with a fixed search_path: an application role that may only
--- write the table needs no right on cde's objects, and its own search_path cannot hijack capture.
+-- Two kinds of trigger do it (cde._install_capture installs them):
+--   cde_capture_ins/_upd/_del/_trn  cde._capture(feed, column, ...), in Rust (src/capture.rs), for
+--                                   feeds whose keys are a column of the changed row, and for
+--                                   TRUNCATE of every feed;
+--   cde_capture_sql_ins/_upd/_del   a generated PL/pgSQL function cde.capture_<table oid>, for
+--                                   feeds whose keys are an expression or a query over "changed".
+-- Both are SECURITY DEFINER: an application role that may only write the table needs no right on
+-- cde's objects. The generated function also fixes its search_path, so that the role's own cannot
+-- hijack the keys' SQL; cde._capture resolves no name at all.
 
 -- What "keys" means: a query yielding one text column, the touched keys, over the transition
 -- tables named in "sources". Expressions read the tables directly (a cheap UNION ALL, no
@@ -68,16 +73,37 @@ END $fn$;
 COMMENT ON FUNCTION cde_track(text, regclass, text) IS
     'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
 
--- (Re)generate the capture function and triggers of one table from all its tracks: one trigger
--- per operation whatever the number of feeds tracking the table, and one INSERT per statement
--- with a row for each feed. With no track left, remove them.
+-- The Rust capture trigger runs with the rights of the extension's owner (see above).
+ALTER FUNCTION cde._capture() SECURITY DEFINER;
+REVOKE ALL ON FUNCTION cde._capture() FROM PUBLIC;
+
+-- The column a feed's keys are, when they are a plain column of the table whose text form is
+-- its output (NULL keys: the feed's key column). Such feeds are captured by cde._capture(), in
+-- Rust; any other keys by a generated PL/pgSQL function. The types listed render the same
+-- through their output function as through a cast to text, which the rest of cde uses.
+CREATE FUNCTION cde._key_column(f cde.feeds, tbl oid, keys text) RETURNS name
+LANGUAGE sql STABLE AS $$
+    SELECT a.attname FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname = coalesce(btrim(keys), f.key_column)
+       AND (keys IS NULL OR keys ~ '^\s*[a-z_][a-z0-9_]*\s*$')
+       AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'text'::regtype,
+                          'varchar'::regtype, 'uuid'::regtype, 'numeric'::regtype)
+$$;
+
+-- (Re)generate the capture triggers of one table from all its tracks: whatever the number of
+-- feeds tracking the table, one trigger per operation for the column keys (cde._capture, its
+-- arguments naming each feed and column) and, when some feed's keys are an expression or a
+-- query, one more per operation with a generated function for those. With no track left,
+-- remove them.
 CREATE FUNCTION cde._install_capture(tbl oid) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
     fn      text := format('cde.%I', 'capture_' || tbl);
     exists_ boolean := EXISTS (SELECT 1 FROM pg_class WHERE oid = tbl);
     op      text;
-    feeds   text;
+    simple  text;      -- cde._capture's arguments: 'feed', 'column', ...
+    every   text;      -- the TRUNCATE trigger's: every feed tracking the table
     branch  text;
     upd     text;
     ins     text;
@@ -93,8 +119,26 @@ BEGIN
         RETURN;
     END IF;
 
-    -- One statement per operation, differing only in which transition tables the keys come from.
-    -- A feed whose keys are empty for this statement gets no row.
+    SELECT string_agg(format('%L, %L', t.feed, cde._key_column(f, tbl, t.keys)), ', ' ORDER BY t.feed)
+             FILTER (WHERE cde._key_column(f, tbl, t.keys) IS NOT NULL),
+           string_agg(format('%L, %L', t.feed, ''), ', ' ORDER BY t.feed)
+      INTO simple, every
+      FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+     WHERE t.source_table = tbl;
+
+    IF simple IS NOT NULL THEN
+        EXECUTE format('CREATE TRIGGER cde_capture_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
+                       tbl::regclass, simple);
+        EXECUTE format('CREATE TRIGGER cde_capture_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
+                       tbl::regclass, simple);
+        EXECUTE format('CREATE TRIGGER cde_capture_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
+                       tbl::regclass, simple);
+    END IF;
+    EXECUTE format('CREATE TRIGGER cde_capture_trn AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
+                   tbl::regclass, every);
+
+    -- The other feeds: one statement per operation, differing only in which transition tables
+    -- the keys come from. A feed whose keys are empty for this statement gets no row.
     branch := $b$
                 WITH queued AS (
                     INSERT INTO cde.queue (feed, keys)
@@ -106,11 +150,14 @@ BEGIN
            format(branch, string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
                                             t.feed, cde._keys_query(f, t.keys, ARRAY['new_rows'])), ', ' ORDER BY t.feed)),
            format(branch, string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
-                                            t.feed, cde._keys_query(f, t.keys, ARRAY['old_rows'])), ', ' ORDER BY t.feed)),
-           string_agg(format('(%L, true)', t.feed), ', ' ORDER BY t.feed)
-      INTO upd, ins, del, feeds
+                                            t.feed, cde._keys_query(f, t.keys, ARRAY['old_rows'])), ', ' ORDER BY t.feed))
+      INTO upd, ins, del
       FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-     WHERE t.source_table = tbl;
+     WHERE t.source_table = tbl AND cde._key_column(f, tbl, t.keys) IS NULL;
+    IF NOT EXISTS (SELECT 1 FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+                    WHERE t.source_table = tbl AND cde._key_column(f, tbl, t.keys) IS NULL) THEN
+        RETURN;
+    END IF;
 
     EXECUTE format($f$
         CREATE FUNCTION %1$s() RETURNS trigger
@@ -120,22 +167,17 @@ BEGIN
         BEGIN
             IF TG_OP = 'UPDATE' THEN %3$s
             ELSIF TG_OP = 'INSERT' THEN %4$s
-            ELSIF TG_OP = 'DELETE' THEN %5$s
-            ELSE -- TRUNCATE: every key of these feeds may have changed
-                INSERT INTO cde.queue (feed, all_keys) VALUES %6$s;
-                woke := cde._changes_recorded();
+            ELSE %5$s
             END IF;
             RETURN NULL;
-        END $body$$f$, fn, cde._fixed_search_path(), upd, ins, del, feeds);
+        END $body$$f$, fn, cde._fixed_search_path(), upd, ins, del);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
 
-    EXECUTE format('CREATE TRIGGER cde_capture_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+    EXECUTE format('CREATE TRIGGER cde_capture_sql_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                    tbl::regclass, fn);
-    EXECUTE format('CREATE TRIGGER cde_capture_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+    EXECUTE format('CREATE TRIGGER cde_capture_sql_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                    tbl::regclass, fn);
-    EXECUTE format('CREATE TRIGGER cde_capture_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   tbl::regclass, fn);
-    EXECUTE format('CREATE TRIGGER cde_capture_trn AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+    EXECUTE format('CREATE TRIGGER cde_capture_sql_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                    tbl::regclass, fn);
 END $fn$;
 

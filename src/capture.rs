@@ -1,28 +1,162 @@
-//! The Rust half of change capture. The triggers themselves are generated PL/pgSQL (see
-//! `sql/capture.sql`): statement-level, with transition tables, recording only keys. What they cannot
-//! do in SQL is wake the worker when, and only when, their transaction commits: NOTIFY would do it
-//! but takes a global lock at commit that serialises every writer. Instead the trigger calls
-//! `cde._changes_recorded()`, which sets a backend-local flag; a transaction callback sets the
-//! worker's latch after commit, and forgets the flag on abort.
+//! The Rust half of change capture (the SQL half, which installs the triggers, is
+//! `sql/capture.sql`).
+//!
+//! `cde._capture()` is the statement-level trigger, with transition tables, for every feed whose
+//! keys are a column of the changed row: the common case (`cde_track(feed, table)` or
+//! `cde_track(feed, table, 'product_id')`). Its arguments are pairs (feed, column). Once per
+//! statement it reads that column from the transition tables, turns the values into text and
+//! appends one row per feed to `cde.queue` with a prepared INSERT. That is what a generated
+//! PL/pgSQL function did before, without its interpreter, its SQL over the transition tables
+//! and its `SET search_path`: single-row writes pay a few percent less. Feeds whose keys are an
+//! expression or a query over `changed` keep a generated PL/pgSQL trigger.
+//!
+//! Waking the worker: NOTIFY would do it but takes a global lock at commit that serialises every
+//! writer. Instead a capture sets a backend-local flag; a transaction callback sets the worker's
+//! latch after commit, and forgets the flag on abort.
 
 use crate::shmem;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use std::cell::OnceCell;
+use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static CHANGES_IN_XACT: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    // Prepared once per backend. Schema-qualified, with typed parameters and nothing else to
+    // resolve: safe in a SECURITY DEFINER function without a fixed search_path.
+    static QUEUE_KEYS: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static QUEUE_ALL: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+}
 
 #[pg_schema]
 mod cde {
     use super::*;
 
     /// Mark the current transaction as having recorded changes. Costs a store; safe to call often.
-    /// Returns true, so that a capture trigger can call it from its INSERT's RETURNING clause.
+    /// Returns true, so that a generated capture trigger can call it from its INSERT's RETURNING.
     #[pg_extern(volatile, parallel_unsafe)]
     fn _changes_recorded() -> bool {
         CHANGES_IN_XACT.store(true, Ordering::Relaxed);
         true
     }
+
+    /// The capture trigger for column keys (see the module's comment). SECURITY DEFINER (set in
+    /// sql/capture.sql): an application role that may only write the table needs no right on
+    /// cde.queue.
+    #[pg_trigger]
+    fn _capture<'a>(
+        trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+        let args = trigger.extra_args()?;
+        let td = trigger.trigger_data();
+        if td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_TRUNCATE {
+            // Every key of these feeds may have changed.
+            for pair in args.chunks(2) {
+                queue(&QUEUE_ALL, "INSERT INTO cde.queue (feed, all_keys) VALUES ($1, true)", &pair[0], None);
+            }
+        } else {
+            for pair in args.chunks(2) {
+                let [feed, column] = pair else { error!("cde._capture: arguments come in (feed, column) pairs") };
+                let keys = unsafe { changed_keys(td, column) };
+                if !keys.is_empty() {
+                    queue(&QUEUE_KEYS, "INSERT INTO cde.queue (feed, keys) VALUES ($1, $2)", feed, Some(keys));
+                }
+            }
+        }
+        CHANGES_IN_XACT.store(true, Ordering::Relaxed);
+        Ok(None)
+    }
+}
+
+fn queue(
+    stmt: &'static std::thread::LocalKey<OnceCell<OwnedPreparedStatement>>,
+    sql: &str,
+    feed: &str,
+    keys: Option<Vec<String>>,
+) {
+    let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+    let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+    Spi::connect_mut(|c| {
+        stmt.with(|cell| {
+            if cell.get().is_none() {
+                let types: &[PgOid] = if keys.is_some() { &[text, text_array] } else { &[text] };
+                let _ = cell.set(c.prepare_mut(sql, types)?.keep());
+            }
+            let plan = cell.get().expect("prepared above");
+            match keys {
+                Some(k) => c.update(plan, None, &[feed.into(), k.into()]),
+                None => c.update(plan, None, &[feed.into()]),
+            }
+            .map(|_| ())
+        })
+    })
+    .unwrap_or_else(|e| error!("cde: capture could not queue keys of feed {feed}: {e}"));
+}
+
+/// The text of `column` in the statement's changed rows: the new images, then the old ones that
+/// differ from the new image at the same position (an UPDATE stores its old and new images in
+/// step, so an unchanged key is not queued twice; were they ever not in step, a key would only
+/// be queued twice, which the collector absorbs). NULLs are skipped.
+unsafe fn changed_keys(td: &pg_sys::TriggerData, column: &str) -> Vec<String> {
+    let desc = (*td.tg_relation).rd_att;
+    let natts = (*desc).natts as usize;
+    let attrs = (*desc).attrs.as_slice(natts);
+    let Some(idx) = attrs.iter().position(|a| !a.attisdropped && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == column.as_bytes())
+    else {
+        error!("cde: capture: column {column} of {} is gone; cde_track the table again", name_of(td))
+    };
+    let mut out_fn = pg_sys::Oid::INVALID;
+    let mut varlena = false;
+    pg_sys::getTypeOutputInfo(attrs[idx].atttypid, &mut out_fn, &mut varlena);
+    let mut flinfo = pg_sys::FmgrInfo::default();
+    pg_sys::fmgr_info(out_fn, &mut flinfo);
+
+    let mut read = |store: *mut pg_sys::Tuplestorestate, each: &mut dyn FnMut(usize, String)| {
+        if store.is_null() {
+            return;
+        }
+        // A read pointer of our own, as a scan of a transition table in SQL takes one: other
+        // triggers of the statement read the same tuplestore.
+        let ptr = pg_sys::tuplestore_alloc_read_pointer(store, pg_sys::EXEC_FLAG_REWIND as i32);
+        pg_sys::tuplestore_select_read_pointer(store, ptr);
+        pg_sys::tuplestore_rescan(store);
+        let slot = pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsMinimalTuple);
+        let mut i = 0;
+        while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
+            let mut isnull = false;
+            let d = pg_sys::slot_getattr(slot, idx as i32 + 1, &mut isnull);
+            if !isnull {
+                let c = pg_sys::OutputFunctionCall(&mut flinfo, d);
+                each(i, CStr::from_ptr(c).to_string_lossy().into_owned());
+                pg_sys::pfree(c.cast());
+            }
+            i += 1;
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+    };
+
+    let mut new_keys: Vec<Option<String>> = Vec::new();
+    read(td.tg_newtable, &mut |i, k| {
+        new_keys.resize(i, None);
+        new_keys.push(Some(k));
+    });
+    let mut keys: Vec<String> = Vec::with_capacity(new_keys.len());
+    let mut old_keys = Vec::new();
+    read(td.tg_oldtable, &mut |i, k| {
+        if new_keys.get(i).and_then(|n| n.as_deref()) != Some(k.as_str()) {
+            old_keys.push(k);
+        }
+    });
+    keys.extend(new_keys.into_iter().flatten());
+    keys.extend(old_keys);
+    keys
+}
+
+unsafe fn name_of(td: &pg_sys::TriggerData) -> String {
+    CStr::from_ptr((*(*td.tg_relation).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned()
 }
 
 pub fn init() {

@@ -164,7 +164,7 @@ pub fn send_pending(
         let (to_sender, jobs) = std::sync::mpsc::channel::<Pending>();
         let (to_main, done) = std::sync::mpsc::channel::<Posted>();
         let name = feed.name.as_str();
-        let sender = scope.spawn(move || {
+        let sender = spawn_without_signals(scope, move || {
             let mut unwell = false;
             for pending in jobs {
                 let posted = if unwell {
@@ -227,6 +227,25 @@ pub fn send_pending(
         }
     });
     total
+}
+
+/// Spawn a scoped thread with every signal blocked: a signal is handled by any thread that does
+/// not block it, and PostgreSQL's handlers (SIGHUP for a reload, SIGTERM...) set latches and
+/// flags through PostgreSQL's functions, which only the main thread may call. The new thread
+/// inherits the mask set around its creation, so no signal can reach it even in its first instant.
+fn spawn_without_signals<'scope, 'env, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+        let handle = scope.spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        handle
+    }
 }
 
 /// Record outcomes; returns (sent, failed).

@@ -1,7 +1,7 @@
 //! cde: keeps a SaaS service in sync with a commerce database, from inside PostgreSQL.
 //!
 //! The architecture, one file per concern:
-//! - capture  statement-level triggers record changed keys (generated SQL in sql/capture.sql)
+//! - capture  statement-level triggers record changed keys (sql/capture.sql installs them)
 //! - collect  queued keys become documents in feed tables (sql/collect.sql)
 //! - deliver  pending rows go out in batches; outcomes are recorded (sql/deliver.sql)
 //! - transport one HTTP request of protocol v1 (crates/cde-protocol holds the pure logic)
@@ -17,7 +17,7 @@ use pgrx::prelude::*;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["schema"]);
-extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds"]);
+extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds", capture::cde::_capture]);
 extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["feeds"]);
 extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["collect"]);
 extension_sql_file!("../sql/sync.sql", name = "sync", requires = ["deliver"]);

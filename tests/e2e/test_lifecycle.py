@@ -1,7 +1,14 @@
 """The extension's life around a busy worker: DROP EXTENSION and CREATE EXTENSION again while the
 worker is in the middle of an iteration must succeed, every time."""
 
+import ctypes
+import os
+import signal
+
 from conftest import fresh_catalog, wait_until
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+SYS_TGKILL = 234  # x86_64
 
 
 def test_drop_extension_while_the_worker_is_busy(db, sink):
@@ -17,3 +24,39 @@ def test_drop_extension_while_the_worker_is_busy(db, sink):
                    lambda: db.one("SELECT status FROM cde_sync_runs") != 'preparing')
     fresh_catalog(db, products=10)
     assert db.one("SELECT count(*) FROM cde_sync_runs") == 0
+
+
+def sighup_other_threads(pid):
+    """SIGHUP every thread of the process but its main one (tgkill: to the thread itself, not to
+    the process, which the kernel would hand to whichever thread it likes). How many were hit."""
+    hit = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0  # the process is gone; the caller's checks say so
+    for tid in tids:
+        if int(tid) != pid and LIBC.syscall(SYS_TGKILL, pid, int(tid), signal.SIGHUP) == 0:
+            hit += 1
+    return hit
+
+
+def test_signals_never_reach_the_sender_thread(catalog, sink):
+    # The worker posts from a second thread. PostgreSQL's signal handlers call into PostgreSQL,
+    # which only the main thread may: a SIGHUP (a reload) handled by the sender thread used to
+    # abort the worker. Send in many small, slow requests and signal the sender thread itself
+    # until everything is delivered; the same worker must have delivered it.
+    catalog.configure(batch_size=5)
+    pid = catalog.worker_pid()
+    sink.fault(feed="products", delay_ms=20)
+    catalog.run("UPDATE products SET name = name || '?'")
+    total = catalog.one("SELECT count(*) FROM products")
+    hits = 0
+
+    def delivered():
+        nonlocal hits
+        hits += sighup_other_threads(pid)
+        return catalog.one("SELECT count(*) FROM cde.feed_products WHERE status = 'sent' AND doc->>'name' LIKE '%%?'") == total
+
+    wait_until("every product delivered, the sender thread signalled meanwhile", delivered, timeout=60, interval=0.01)
+    assert catalog.worker_pid() == pid, "the worker was restarted: it died while sending"
+    assert hits > 10

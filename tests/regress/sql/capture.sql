@@ -107,6 +107,18 @@ SELECT cde_untrack('products', 'inventory');
 ALTER TABLE inventory DROP COLUMN product_id;
 DROP TABLE inventory;
 
+-- Keys that are a column of the changed row are captured by cde._capture, in Rust; keys that are
+-- an expression or a query, by a generated PL/pgSQL function. One table may have both kinds;
+-- TRUNCATE always goes through cde._capture. Both queue the same way.
+SELECT cde_register_feed('price_rows', 'SELECT product_id, currency FROM prices', 'product_id');
+SELECT cde_track('price_rows', 'prices');
+SELECT tgname, CASE WHEN tgfoid = 'cde._capture'::regproc THEN 'cde._capture' ELSE 'generated' END AS function, tgnargs
+  FROM pg_trigger WHERE tgrelid = 'prices'::regclass AND NOT tgisinternal ORDER BY tgname;
+INSERT INTO prices VALUES (2, 'USD', 7), (2, 'GBP', 6);
+UPDATE prices SET product_id = 1 WHERE product_id = 2 AND currency = 'GBP';   -- old and new keys
+SELECT * FROM queued();
+DELETE FROM cde.queue;
+
 -- A tracked table that is dropped is forgotten.
 DROP TABLE prices;
 SELECT feed, table_name FROM cde.tracks ORDER BY table_name;
