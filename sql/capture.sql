@@ -253,14 +253,16 @@ END $$;
 CREATE EVENT TRIGGER cde_on_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION cde._on_ddl_command_end();
 
--- DROP EXTENSION cde first waits for the worker's current iteration to end and keeps it from
--- starting another: dropping locks cde's tables in another order than an iteration does, and
--- the two could deadlock (the DROP would then fail). Other extensions' DROPs do not wait.
+-- DROP EXTENSION cde first waits for the worker's current iteration and the builder's current
+-- full sync step to end, and keeps them from starting others: dropping locks cde's tables in
+-- another order than they do, and they could deadlock (the DROP would then fail). Other
+-- extensions' DROPs do not wait.
 CREATE FUNCTION cde._on_drop_extension() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF current_query() ~* '\mcde\M' THEN
         PERFORM cde._hold_iteration_lock();
+        PERFORM pg_advisory_xact_lock(cde._sync_step_lock());
     END IF;
 END $$;
 

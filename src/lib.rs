@@ -8,6 +8,7 @@
 //! - sync     full sync runs in phases (sql/sync.sql)
 //! - engine   one iteration over all feeds, shared by the worker and cde_sync_now()
 //! - worker   the background worker
+//! - builder  a second worker taking full sync steps while the worker sends
 //! - api      SQL functions written in Rust
 //! - gucs     settings;  shmem: the worker's latch and counters
 
@@ -24,6 +25,7 @@ extension_sql_file!("../sql/sync.sql", name = "sync", requires = ["deliver"]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 mod api;
+mod builder;
 mod capture;
 mod collect;
 mod deliver;

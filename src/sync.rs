@@ -9,6 +9,8 @@ pub enum Step {
     Progress,
     /// The active run waits for the send pass to deliver its current phase.
     Waiting,
+    /// Another session (the builder, or cde_sync_now()) is taking a step.
+    Busy,
     /// No run is active.
     Idle,
 }
@@ -16,6 +18,7 @@ pub enum Step {
 pub fn step() -> Step {
     match Spi::get_one::<String>("SELECT cde._sync_step()") {
         Ok(Some(s)) if s == "progress" => Step::Progress,
+        Ok(Some(s)) if s == "busy" => Step::Busy,
         Ok(Some(_)) => Step::Waiting,
         Ok(None) => Step::Idle,
         Err(e) => error!("cde: full sync step failed: {e}"),
@@ -30,7 +33,7 @@ pub fn advance(run: &impl Fn() -> Step, budget: Duration) -> bool {
     while started.elapsed() < budget {
         match run() {
             Step::Progress => progressed = true,
-            Step::Waiting | Step::Idle => break,
+            Step::Waiting | Step::Busy | Step::Idle => break,
         }
     }
     progressed

@@ -66,3 +66,15 @@ def test_writes_during_a_run_are_all_delivered(db, sink):
     assert docs.get("29999", {"deleted": True})["deleted"]  # deleted before the run reached it
     assert docs["40000"]["data"]["name"] == "during new"
 
+
+
+def test_a_builder_builds_while_the_worker_sends(db, sink):
+    # Building documents and delivering them run in two processes: the worker starts a builder
+    # for the run's building, and the builder is gone once the run has nothing left to build.
+    fresh_catalog(db, products=30000)
+    run = db.one("SELECT cde_full_sync('products')")
+    builders = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cde sync builder'"
+    wait_until("the sync builder at work", lambda: db.one(builders) == 1, timeout=30, interval=0.01)
+    wait_until("the run to finish", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=180)
+    wait_until("the builder to exit", lambda: db.one(builders) == 0)
+    assert len(sink.docs("products")) == 30000
