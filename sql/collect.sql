@@ -45,6 +45,10 @@ BEGIN
         keys := 0; changed := 0; deleted := 0;
         RETURN;
     END IF;
+    -- Not while a full sync step builds (see cde._sync_step_lock): wait for it to commit, and
+    -- keep the next from starting until this transaction commits. The rebuild below then sees
+    -- what the step wrote, and the next step sees what this collect writes.
+    PERFORM pg_advisory_xact_lock(cde._sync_step_lock());
     IF everything THEN
         -- A TRUNCATE, or a new definition: every key may have changed. That is a full sync's
         -- job (chunked, resumable); if one already runs for this feed, rebuild in place.

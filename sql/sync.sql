@@ -87,14 +87,17 @@ END $$;
 COMMENT ON FUNCTION cde_cancel_sync(bigint) IS 'Cancel a full sync run; what it already made pending is still delivered';
 
 -- The advisory lock that makes one step at a time run, whoever calls: the worker, its builder
--- (src/builder.rs) or cde_sync_now(). DROP EXTENSION waits for it too (sql/capture.sql).
+-- (src/builder.rs) or cde_sync_now(). Collecting takes it too (sql/collect.sql): a step builds
+-- documents from its own snapshot, and a collect committed in the middle of a step could
+-- otherwise see its newer document overwritten by the step's older one. DROP EXTENSION waits
+-- for it as well (sql/capture.sql).
 CREATE FUNCTION cde._sync_step_lock() RETURNS bigint
 LANGUAGE sql IMMUTABLE AS 'SELECT 1667523841';
 
 -- One step of the oldest active run. Returns 'progress' when it did work, 'waiting' when the
--- run waits for the send pass, 'busy' when another session is taking a step, NULL when no run
--- is active.
-CREATE FUNCTION cde._sync_step() RETURNS text
+-- run waits for the send pass, NULL when no run is active, and 'busy' when another session
+-- holds the step lock (unless "wait": then it waits for it, as the builder does).
+CREATE FUNCTION cde._sync_step(wait boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     r     cde.sync_runs;
@@ -105,7 +108,9 @@ DECLARE
     n     bigint;
     chunk int := cde._chunk_size();
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(cde._sync_step_lock()) THEN
+    IF wait THEN
+        PERFORM pg_advisory_xact_lock(cde._sync_step_lock());
+    ELSIF NOT pg_try_advisory_xact_lock(cde._sync_step_lock()) THEN
         RETURN 'busy';
     END IF;
     SELECT * INTO r FROM cde.sync_runs WHERE status IN ('preparing', 'planned', 'executing')

@@ -7,6 +7,9 @@
 //! steps until the run waits for the send pass (or ends), wakes the worker after each chunk, and
 //! exits. Steps serialise on an advisory lock inside `cde._sync_step()`, so the worker and the
 //! builder never take the same step twice; the worker leaves steps to the builder while it runs.
+//! The worker's collects take that lock too: a step and a collect never overlap, so a step's
+//! document, built from its snapshot, never overwrites a newer one collected meanwhile. The
+//! builder waits for the lock (a collect is short) rather than exit.
 
 use crate::engine::Txn;
 use crate::gucs;
@@ -81,7 +84,7 @@ pub extern "C-unwind" fn cde_builder_main(_arg: pg_sys::Datum) {
                 .ok()
                 .flatten()
                 .unwrap_or(false);
-            installed.then(sync::step)
+            installed.then(|| sync::step_waiting(true))
         });
         match step {
             Some(Step::Progress) => {

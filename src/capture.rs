@@ -52,17 +52,25 @@ mod cde {
     ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
         let args = trigger.extra_args()?;
         let td = trigger.trigger_data();
+        if args.len() % 2 != 0 {
+            error!("cde._capture: arguments come in (feed, column) pairs");
+        }
+        let pairs: Vec<(&str, &str)> = args.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
         if td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_TRUNCATE {
             // Every key of these feeds may have changed.
-            for pair in args.chunks(2) {
-                queue(&QUEUE_ALL, "INSERT INTO cde.queue (feed, all_keys) VALUES ($1, true)", &pair[0], None);
-            }
+            let feeds: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+            queue(&QUEUE_ALL, "INSERT INTO cde.queue (feed, all_keys) SELECT f, true FROM unnest($1::text[]) AS f", &feeds, None);
         } else {
-            for pair in args.chunks(2) {
-                let [feed, column] = pair else { error!("cde._capture: arguments come in (feed, column) pairs") };
+            // Feeds keyed by the same column share one read of the transition tables and one
+            // INSERT (usually there is one column: every feed tracking the table by its key).
+            let mut columns: Vec<&str> = pairs.iter().map(|p| p.1).collect();
+            columns.sort_unstable();
+            columns.dedup();
+            for column in columns {
                 let keys = unsafe { changed_keys(td, column) };
                 if !keys.is_empty() {
-                    queue(&QUEUE_KEYS, "INSERT INTO cde.queue (feed, keys) VALUES ($1, $2)", feed, Some(keys));
+                    let feeds: Vec<&str> = pairs.iter().filter(|p| p.1 == column).map(|p| p.0).collect();
+                    queue(&QUEUE_KEYS, "INSERT INTO cde.queue (feed, keys) SELECT f, $2 FROM unnest($1::text[]) AS f", &feeds, Some(keys));
                 }
             }
         }
@@ -71,29 +79,25 @@ mod cde {
     }
 }
 
-fn queue(
-    stmt: &'static std::thread::LocalKey<OnceCell<OwnedPreparedStatement>>,
-    sql: &str,
-    feed: &str,
-    keys: Option<Vec<String>>,
-) {
-    let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+/// One INSERT of a row per feed, through a statement prepared once per backend.
+fn queue(stmt: &'static std::thread::LocalKey<OnceCell<OwnedPreparedStatement>>, sql: &str, feeds: &[&str], keys: Option<Vec<String>>) {
     let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
     Spi::connect_mut(|c| {
         stmt.with(|cell| {
             if cell.get().is_none() {
-                let types: &[PgOid] = if keys.is_some() { &[text, text_array] } else { &[text] };
+                let types: &[PgOid] = if keys.is_some() { &[text_array, text_array] } else { &[text_array] };
                 let _ = cell.set(c.prepare_mut(sql, types)?.keep());
             }
             let plan = cell.get().expect("prepared above");
+            let feeds = feeds.to_vec();
             match keys {
-                Some(k) => c.update(plan, None, &[feed.into(), k.into()]),
-                None => c.update(plan, None, &[feed.into()]),
+                Some(k) => c.update(plan, None, &[feeds.into(), k.into()]),
+                None => c.update(plan, None, &[feeds.into()]),
             }
             .map(|_| ())
         })
     })
-    .unwrap_or_else(|e| error!("cde: capture could not queue keys of feed {feed}: {e}"));
+    .unwrap_or_else(|e| error!("cde: capture could not queue keys of feeds {feeds:?}: {e}"));
 }
 
 /// The text of `column` in the statement's changed rows: the new images, then the old ones that

@@ -15,14 +15,20 @@ pub enum Step {
     Idle,
 }
 
-pub fn step() -> Step {
-    match Spi::get_one::<String>("SELECT cde._sync_step()") {
+/// One step; `wait`: wait for the step lock rather than answer Busy (the builder does).
+pub fn step_waiting(wait: bool) -> Step {
+    match Spi::get_one_with_args::<String>("SELECT cde._sync_step($1)", &[wait.into()]) {
         Ok(Some(s)) if s == "progress" => Step::Progress,
         Ok(Some(s)) if s == "busy" => Step::Busy,
         Ok(Some(_)) => Step::Waiting,
         Ok(None) => Step::Idle,
         Err(e) => error!("cde: full sync step failed: {e}"),
     }
+}
+
+/// One step, unless another session is taking one.
+pub fn step() -> Step {
+    step_waiting(false)
 }
 
 /// Advance runs for at most `budget`, one transaction per step through `run`. True when it did
