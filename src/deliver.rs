@@ -24,6 +24,8 @@ pub struct Sent {
     pub sent: i64,
     pub failed: i64,
     pub requests: u64,
+    /// The pass stopped at its time budget with more pending: call again soon.
+    pub more: bool,
     /// The first failure of the pass, with its stable code, for the worker's WARNING line.
     pub first_error: Option<(&'static str, String)>,
 }
@@ -140,8 +142,9 @@ fn post_slice(transport: &mut Transport, settings: &Settings, endpoint: &str, fe
     p
 }
 
-/// Send every pending row of the feed, slice after slice, until none is left or the endpoint
-/// fails. `first` is a slice already read by the caller's transaction.
+/// Send every pending row of the feed, slice after slice, until none is left, the endpoint fails
+/// or `budget` is spent (no new slice is read after it; the ones under way finish). `first` is a
+/// slice already read by the caller's transaction.
 ///
 /// A sender thread posts while this thread, the only one that may call into PostgreSQL, reads the
 /// next slice and records the previous one: the database work and the HTTP round trips (the
@@ -155,7 +158,9 @@ pub fn send_pending(
     feed: &FeedInfo,
     counters: &mut Counters,
     first: Option<Pending>,
+    budget: std::time::Duration,
 ) -> Sent {
+    let started = std::time::Instant::now();
     let Some(endpoint) = settings.endpoint.as_deref() else { return Sent::default() };
     let batch_size = batch_size(settings, feed);
     let limit = read_limit(settings, feed);
@@ -187,6 +192,12 @@ pub fn send_pending(
         let mut first = first;
         loop {
             // Keep one slice being posted and one read ahead.
+            if !exhausted && started.elapsed() >= budget {
+                // Rows modified since the pass began keep coming (a full sync builds while we
+                // send): leave them to the next iteration, so that the others get their turn.
+                exhausted = true;
+                total.more = true;
+            }
             if !exhausted && in_flight < 2 {
                 let pending = match first.take() {
                     Some(p) => p,

@@ -91,6 +91,7 @@ pub fn feed_iteration(
     force_send: bool,
     counters: &mut Counters,
     collect_budget: Duration,
+    send_budget: Duration,
 ) -> FeedReport {
     let started = Instant::now();
     let mut report = FeedReport { feed: feed.name.clone(), ..Default::default() };
@@ -119,7 +120,8 @@ pub fn feed_iteration(
     };
 
     if sending {
-        let s = deliver::send_pending(tx, transport, settings, feed, counters, first);
+        let s = deliver::send_pending(tx, transport, settings, feed, counters, first, send_budget);
+        report.more |= s.more;
         report.sent += s.sent;
         report.failed += s.failed;
         report.requests += s.requests;

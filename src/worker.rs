@@ -26,6 +26,9 @@ pub const ITERATION_LOCK: i64 = 0x6364_6500;
 /// and one busy feed does not starve the others.
 const COLLECT_BUDGET: Duration = Duration::from_millis(300);
 
+/// Time a feed's send pass may go on reading new slices, for the same reason.
+const SEND_BUDGET: Duration = Duration::from_secs(1);
+
 /// Shortest time between the starts of two iterations (see the loop).
 const MIN_ITERATION_GAP: Duration = Duration::from_millis(20);
 
@@ -176,7 +179,7 @@ fn iteration(
     }
     let feeds = Own.run(|| engine::load_feeds(None, settings.legacy_interval.as_millis()));
     for feed in &feeds {
-        let r = engine::feed_iteration(&Own, transport, settings, feed, false, counters, COLLECT_BUDGET);
+        let r = engine::feed_iteration(&Own, transport, settings, feed, false, counters, COLLECT_BUDGET, SEND_BUDGET);
         more |= r.more;
         if r.collected + r.sent + r.failed + r.retries_due > 0 || r.requests > 0 {
             let op = if feed.full_sync_sending {
