@@ -12,7 +12,7 @@ pub struct WorkerShared {
     /// Address of the worker's `MyLatch` (PGPROC latches live in shared memory, at the same address
     /// in every backend), or 0 while no worker runs.
     pub latch: AtomicU64,
-    /// 0 stopped, 1 waiting for the extension, 2 idle, 3 working, 4 paused.
+    /// 0 stopped, 1 waiting for the extension, 2 idle, 3 working, 4 paused, 5 waiting for the database.
     pub state: AtomicI32,
     pub started_at: AtomicI64,
     pub last_iteration_at: AtomicI64,
@@ -23,6 +23,9 @@ pub struct WorkerShared {
     pub requests_failed: AtomicU64,
     /// Settings reloads (SIGHUP) the worker has processed: lets a test wait for one.
     pub reloads: AtomicU64,
+    /// The worker is connecting to cde.database. Still set when a worker starts: the last one
+    /// died connecting (the database does not exist), so this one waits for it instead.
+    pub connecting: AtomicBool,
 }
 
 unsafe impl PGRXSharedMemory for WorkerShared {}
@@ -35,6 +38,7 @@ pub const WAITING_FOR_EXTENSION: i32 = 1;
 pub const IDLE: i32 = 2;
 pub const WORKING: i32 = 3;
 pub const PAUSED: i32 = 4;
+pub const WAITING_FOR_DATABASE: i32 = 5;
 
 /// Called from `_PG_init` while shared_preload_libraries is processed.
 pub fn init() {
@@ -52,6 +56,7 @@ pub fn state_name(state: i32) -> &'static str {
         IDLE => "idle",
         WORKING => "working",
         PAUSED => "paused (cde.pause)",
+        WAITING_FOR_DATABASE => "waiting for database (cde.database does not exist)",
         _ => "stopped",
     }
 }

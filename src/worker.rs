@@ -66,12 +66,13 @@ impl Txn for Own {
 pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     let shared = shmem::worker().expect("the cde worker runs only when cde is preloaded");
-    shared.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
-    shared.started_at.store(now_micros(), Ordering::Relaxed);
-    shared.latch.store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
-    shared.state.store(shmem::WAITING_FOR_EXTENSION, Ordering::Relaxed);
+    if shared.connecting.swap(true, Ordering::Relaxed) {
+        wait_for_database(shared, &database); // the last worker died connecting: no such database
+    }
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None); // FATAL if it does not exist
+    shared.connecting.store(false, Ordering::Relaxed);
+    announce(shared, shmem::WAITING_FOR_EXTENSION);
     // The worker's commits need not wait for the WAL flush: a commit lost in a crash takes its
     // queue drain and feed-table writes with it (collected again), or its delivery record (sent
     // again, same Idempotency-Key). Writers then do not share their group commits with it.
@@ -149,6 +150,37 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
     shared.latch.store(0, Ordering::Release);
     shared.state.store(shmem::STOPPED, Ordering::Relaxed);
     log!("cde: worker stopped");
+}
+
+fn announce(shared: &shmem::WorkerShared, state: i32) {
+    shared.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
+    shared.started_at.store(now_micros(), Ordering::Relaxed);
+    shared.latch.store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
+    shared.state.store(state, Ordering::Relaxed);
+}
+
+/// cde.database does not exist. Rather than die connecting every 2 seconds, connect to no
+/// database (the shared catalogs only), say so once, and look for it every poll interval; once
+/// it exists, exit so that the postmaster starts a worker that connects to it. Never returns.
+fn wait_for_database(shared: &shmem::WorkerShared, database: &str) -> ! {
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    announce(shared, shmem::WAITING_FOR_DATABASE);
+    warning!("cde: database \"{database}\" does not exist (cde.database); the worker waits for it to be created");
+    let name = std::ffi::CString::new(database).unwrap_or_default();
+    loop {
+        let exists = Own.run(|| unsafe { pg_sys::get_database_oid(name.as_ptr(), true) } != pg_sys::Oid::INVALID);
+        if exists {
+            log!("cde: database \"{database}\" exists now; the worker restarts to connect to it");
+            shared.connecting.store(false, Ordering::Relaxed);
+            shared.latch.store(0, Ordering::Release);
+            unsafe { pg_sys::proc_exit(1) }; // 1: the postmaster restarts the worker
+        }
+        if !BackgroundWorker::wait_latch(Some(Settings::read().poll_interval)) {
+            shared.latch.store(0, Ordering::Release);
+            shared.state.store(shmem::STOPPED, Ordering::Relaxed);
+            unsafe { pg_sys::proc_exit(0) };
+        }
+    }
 }
 
 /// One iteration over all feeds, holding the iteration lock (released at the end); true when
