@@ -91,6 +91,22 @@ LANGUAGE sql STABLE AS $$
                           'varchar'::regtype, 'uuid'::regtype, 'numeric'::regtype)
 $$;
 
+-- The INSERT, UPDATE and DELETE triggers <prefix>_ins/_upd/_del of a table, statement level,
+-- with the transition tables each operation has, all executing the same function call.
+CREATE FUNCTION cde._create_capture_triggers(tbl oid, prefix text, call text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    op record;
+BEGIN
+    FOR op IN VALUES ('ins', 'INSERT', 'NEW TABLE AS new_rows'),
+                     ('upd', 'UPDATE', 'OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                     ('del', 'DELETE', 'OLD TABLE AS old_rows')
+    LOOP
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
+                       prefix || '_' || op.column1, op.column2, tbl::regclass, op.column3, call);
+    END LOOP;
+END $$;
+
 -- (Re)generate the capture triggers of one table from all its tracks: whatever the number of
 -- feeds tracking the table, one trigger per operation for the column keys (cde._capture, its
 -- arguments naming each feed and column) and, when some feed's keys are an expression or a
@@ -127,12 +143,7 @@ BEGIN
      WHERE t.source_table = tbl;
 
     IF simple IS NOT NULL THEN
-        EXECUTE format('CREATE TRIGGER cde_capture_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
-                       tbl::regclass, simple);
-        EXECUTE format('CREATE TRIGGER cde_capture_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
-                       tbl::regclass, simple);
-        EXECUTE format('CREATE TRIGGER cde_capture_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
-                       tbl::regclass, simple);
+        PERFORM cde._create_capture_triggers(tbl, 'cde_capture', format('cde._capture(%s)', simple));
     END IF;
     EXECUTE format('CREATE TRIGGER cde_capture_trn AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
                    tbl::regclass, every);
@@ -173,12 +184,7 @@ BEGIN
         END $body$$f$, fn, cde._fixed_search_path(), upd, ins, del);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
 
-    EXECUTE format('CREATE TRIGGER cde_capture_sql_ins AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   tbl::regclass, fn);
-    EXECUTE format('CREATE TRIGGER cde_capture_sql_upd AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   tbl::regclass, fn);
-    EXECUTE format('CREATE TRIGGER cde_capture_sql_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   tbl::regclass, fn);
+    PERFORM cde._create_capture_triggers(tbl, 'cde_capture_sql', fn || '()');
 END $fn$;
 
 CREATE FUNCTION cde._drop_capture(t cde.tracks) RETURNS void
