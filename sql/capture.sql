@@ -64,8 +64,8 @@ BEGIN
                   HINT = 'keys is NULL (the feed''s key column of the changed row), an expression over the changed row, or a SELECT over the relation "changed".';
     END;
 
-    INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys, trigger_fn)
-    VALUES (f.name, source_table::oid, source_table::text, keys, format('cde.%I', 'capture_' || source_table::oid))
+    INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys)
+    VALUES (f.name, source_table::oid, source_table::text, keys)
     ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE SET keys = excluded.keys, table_name = excluded.table_name;
     PERFORM cde._install_capture(source_table::oid);
 END $fn$;
@@ -107,6 +107,24 @@ BEGIN
     END LOOP;
 END $$;
 
+-- For the feeds of a table whose keys are not a plain column: the statement of the generated
+-- trigger that queues their keys, read from the transition tables in "sources", one row per feed
+-- (none for a feed whose keys are empty for the statement). NULL when there are no such feeds.
+CREATE FUNCTION cde._queue_statement(tbl oid, sources text[]) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT format($b$
+                WITH queued AS (
+                    INSERT INTO cde.queue (feed, keys)
+                    SELECT v.feed, v.keys FROM (VALUES %s) AS v(feed, keys) WHERE v.keys IS NOT NULL
+                    RETURNING 1)
+                SELECT bool_or(cde._changes_recorded()) INTO woke FROM queued;$b$,
+                  string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
+                                    t.feed, cde._keys_query(f, t.keys, sources)), ', ' ORDER BY t.feed))
+      FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+     WHERE t.source_table = tbl AND cde._key_column(f, tbl, t.keys) IS NULL
+    HAVING count(*) > 0
+$$;
+
 -- (Re)generate the capture triggers of one table from all its tracks: whatever the number of
 -- feeds tracking the table, one trigger per operation for the column keys (cde._capture, its
 -- arguments naming each feed and column) and, when some feed's keys are an expression or a
@@ -120,7 +138,6 @@ DECLARE
     op      text;
     simple  text;      -- cde._capture's arguments: 'feed', 'column', ...
     every   text;      -- the TRUNCATE trigger's: every feed tracking the table
-    branch  text;
     upd     text;
     ins     text;
     del     text;
@@ -148,27 +165,14 @@ BEGIN
     EXECUTE format('CREATE TRIGGER cde_capture_trn AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
                    tbl::regclass, every);
 
-    -- The other feeds: one statement per operation, differing only in which transition tables
-    -- the keys come from. A feed whose keys are empty for this statement gets no row.
-    branch := $b$
-                WITH queued AS (
-                    INSERT INTO cde.queue (feed, keys)
-                    SELECT v.feed, v.keys FROM (VALUES %s) AS v(feed, keys) WHERE v.keys IS NOT NULL
-                    RETURNING 1)
-                SELECT bool_or(cde._changes_recorded()) INTO woke FROM queued;$b$;
-    SELECT format(branch, string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
-                                            t.feed, cde._keys_query(f, t.keys, ARRAY['old_rows', 'new_rows'])), ', ' ORDER BY t.feed)),
-           format(branch, string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
-                                            t.feed, cde._keys_query(f, t.keys, ARRAY['new_rows'])), ', ' ORDER BY t.feed)),
-           format(branch, string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
-                                            t.feed, cde._keys_query(f, t.keys, ARRAY['old_rows'])), ', ' ORDER BY t.feed))
-      INTO upd, ins, del
-      FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-     WHERE t.source_table = tbl AND cde._key_column(f, tbl, t.keys) IS NULL;
-    IF NOT EXISTS (SELECT 1 FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-                    WHERE t.source_table = tbl AND cde._key_column(f, tbl, t.keys) IS NULL) THEN
+    -- The other feeds, if any: one statement per operation, differing only in which transition
+    -- tables the keys come from.
+    upd := cde._queue_statement(tbl, ARRAY['old_rows', 'new_rows']);
+    IF upd IS NULL THEN
         RETURN;
     END IF;
+    ins := cde._queue_statement(tbl, ARRAY['new_rows']);
+    del := cde._queue_statement(tbl, ARRAY['old_rows']);
 
     EXECUTE format($f$
         CREATE FUNCTION %1$s() RETURNS trigger

@@ -36,10 +36,9 @@ CREATE TABLE cde.tracks (
     source_table  oid NOT NULL,            -- pg_class oid; the name is kept for messages
     table_name    text NOT NULL,
     keys          text,                    -- NULL, an expression over the changed row, or a SELECT over "changed"
-    trigger_fn    text NOT NULL,           -- generated capture function, in schema cde
     PRIMARY KEY (feed, source_table)
 );
-COMMENT ON TABLE cde.tracks IS 'Tracked tables (cde_track): one set of capture triggers per feed and table';
+COMMENT ON TABLE cde.tracks IS 'Tracked tables (cde_track); cde._install_capture turns a table''s tracks into its capture triggers';
 
 -- The change queue: one row per feed per writing statement, holding the keys it touched.
 -- One row per statement (not per changed row) keeps bulk writes cheap; the collector

@@ -59,9 +59,9 @@ pub fn read_pending(feed: &FeedInfo, limit: usize, after: Option<&(String, Strin
             return Ok::<_, pgrx::spi::SpiError>(Pending { items: vec![], hashes: vec![], held, last: None });
         }
         // An ordered scan of the pending index from the cursor on: each read costs what it
-        // returns, however many rows are pending.
-        // The documents are rendered as text outside the ordered subquery: when the planner
-        // sorts the pending rows rather than walk the index, only the rows kept are rendered.
+        // returns, however many rows are pending. The documents are rendered as text outside the
+        // ordered subquery: should the planner sort the pending rows rather than walk the index,
+        // only the rows kept are rendered.
         let (filter, args) = match after {
             None => ("", vec![]),
             Some((m, k)) => ("AND (t.modified_at, t.key) > ($1::timestamptz, $2)", vec![m.as_str().into(), k.as_str().into()]),
@@ -109,19 +109,25 @@ struct Posted {
     first_error: Option<(&'static str, String)>,
 }
 
+impl Posted {
+    /// A slice nothing was done with yet: every item stays pending.
+    fn unsent(pending: Pending) -> Posted {
+        Posted {
+            outcomes: vec![None; pending.items.len()],
+            hold: None,
+            requests: 0,
+            failed_requests: 0,
+            unwell: false,
+            first_error: None,
+            pending,
+        }
+    }
+}
+
 /// Post one slice, batch after batch, stopping at the first retryable failure. Pure Rust and
 /// HTTP: it runs on the sender thread and must not call into PostgreSQL.
 fn post_slice(transport: &mut Transport, settings: &Settings, endpoint: &str, feed: &str, batch_size: usize, pending: Pending) -> Posted {
-    let n = pending.items.len();
-    let mut p = Posted {
-        outcomes: vec![None; n],
-        hold: None,
-        requests: 0,
-        failed_requests: 0,
-        unwell: false,
-        first_error: None,
-        pending,
-    };
+    let mut p = Posted::unsent(pending);
     for b in cut_batches(&p.pending.items, batch_size, settings.max_batch_bytes) {
         let slice = &p.pending.items[b.start..b.end];
         let d = deliver_with_split(slice, &mut |items| transport.post(settings, endpoint, feed, items));
@@ -174,7 +180,7 @@ pub fn send_pending(
             for pending in jobs {
                 let posted = if unwell {
                     // After a failure the rest of the pass is not sent: it stays pending.
-                    Posted { outcomes: vec![None; pending.items.len()], hold: None, requests: 0, failed_requests: 0, unwell, first_error: None, pending }
+                    Posted { unwell, ..Posted::unsent(pending) }
                 } else {
                     post_slice(transport, settings, endpoint, name, batch_size, pending)
                 };
