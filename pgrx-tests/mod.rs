@@ -120,4 +120,51 @@ mod tests {
         .unwrap();
         assert_eq!(capture, (Some(true), Some(false)));
     }
+
+    /// What the capture trigger appended to cde.queue for feed items, read through `index` only
+    /// (so that a row missing from that index would be missed).
+    fn queued_through(index: &str, predicate: &str) -> Vec<(Option<Vec<String>>, bool)> {
+        Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
+        let plan = Spi::get_one::<String>(&format!("EXPLAIN (COSTS OFF) SELECT keys, all_keys FROM cde.queue WHERE {predicate}"))
+            .unwrap()
+            .unwrap();
+        assert!(plan.contains(index), "expected a scan of {index}: {plan}");
+        Spi::connect(|c| {
+            c.select(&format!("SELECT keys, all_keys FROM cde.queue WHERE {predicate} ORDER BY id"), None, &[])?
+                .map(|r| Ok((r.get::<Vec<String>>(1)?, r.get::<bool>(2)?.unwrap())))
+                .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+        })
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn capture_appends_rows_that_the_queue_index_finds() {
+        setup_feed();
+        Spi::run("DELETE FROM cde.queue").unwrap();
+        Spi::run("UPDATE items SET name = 'x' WHERE id IN (2, 3); TRUNCATE items").unwrap();
+        let rows = queued_through("queue_feed_id", "feed = 'items'");
+        assert_eq!(rows, vec![(Some(vec!["2".into(), "3".into()]), false), (None, true)]);
+        // Ids come from the identity sequence; queued_at is the transaction's start, as now().
+        let (ids_ok, times_ok) = Spi::get_two::<bool, bool>(
+            "SELECT max(id) = currval(pg_get_serial_sequence('cde.queue', 'id')), bool_and(queued_at = now()) FROM cde.queue",
+        )
+        .unwrap();
+        assert_eq!((ids_ok, times_ok), (Some(true), Some(true)));
+    }
+
+    #[pg_test]
+    fn capture_honours_what_was_added_to_an_altered_queue() {
+        // Rows no longer go in directly (see src/queue.rs) but through INSERT: the added
+        // column's default, its CHECK and an expression index all apply.
+        setup_feed();
+        Spi::run(
+            "DELETE FROM cde.queue;
+             ALTER TABLE cde.queue ADD COLUMN source text DEFAULT 'app' CHECK (source <> '');
+             CREATE INDEX queue_upper_feed ON cde.queue (upper(feed));",
+        )
+        .unwrap();
+        Spi::run("UPDATE items SET name = 'x' WHERE id = 4").unwrap();
+        assert_eq!(queued_through("queue_upper_feed", "upper(feed) = 'ITEMS'"), vec![(Some(vec!["4".into()]), false)]);
+        assert_eq!(Spi::get_one::<String>("SELECT source FROM cde.queue").unwrap().as_deref(), Some("app"));
+    }
 }

@@ -5,7 +5,7 @@
 //! keys are a column of the changed row: the common case (`cde_track(feed, table)` or
 //! `cde_track(feed, table, 'product_id')`). Its arguments are pairs (feed, column). Once per
 //! statement it reads that column from the transition tables, turns the values into text and
-//! appends one row per feed to `cde.queue` with a prepared INSERT. That is what a generated
+//! appends one row per feed to `cde.queue` (src/queue.rs, without the executor). That is what a generated
 //! PL/pgSQL function did before, without its interpreter, its SQL over the transition tables
 //! and its `SET search_path`: single-row writes pay a few percent less. Feeds whose keys are an
 //! expression or a query over `changed` keep a generated PL/pgSQL trigger.
@@ -14,22 +14,13 @@
 //! writer. Instead a capture sets a backend-local flag; a transaction callback sets the worker's
 //! latch after commit, and forgets the flag on abort.
 
-use crate::shmem;
+use crate::{queue, shmem};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
-use std::cell::OnceCell;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static CHANGES_IN_XACT: AtomicBool = AtomicBool::new(false);
-
-thread_local! {
-    // Prepared once per backend. Schema-qualified, with typed parameters and nothing else to
-    // resolve: safe in a SECURITY DEFINER function without a fixed search_path.
-    static QUEUE_KEYS: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
-    static QUEUE_ALL: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
-}
 
 #[pg_schema]
 mod cde {
@@ -59,7 +50,7 @@ mod cde {
         if td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_TRUNCATE {
             // Every key of these feeds may have changed.
             let feeds: Vec<&str> = pairs.iter().map(|p| p.0).collect();
-            queue(&QUEUE_ALL, "INSERT INTO cde.queue (feed, all_keys) SELECT f, true FROM unnest($1::text[]) AS f", &feeds, None);
+            queue::append(&feeds, None);
         } else {
             // Feeds keyed by the same column share one read of the transition tables and one
             // INSERT (usually there is one column: every feed tracking the table by its key).
@@ -70,34 +61,13 @@ mod cde {
                 let keys = unsafe { changed_keys(td, column) };
                 if !keys.is_empty() {
                     let feeds: Vec<&str> = pairs.iter().filter(|p| p.1 == column).map(|p| p.0).collect();
-                    queue(&QUEUE_KEYS, "INSERT INTO cde.queue (feed, keys) SELECT f, $2 FROM unnest($1::text[]) AS f", &feeds, Some(keys));
+                    queue::append(&feeds, Some(keys));
                 }
             }
         }
         CHANGES_IN_XACT.store(true, Ordering::Relaxed);
         Ok(None)
     }
-}
-
-/// One INSERT of a row per feed, through a statement prepared once per backend.
-fn queue(stmt: &'static std::thread::LocalKey<OnceCell<OwnedPreparedStatement>>, sql: &str, feeds: &[&str], keys: Option<Vec<String>>) {
-    let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
-    Spi::connect_mut(|c| {
-        stmt.with(|cell| {
-            if cell.get().is_none() {
-                let types: &[PgOid] = if keys.is_some() { &[text_array, text_array] } else { &[text_array] };
-                let _ = cell.set(c.prepare_mut(sql, types)?.keep());
-            }
-            let plan = cell.get().expect("prepared above");
-            let feeds = feeds.to_vec();
-            match keys {
-                Some(k) => c.update(plan, None, &[feeds.into(), k.into()]),
-                None => c.update(plan, None, &[feeds.into()]),
-            }
-            .map(|_| ())
-        })
-    })
-    .unwrap_or_else(|e| error!("cde: capture could not queue keys of feeds {feeds:?}: {e}"));
 }
 
 /// The text of `column` in the statement's changed rows: the new images, then the old ones that

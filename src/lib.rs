@@ -2,6 +2,7 @@
 //!
 //! The architecture, one file per concern:
 //! - capture  statement-level triggers record changed keys (sql/capture.sql installs them)
+//! - queue    appending those keys to cde.queue without the executor
 //! - collect  queued keys become documents in feed tables (sql/collect.sql)
 //! - deliver  pending rows go out in batches; outcomes are recorded (sql/deliver.sql)
 //! - transport one HTTP request of protocol v1 (crates/cde-protocol holds the pure logic)
@@ -31,6 +32,7 @@ mod collect;
 mod deliver;
 mod engine;
 mod gucs;
+mod queue;
 mod shmem;
 mod sync;
 mod transport;

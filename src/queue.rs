@@ -1,0 +1,153 @@
+//! Appending to `cde.queue`: the one thing a tracked write pays for.
+//!
+//! The capture trigger appends one row per feed per statement. Through SQL that is an INSERT:
+//! executor start-up, a projection, ModifyTable, then the heap and index inserts. On a
+//! single-row UPDATE the executor part cost more than the inserts themselves, so the rows go in
+//! directly: `heap_form_tuple`, then `CatalogTupleInsertWithInfo` (the heap insert and its index
+//! entries; what PostgreSQL uses for its own catalogs, and TimescaleDB for its catalog tables).
+//! The heap insert WAL-logs, toasts a large key array and counts statistics as any INSERT does.
+//!
+//! That path fills every column itself and skips what the executor would have done for a
+//! table it does not know: triggers, row security, CHECK constraints, expression or partial
+//! indexes. Each append therefore checks that `cde.queue` is still the table `sql/schema.sql`
+//! made (a few name and flag comparisons); if someone altered it, appends go through the
+//! prepared INSERT instead, which honours whatever was added.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use std::cell::{Cell, OnceCell};
+use std::ffi::CStr;
+
+thread_local! {
+    // The queue's identity sequence, by the queue's oid: looking it up scans pg_depend.
+    static SEQUENCE: Cell<(pg_sys::Oid, pg_sys::Oid)> = const { Cell::new((pg_sys::Oid::INVALID, pg_sys::Oid::INVALID)) };
+    // The fallback, prepared once per backend. Schema-qualified, with typed parameters and
+    // nothing else to resolve: safe in a SECURITY DEFINER function without a fixed search_path.
+    static INSERT: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+}
+
+/// The columns of `cde.queue`, in the order `values` holds them.
+const COLUMNS: [(&str, pg_sys::Oid); 5] = [
+    ("id", pg_sys::INT8OID),
+    ("feed", pg_sys::TEXTOID),
+    ("keys", pg_sys::TEXTARRAYOID),
+    ("all_keys", pg_sys::BOOLOID),
+    ("queued_at", pg_sys::TIMESTAMPTZOID),
+];
+
+/// Append one row per feed: these keys (`Some`), or every key of the feed (`None`, a TRUNCATE).
+pub fn append(feeds: &[&str], keys: Option<Vec<String>>) {
+    if !unsafe { append_direct(feeds, keys.as_deref()) } {
+        append_sql(feeds, keys);
+    }
+}
+
+/// The direct path; false (having written nothing) when `cde.queue` is not the table it knows.
+unsafe fn append_direct(feeds: &[&str], keys: Option<&[String]>) -> bool {
+    let relid = pg_sys::get_relname_relid(c"queue".as_ptr(), pg_sys::get_namespace_oid(c"cde".as_ptr(), false));
+    if relid == pg_sys::Oid::INVALID {
+        error!("cde: table cde.queue is missing; the extension is damaged (DROP and CREATE EXTENSION cde)");
+    }
+    let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    let Some(attnums) = plain_shape(rel) else {
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        return false;
+    };
+    let indexes = pg_sys::CatalogOpenIndexes(rel);
+    let infos = match (*indexes).ri_NumIndices {
+        n if n > 0 => std::slice::from_raw_parts((*indexes).ri_IndexRelationInfo, n as usize),
+        _ => &[],
+    };
+    if infos.iter().any(|&i| !(*i).ii_Expressions.is_null() || !(*i).ii_Predicate.is_null() || !(*i).ii_ExclusionOps.is_null()) {
+        pg_sys::CatalogCloseIndexes(indexes);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        return false;
+    }
+
+    let sequence = identity_sequence(relid, attnums[0]);
+    let keys = keys.map(|keys| {
+        let mut elems: Vec<pg_sys::Datum> =
+            keys.iter().map(|k| pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(k.as_ptr().cast(), k.len() as i32))).collect();
+        pg_sys::Datum::from(pg_sys::construct_array_builtin(elems.as_mut_ptr(), elems.len() as i32, pg_sys::TEXTOID))
+    });
+    let desc = (*rel).rd_att;
+    let natts = (*desc).natts as usize;
+    for feed in feeds {
+        let id = pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()]).expect("nextval returns a value");
+        let row: [Option<pg_sys::Datum>; 5] = [
+            Some(pg_sys::Datum::from(id)),
+            Some(pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(feed.as_ptr().cast(), feed.len() as i32))),
+            keys,
+            Some(pg_sys::Datum::from(keys.is_none())),
+            Some(pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())),
+        ];
+        // Dropped columns, if any, stay NULL.
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        for (value, &attnum) in row.iter().zip(&attnums) {
+            if let Some(v) = value {
+                values[attnum as usize - 1] = *v;
+                nulls[attnum as usize - 1] = false;
+            }
+        }
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::CatalogTupleInsertWithInfo(rel, tuple, indexes);
+        pg_sys::heap_freetuple(tuple);
+    }
+    pg_sys::CatalogCloseIndexes(indexes);
+    // The lock stays to the end of the transaction, as an INSERT's would.
+    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    true
+}
+
+/// The attribute numbers of [`COLUMNS`] if `rel` is still the plain table sql/schema.sql made:
+/// those columns and no other, and nothing the executor would have to apply on insert.
+unsafe fn plain_shape(rel: pg_sys::Relation) -> Option<[pg_sys::AttrNumber; 5]> {
+    let class = &*(*rel).rd_rel;
+    if class.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char || class.relhastriggers || class.relrowsecurity {
+        return None;
+    }
+    let desc = (*rel).rd_att;
+    let constr = (*desc).constr;
+    if !constr.is_null() && (*constr).num_check > 0 {
+        return None;
+    }
+    let mut attnums = [0 as pg_sys::AttrNumber; 5];
+    let mut found = 0;
+    for a in (*desc).attrs.as_slice((*desc).natts as usize).iter().filter(|a| !a.attisdropped) {
+        let name = CStr::from_ptr(a.attname.data.as_ptr()).to_bytes();
+        let i = COLUMNS.iter().position(|(n, t)| n.as_bytes() == name && *t == a.atttypid)?;
+        attnums[i] = a.attnum;
+        found += 1;
+    }
+    (found == COLUMNS.len()).then_some(attnums)
+}
+
+unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> pg_sys::Oid {
+    SEQUENCE.with(|cached| {
+        let (rel, seq) = cached.get();
+        if rel == relid {
+            return seq;
+        }
+        let seq = pg_sys::getIdentitySequence(relid, attnum, false);
+        cached.set((relid, seq));
+        seq
+    })
+}
+
+/// The INSERT the direct path stands for.
+fn append_sql(feeds: &[&str], keys: Option<Vec<String>>) {
+    Spi::connect_mut(|c| {
+        INSERT.with(|cell| {
+            if cell.get().is_none() {
+                let sql = "INSERT INTO cde.queue (feed, keys, all_keys) SELECT f, $2, $2 IS NULL FROM unnest($1::text[]) AS f";
+                let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+                let _ = cell.set(c.prepare_mut(sql, &[text_array, text_array])?.keep());
+            }
+            let plan = cell.get().expect("prepared above");
+            c.update(plan, None, &[feeds.to_vec().into(), keys.into()]).map(|_| ())
+        })
+    })
+    .unwrap_or_else(|e| error!("cde: capture could not queue keys of feeds {feeds:?}: {e}"));
+}
