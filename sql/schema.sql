@@ -45,7 +45,7 @@ COMMENT ON TABLE cde.tracks IS 'Tracked tables (cde_track); cde._install_capture
 -- deduplicates. all_keys marks a TRUNCATE: every key of the feed must be rebuilt.
 CREATE TABLE cde.queue (
     id         bigint GENERATED ALWAYS AS IDENTITY,
-    feed       text NOT NULL,
+    feed       text COLLATE "C" NOT NULL,  -- "C": every captured write descends its index
     keys       text[],
     all_keys   boolean NOT NULL DEFAULT false,
     queued_at  timestamptz NOT NULL DEFAULT now()

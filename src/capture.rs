@@ -47,23 +47,23 @@ mod cde {
             error!("cde._capture: arguments come in (feed, column) pairs");
         }
         let pairs: Vec<(&str, &str)> = args.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
-        if td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_TRUNCATE {
+        let groups: Vec<queue::Group> = if td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_TRUNCATE {
             // Every key of these feeds may have changed.
-            let feeds: Vec<&str> = pairs.iter().map(|p| p.0).collect();
-            queue::append(&feeds, None);
+            vec![(pairs.iter().map(|p| p.0).collect(), None)]
         } else {
             // Feeds keyed by the same column share one read of the transition tables and one
-            // INSERT (usually there is one column: every feed tracking the table by its key).
+            // key array (usually there is one column: every feed tracking the table by its key).
             let mut columns: Vec<&str> = pairs.iter().map(|p| p.1).collect();
             columns.sort_unstable();
             columns.dedup();
-            for column in columns {
-                let keys = unsafe { changed_keys(td, column) };
-                if !keys.is_empty() {
-                    let feeds: Vec<&str> = pairs.iter().filter(|p| p.1 == column).map(|p| p.0).collect();
-                    queue::append(&feeds, Some(keys));
-                }
-            }
+            columns
+                .into_iter()
+                .map(|column| (pairs.iter().filter(|p| p.1 == column).map(|p| p.0).collect(), Some(unsafe { changed_keys(td, column) })))
+                .filter(|(_, keys)| keys.as_ref().is_some_and(|k| !k.is_empty()))
+                .collect()
+        };
+        if !groups.is_empty() {
+            queue::append(&groups);
         }
         CHANGES_IN_XACT.store(true, Ordering::Relaxed);
         Ok(None)

@@ -36,15 +36,21 @@ const COLUMNS: [(&str, pg_sys::Oid); 5] = [
     ("queued_at", pg_sys::TIMESTAMPTZOID),
 ];
 
-/// Append one row per feed: these keys (`Some`), or every key of the feed (`None`, a TRUNCATE).
-pub fn append(feeds: &[&str], keys: Option<Vec<String>>) {
-    if !unsafe { append_direct(feeds, keys.as_deref()) } {
-        append_sql(feeds, keys);
+/// Feeds and the keys to queue for each of them: `Some`, or every key of the feed (`None`, a
+/// TRUNCATE). A statement's keys of one column serve all the feeds keyed by that column.
+pub type Group<'a> = (Vec<&'a str>, Option<Vec<String>>);
+
+/// Append one row per feed of each group.
+pub fn append(groups: &[Group]) {
+    if !unsafe { append_direct(groups) } {
+        for (feeds, keys) in groups {
+            append_sql(feeds, keys);
+        }
     }
 }
 
 /// The direct path; false (having written nothing) when `cde.queue` is not the table it knows.
-unsafe fn append_direct(feeds: &[&str], keys: Option<&[String]>) -> bool {
+unsafe fn append_direct(groups: &[Group]) -> bool {
     let relid = pg_sys::get_relname_relid(c"queue".as_ptr(), pg_sys::get_namespace_oid(c"cde".as_ptr(), false));
     if relid == pg_sys::Oid::INVALID {
         error!("cde: table cde.queue is missing; the extension is damaged (DROP and CREATE EXTENSION cde)");
@@ -66,39 +72,40 @@ unsafe fn append_direct(feeds: &[&str], keys: Option<&[String]>) -> bool {
     }
 
     let sequence = identity_sequence(relid, attnums[0]);
-    let keys = keys.map(|keys| {
-        let mut elems: Vec<pg_sys::Datum> =
-            keys.iter().map(|k| pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(k.as_ptr().cast(), k.len() as i32))).collect();
-        pg_sys::Datum::from(pg_sys::construct_array_builtin(elems.as_mut_ptr(), elems.len() as i32, pg_sys::TEXTOID))
-    });
+    let queued_at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
     let desc = (*rel).rd_att;
     let natts = (*desc).natts as usize;
-    for feed in feeds {
-        let id = pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()]).expect("nextval returns a value");
-        let row: [Option<pg_sys::Datum>; 5] = [
-            Some(pg_sys::Datum::from(id)),
-            Some(pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(feed.as_ptr().cast(), feed.len() as i32))),
-            keys,
-            Some(pg_sys::Datum::from(keys.is_none())),
-            Some(pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())),
-        ];
-        // Dropped columns, if any, stay NULL.
-        let mut values = vec![pg_sys::Datum::from(0); natts];
-        let mut nulls = vec![true; natts];
-        for (value, &attnum) in row.iter().zip(&attnums) {
-            if let Some(v) = value {
-                values[attnum as usize - 1] = *v;
-                nulls[attnum as usize - 1] = false;
+    for (feeds, keys) in groups {
+        let keys = keys.as_ref().map(|keys| {
+            let mut elems: Vec<pg_sys::Datum> = keys.iter().map(|k| text(k)).collect();
+            pg_sys::Datum::from(pg_sys::construct_array_builtin(elems.as_mut_ptr(), elems.len() as i32, pg_sys::TEXTOID))
+        });
+        for feed in feeds {
+            let id = pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()]).expect("nextval returns a value");
+            let row: [Option<pg_sys::Datum>; 5] =
+                [Some(pg_sys::Datum::from(id)), Some(text(feed)), keys, Some(pg_sys::Datum::from(keys.is_none())), Some(queued_at)];
+            // Dropped columns, if any, stay NULL.
+            let mut values = vec![pg_sys::Datum::from(0); natts];
+            let mut nulls = vec![true; natts];
+            for (value, &attnum) in row.iter().zip(&attnums) {
+                if let Some(v) = value {
+                    values[attnum as usize - 1] = *v;
+                    nulls[attnum as usize - 1] = false;
+                }
             }
+            let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::CatalogTupleInsertWithInfo(rel, tuple, indexes);
+            pg_sys::heap_freetuple(tuple);
         }
-        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::CatalogTupleInsertWithInfo(rel, tuple, indexes);
-        pg_sys::heap_freetuple(tuple);
     }
     pg_sys::CatalogCloseIndexes(indexes);
     // The lock stays to the end of the transaction, as an INSERT's would.
     pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     true
+}
+
+unsafe fn text(s: &str) -> pg_sys::Datum {
+    pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr().cast(), s.len() as i32))
 }
 
 /// The attribute numbers of [`COLUMNS`] if `rel` is still the plain table sql/schema.sql made:
@@ -137,7 +144,7 @@ unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> p
 }
 
 /// The INSERT the direct path stands for.
-fn append_sql(feeds: &[&str], keys: Option<Vec<String>>) {
+fn append_sql(feeds: &[&str], keys: &Option<Vec<String>>) {
     Spi::connect_mut(|c| {
         INSERT.with(|cell| {
             if cell.get().is_none() {
@@ -146,7 +153,7 @@ fn append_sql(feeds: &[&str], keys: Option<Vec<String>>) {
                 let _ = cell.set(c.prepare_mut(sql, &[text_array, text_array])?.keep());
             }
             let plan = cell.get().expect("prepared above");
-            c.update(plan, None, &[feeds.to_vec().into(), keys.into()]).map(|_| ())
+            c.update(plan, None, &[feeds.to_vec().into(), keys.clone().into()]).map(|_| ())
         })
     })
     .unwrap_or_else(|e| error!("cde: capture could not queue keys of feeds {feeds:?}: {e}"));
