@@ -61,6 +61,9 @@ DECLARE
     doc_expr   text;
     src_sql    text;
     keys_sql   text;
+    chunk_sql  text;
+    upsert_sql text;
+    gone_set   text;
     tbl        text;
     fn         text;
     old        cde.feeds;
@@ -145,7 +148,7 @@ BEGIN
     IF to_regclass(tbl) IS NULL THEN
         EXECUTE format($t$
             CREATE TABLE %s (
-                key          text PRIMARY KEY,
+                key          text COLLATE "C" PRIMARY KEY,  -- "C": byte order, no strcoll on every probe
                 doc          jsonb,
                 hash         text,
                 deleted      boolean NOT NULL DEFAULT false,
@@ -170,9 +173,11 @@ BEGIN
     -- EXECUTE ... USING plans each call with the keys as constants, so "= ANY(keys)" becomes
     -- an index scan for a few keys and "keys IS NULL" drops the filter for a full rebuild.
     --   mode 'apply'     rebuild the keys (NULL: all): changed documents and deletions become pending
-    --   mode 'dry'       the same counts, nothing written
     --   mode 'gone'      only mark as deleted the keys the source no longer returns ('gone_dry': count them)
-    --   mode 'keys'      the next n source keys after "after", in the key's own order (full sync chunks)
+    --   mode 'chunk'     apply to the next n source keys after "after", in the key's own order (a
+    --                    full sync's step): one range scan of the source rather than a probe per
+    --                    key; failed items are sent again; last_key is the next chunk's "after"
+    --   mode 'chunk_dry' the same counts, nothing written
     src_sql := format($q$
         SELECT (s.%1$I)::text AS key, %2$s AS doc
           FROM (%3$s) AS s
@@ -184,17 +189,36 @@ BEGIN
     keys_sql := format($q$
         SELECT (s.%1$I)::text AS key FROM (%2$s) AS s WHERE s.%1$I = ANY ($1::%3$s[])$q$,
         key_column, query, format_type(key_type, NULL));
+    -- Storing the built documents of "src": a changed document (or a deleted key's return) becomes
+    -- pending; an unchanged one keeps its state and is not sent again.
+    upsert_sql := format($q$
+                INSERT INTO %s AS f (key, doc, hash)
+                SELECT key, doc, md5(doc::text) FROM src WHERE doc IS NOT NULL
+                ON CONFLICT (key) DO UPDATE
+                   SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
+                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+                 WHERE f.hash IS DISTINCT FROM excluded.hash OR f.deleted$q$, tbl);
+    -- A key gone from the source: a pending deletion.
+    gone_set := $q$doc = NULL, hash = NULL, deleted = true, status = 'pending',
+                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()$q$;
+    -- The next n source rows after a key, in the key's own order, numbered in that order.
+    chunk_sql := format($q$
+        SELECT (s.%1$I)::text AS key, %2$s AS doc, row_number() OVER () AS o
+          FROM (SELECT * FROM (%3$s) AS s
+                 WHERE $1 IS NULL OR s.%1$I > $1::%4$s
+                 ORDER BY s.%1$I LIMIT $2) AS s$q$,
+        key_column, doc_expr, query, format_type(key_type, NULL));
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION %1$s(keys text[], mode text DEFAULT 'apply', after text DEFAULT NULL, n int DEFAULT 0,
-                                        OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT next_keys text[])
+                                        OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT last_key text)
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s SET jit = off AS $body$
         BEGIN
             CASE mode
             WHEN 'apply' THEN EXECUTE %3$L INTO built, changed, deleted USING keys;
-            WHEN 'dry' THEN EXECUTE %4$L INTO built, changed, deleted USING keys;
-            WHEN 'gone' THEN EXECUTE %5$L INTO deleted USING keys, false;
-            WHEN 'gone_dry' THEN EXECUTE %5$L INTO deleted USING keys, true;
-            WHEN 'keys' THEN EXECUTE %6$L INTO next_keys USING after, n;
+            WHEN 'gone' THEN EXECUTE %4$L INTO deleted USING keys, false;
+            WHEN 'gone_dry' THEN EXECUTE %4$L INTO deleted USING keys, true;
+            WHEN 'chunk' THEN EXECUTE %5$L INTO built, changed, deleted, last_key USING after, n;
+            WHEN 'chunk_dry' THEN EXECUTE %6$L INTO built, changed, deleted, last_key USING after, n;
             END CASE;
         END $body$$f$,
         fn, cde._fixed_search_path(),
@@ -202,34 +226,17 @@ BEGIN
         format($q$
             WITH src AS MATERIALIZED (%1$s
             ), built AS (
-                INSERT INTO %2$s AS f (key, doc, hash)
-                SELECT key, doc, md5(doc::text) FROM src WHERE doc IS NOT NULL
-                ON CONFLICT (key) DO UPDATE
-                   SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
-                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()
-                 WHERE f.hash IS DISTINCT FROM excluded.hash OR f.deleted
+                %3$s
                 RETURNING 1
             ), gone AS (
                 UPDATE %2$s AS f
-                   SET doc = NULL, hash = NULL, deleted = true, status = 'pending',
-                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+                   SET %4$s
                  WHERE ($1 IS NULL OR f.key = ANY ($1)) AND NOT f.deleted
                    AND NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL)
                 RETURNING 1
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone)
-        $q$, src_sql, tbl),
-        -- dry
-        format($q$
-            WITH src AS MATERIALIZED (%1$s)
-            SELECT (SELECT count(*) FROM src),
-                   (SELECT count(*) FROM src LEFT JOIN %2$s AS f ON f.key = src.key
-                     WHERE src.doc IS NOT NULL
-                       AND (f.key IS NULL OR f.deleted OR f.hash IS DISTINCT FROM md5(src.doc::text))),
-                   (SELECT count(*) FROM %2$s AS f
-                     WHERE ($1 IS NULL OR f.key = ANY ($1)) AND NOT f.deleted
-                       AND NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL))
-        $q$, src_sql, tbl),
+        $q$, src_sql, tbl, upsert_sql, gone_set),
         -- gone / gone_dry ($2: dry). Keys the source returns with a NULL document were made
         -- deletions when their chunk was built; here only keys the source no longer has are left.
         format($q$
@@ -240,22 +247,39 @@ BEGIN
                    AND NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key)
             ), gone AS (
                 UPDATE %2$s AS f
-                   SET doc = NULL, hash = NULL, deleted = true, status = 'pending',
-                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+                   SET %4$s
                   FROM missing WHERE NOT $2 AND f.key = missing.key
                 RETURNING 1
             )
             SELECT CASE WHEN $2 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END
-        $q$, keys_sql, tbl),
-        -- keys
+        $q$, keys_sql, tbl, NULL, gone_set),
+        -- chunk. Keys the source returns with a NULL document become deletions here; keys it no
+        -- longer has are the deletion pass's (cde._sync_step), which walks the feed table.
         format($q$
-            SELECT array_agg(k ORDER BY o) FROM (
-                SELECT (s.%1$I)::text AS k, row_number() OVER () AS o
-                  FROM (SELECT s.%1$I FROM (%2$s) AS s
-                         WHERE $1 IS NULL OR s.%1$I > $1::%3$s
-                         ORDER BY s.%1$I LIMIT $2) AS s
-            ) AS chunk
-        $q$, key_column, query, format_type(key_type, NULL)));
+            WITH src AS MATERIALIZED (%1$s
+            ), built AS (
+                %3$s
+                    OR f.status IN ('retrying', 'rejected', 'dead')
+                RETURNING 1
+            ), gone AS (
+                UPDATE %2$s AS f
+                   SET %4$s
+                  FROM src WHERE src.doc IS NULL AND f.key = src.key AND NOT f.deleted
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone),
+                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)
+        $q$, chunk_sql, tbl, upsert_sql, gone_set),
+        -- chunk_dry
+        format($q$
+            WITH src AS MATERIALIZED (%1$s)
+            SELECT count(*),
+                   count(*) FILTER (WHERE src.doc IS NOT NULL AND (f.key IS NULL OR f.deleted OR f.hash IS DISTINCT FROM md5(src.doc::text)
+                                                                 OR f.status IN ('retrying', 'rejected', 'dead'))),
+                   count(*) FILTER (WHERE src.doc IS NULL AND f.key IS NOT NULL AND NOT f.deleted),
+                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)
+              FROM src LEFT JOIN %2$s AS f ON f.key = src.key
+        $q$, chunk_sql, tbl));
     EXECUTE format('REVOKE ALL ON FUNCTION %s(text[], text, text, int) FROM PUBLIC', fn);
 
     INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,

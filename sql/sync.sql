@@ -172,25 +172,16 @@ BEGIN
     IF ph.status = 'building' THEN
         BEGIN
             IF ph.deletions_cursor IS NULL THEN
-                -- Build the next chunk of source keys, in the key's own order.
-                EXECUTE format('SELECT next_keys FROM %s(NULL, ''keys'', $1, $2)', f.rebuild_fn::regproc)
-                   INTO keys USING ph.cursor_key, chunk;
-                IF keys IS NOT NULL THEN
-                    EXECUTE format('SELECT built, changed, deleted FROM %s($1, $2)', f.rebuild_fn::regproc)
-                       INTO res USING keys, CASE WHEN r.dry_run THEN 'dry' ELSE 'apply' END;
-                    n := 0;
-                    IF NOT r.dry_run THEN
-                        -- Items that failed before are sent again by a full sync.
-                        EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0
-                                           WHERE key = ANY ($1) AND status IN ('retrying', 'rejected', 'dead')
-                                             AND hash IS NOT NULL$q$, f.feed_table) USING keys;
-                        GET DIAGNOSTICS n = ROW_COUNT;
-                    END IF;
+                -- Build the next chunk of source keys, in the key's own order (a dry run
+                -- counts what it would change).
+                EXECUTE format('SELECT built, changed, deleted, last_key FROM %s(NULL, $1, $2, $3)', f.rebuild_fn::regproc)
+                   INTO res USING CASE WHEN r.dry_run THEN 'chunk_dry' ELSE 'chunk' END, ph.cursor_key, chunk;
+                IF res.last_key IS NOT NULL THEN
                     UPDATE cde.sync_phases
-                       SET cursor_key = keys[cardinality(keys)],
+                       SET cursor_key = res.last_key,
                            processed = processed + res.built,
-                           unchanged = unchanged + res.built - res.changed - n,
-                           sent = CASE WHEN r.dry_run THEN sent + res.changed + n ELSE sent END,
+                           unchanged = unchanged + res.built - res.changed,
+                           sent = CASE WHEN r.dry_run THEN sent + res.changed ELSE sent END,
                            deleted = deleted + res.deleted
                      WHERE run_id = r.id AND feed = ph.feed;
                     RETURN 'progress';

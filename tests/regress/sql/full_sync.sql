@@ -29,6 +29,17 @@ SELECT feed, collected, sent, failed FROM cde_sync_now();
 SELECT feeds, status, planned, processed, sent, unchanged, deleted, failed FROM cde_sync_runs WHERE run_id = :run_id;
 SELECT key, deleted, status FROM cde.feed_products WHERE key = '42';
 
+-- A full sync sends again what failed (rejected, dead), though unchanged; a dry run counts it.
+UPDATE cde.feed_products SET status = 'rejected', http_status = 422 WHERE key IN ('7', '8');
+UPDATE cde.feed_products SET status = 'dead', attempts = 10 WHERE key = '9';
+SELECT cde_full_sync('products', dry_run => true) AS run_id \gset
+SELECT feed, collected, sent, failed FROM cde_sync_now();
+SELECT dry_run, status, processed, sent, unchanged FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT cde_full_sync('products') AS run_id \gset
+SELECT feed, collected, sent, failed FROM cde_sync_now();
+SELECT dry_run, status, processed, sent, unchanged FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT key, status, attempts, http_status FROM cde.feed_products WHERE key IN ('7', '8', '9') ORDER BY key;
+
 -- One run at a time per feed; cancel.
 SELECT cde_full_sync('products') AS run_id \gset
 SELECT cde_full_sync();
