@@ -167,4 +167,22 @@ mod tests {
         assert_eq!(queued_through("queue_upper_feed", "upper(feed) = 'ITEMS'"), vec![(Some(vec!["4".into()]), false)]);
         assert_eq!(Spi::get_one::<String>("SELECT source FROM cde.queue").unwrap().as_deref(), Some("app"));
     }
+
+    #[pg_test]
+    fn document_hashes_see_values_not_their_spelling_or_storage() {
+        let same = Spi::get_one::<bool>(
+            r#"CREATE TEMP TABLE stored (doc jsonb);
+               INSERT INTO stored SELECT jsonb_build_object('b', repeat('xy', 50000), 'a', 1);  -- compressed when stored
+               SELECT cde._doc_hash(doc) = cde._doc_hash(jsonb_build_object('a', 1, 'b', repeat('xy', 50000))) FROM stored"#,
+        )
+        .unwrap();
+        assert_eq!(same, Some(true));
+        let differ = Spi::get_one::<bool>(r#"SELECT cde._doc_hash('{"a": [[1], [2]]}'::jsonb) <> cde._doc_hash('{"a": [[1, 2]]}'::jsonb)"#).unwrap();
+        assert_eq!(differ, Some(true));
+    }
+
+    #[pg_test(error = "cde._doc_hash: expected a jsonb document, got type oid 25")]
+    fn document_hashes_are_of_jsonb_only() {
+        Spi::run("SELECT cde._doc_hash('{}'::text)").unwrap();
+    }
 }

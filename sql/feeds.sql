@@ -173,7 +173,9 @@ BEGIN
     -- EXECUTE ... USING plans each call with the keys as constants, so "= ANY(keys)" becomes
     -- an index scan for a few keys and "keys IS NULL" drops the filter for a full rebuild.
     --   mode 'apply'     rebuild the keys (NULL: all): changed documents and deletions become pending
-    --   mode 'gone'      only mark as deleted the keys the source no longer returns ('gone_dry': count them)
+    --   mode 'gone'      the deletion pass of a full sync: of the next n keys of the feed table after
+    --                    "after" (in its own order), mark as deleted those the source no longer
+    --                    returns ('gone_dry': count them); last_key is the next chunk's "after"
     --   mode 'chunk'     apply to the next n source keys after "after", in the key's own order (a
     --                    full sync's step): one range scan of the source rather than a probe per
     --                    key; failed items are sent again; last_key is the next chunk's "after"
@@ -183,17 +185,18 @@ BEGIN
           FROM (%3$s) AS s
          WHERE ($1 IS NULL OR s.%1$I = ANY ($1::%4$s[]))$q$,
         key_column, doc_expr, query, format_type(key_type, NULL));
-    -- The same keys without their documents, for the deletion pass of a full sync: which of these
-    -- keys does the source still return? Not naming the document lets the planner skip building
-    -- it (a full sync spent a fifth of its time building documents only to check their keys).
+    -- Which keys of the deletion pass's chunk (below) the source still returns, without their
+    -- documents: not naming the document lets the planner skip building it (a full sync spent a
+    -- fifth of its time building documents only to check their keys).
     keys_sql := format($q$
-        SELECT (s.%1$I)::text AS key FROM (%2$s) AS s WHERE s.%1$I = ANY ($1::%3$s[])$q$,
+        SELECT (s.%1$I)::text AS key FROM (%2$s) AS s
+         WHERE s.%1$I = ANY ((SELECT array_agg(chunk.key) FROM chunk)::%3$s[])$q$,
         key_column, query, format_type(key_type, NULL));
     -- Storing the built documents of "src": a changed document (or a deleted key's return) becomes
     -- pending; an unchanged one keeps its state and is not sent again.
     upsert_sql := format($q$
                 INSERT INTO %s AS f (key, doc, hash)
-                SELECT key, doc, md5(doc::text) FROM src WHERE doc IS NOT NULL
+                SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL
                 ON CONFLICT (key) DO UPDATE
                    SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
                        http_status = NULL, error = NULL, attempts = 0, modified_at = now()
@@ -215,8 +218,8 @@ BEGIN
         BEGIN
             CASE mode
             WHEN 'apply' THEN EXECUTE %3$L INTO built, changed, deleted USING keys;
-            WHEN 'gone' THEN EXECUTE %4$L INTO deleted USING keys, false;
-            WHEN 'gone_dry' THEN EXECUTE %4$L INTO deleted USING keys, true;
+            WHEN 'gone' THEN EXECUTE %4$L INTO deleted, last_key USING after, n, false;
+            WHEN 'gone_dry' THEN EXECUTE %4$L INTO deleted, last_key USING after, n, true;
             WHEN 'chunk' THEN EXECUTE %5$L INTO built, changed, deleted, last_key USING after, n;
             WHEN 'chunk_dry' THEN EXECUTE %6$L INTO built, changed, deleted, last_key USING after, n;
             END CASE;
@@ -237,21 +240,22 @@ BEGIN
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone)
         $q$, src_sql, tbl, upsert_sql, gone_set),
-        -- gone / gone_dry ($2: dry). Keys the source returns with a NULL document were made
+        -- gone / gone_dry ($3: dry). Keys the source returns with a NULL document were made
         -- deletions when their chunk was built; here only keys the source no longer has are left.
         format($q$
-            WITH src AS MATERIALIZED (%1$s
+            WITH chunk AS MATERIALIZED (
+                SELECT f.key FROM %2$s AS f WHERE NOT f.deleted AND f.key > $1 ORDER BY f.key LIMIT $2
+            ), src AS MATERIALIZED (%1$s
             ), missing AS (
-                SELECT f.key FROM %2$s AS f
-                 WHERE f.key = ANY ($1) AND NOT f.deleted
-                   AND NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key)
+                SELECT chunk.key FROM chunk WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.key = chunk.key)
             ), gone AS (
                 UPDATE %2$s AS f
                    SET %4$s
-                  FROM missing WHERE NOT $2 AND f.key = missing.key
+                  FROM missing WHERE NOT $3 AND f.key = missing.key
                 RETURNING 1
             )
-            SELECT CASE WHEN $2 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END
+            SELECT CASE WHEN $3 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END,
+                   (SELECT max(key) FROM chunk)
         $q$, keys_sql, tbl, NULL, gone_set),
         -- chunk. Keys the source returns with a NULL document become deletions here; keys it no
         -- longer has are the deletion pass's (cde._sync_step), which walks the feed table.
@@ -274,7 +278,7 @@ BEGIN
         format($q$
             WITH src AS MATERIALIZED (%1$s)
             SELECT count(*),
-                   count(*) FILTER (WHERE src.doc IS NOT NULL AND (f.key IS NULL OR f.deleted OR f.hash IS DISTINCT FROM md5(src.doc::text)
+                   count(*) FILTER (WHERE src.doc IS NOT NULL AND (f.key IS NULL OR f.deleted OR f.hash IS DISTINCT FROM cde._doc_hash(src.doc)
                                                                  OR f.status IN ('retrying', 'rejected', 'dead'))),
                    count(*) FILTER (WHERE src.doc IS NULL AND f.key IS NOT NULL AND NOT f.deleted),
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1)

@@ -104,7 +104,6 @@ DECLARE
     ph    cde.sync_phases;
     f     cde.feeds;
     res   record;
-    keys  text[];
     n     bigint;
     chunk int := cde._chunk_size();
 BEGIN
@@ -190,14 +189,12 @@ BEGIN
                 RETURN 'progress';
             END IF;
             -- Then the keys the feed table has and the source no longer returns, in chunks.
-            EXECUTE format('SELECT array_agg(key ORDER BY key) FROM (SELECT key FROM %s WHERE NOT deleted AND key > $1 ORDER BY key LIMIT $2) AS k',
-                           f.feed_table) INTO keys USING ph.deletions_cursor, chunk;
-            IF keys IS NOT NULL THEN
-                EXECUTE format('SELECT deleted FROM %s($1, $2)', f.rebuild_fn::regproc)
-                   INTO n USING keys, CASE WHEN r.dry_run THEN 'gone_dry' ELSE 'gone' END;
+            EXECUTE format('SELECT deleted, last_key FROM %s(NULL, $1, $2, $3)', f.rebuild_fn::regproc)
+               INTO res USING CASE WHEN r.dry_run THEN 'gone_dry' ELSE 'gone' END, ph.deletions_cursor, chunk;
+            IF res.last_key IS NOT NULL THEN
                 UPDATE cde.sync_phases
-                   SET deletions_cursor = keys[cardinality(keys)], deleted = deleted + n,
-                       sent = CASE WHEN r.dry_run THEN sent + n ELSE sent END
+                   SET deletions_cursor = res.last_key, deleted = deleted + res.deleted,
+                       sent = CASE WHEN r.dry_run THEN sent + res.deleted ELSE sent END
                  WHERE run_id = r.id AND feed = ph.feed;
                 RETURN 'progress';
             END IF;

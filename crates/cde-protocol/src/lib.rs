@@ -7,10 +7,12 @@
 //! The protocol itself is documented in `docs/protocol.md`.
 
 pub mod batch;
+pub mod hash;
 pub mod response;
 pub mod wire;
 
 pub use batch::{cut_batches, Batch};
+pub use hash::document_hash;
 pub use response::{classify, parse_retry_after, Classified, Rejection};
 pub use wire::{gunzip, gzip, idempotency_key, Body, Item, ItemRef};
 
