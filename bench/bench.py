@@ -66,6 +66,9 @@ def pgbench(script, seconds, clients=2, rate=None):
 
 
 def load(db):
+    # Whatever a kept cluster was left with by hand (CDE_BENCH_KEEP) goes: postgresql.conf rules.
+    db.execute("ALTER SYSTEM RESET ALL")
+    db.execute("SELECT pg_reload_conf()")
     db.execute("SET client_min_messages = warning")
     db.execute("DROP EXTENSION IF EXISTS cde CASCADE")
     db.execute("CREATE EXTENSION cde")
