@@ -60,14 +60,16 @@ impl Body {
     }
 }
 
-/// An item as the sink reads it back from a request body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ItemRef {
-    pub key: String,
+/// An item as a receiver reads it back from a request body: borrowed from the body, the
+/// document left as its JSON text (`None` for null), so that reading a batch allocates little.
+#[derive(Debug, Deserialize)]
+pub struct ItemRef<'a> {
+    #[serde(borrow)]
+    pub key: std::borrow::Cow<'a, str>,
     #[serde(default)]
     pub deleted: bool,
-    #[serde(default)]
-    pub data: serde_json::Value,
+    #[serde(default, borrow)]
+    pub data: Option<&'a serde_json::value::RawValue>,
 }
 
 /// `Idempotency-Key` for a batch: a digest of the feed and the exact body, so that the same batch
@@ -111,10 +113,10 @@ mod tests {
         assert_eq!(parsed.len(), 2);
         assert_eq!(parsed[0].key, "1");
         assert!(!parsed[0].deleted);
-        assert_eq!(parsed[0].data, serde_json::json!({"a": 1}));
+        assert_eq!(parsed[0].data.map(|d| d.get()), Some(r#"{"a": 1}"#));
         assert_eq!(parsed[1].key, "x\"y");
         assert!(parsed[1].deleted);
-        assert!(parsed[1].data.is_null());
+        assert!(parsed[1].data.is_none());
     }
 
     #[test]

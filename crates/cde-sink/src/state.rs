@@ -3,6 +3,7 @@
 use crate::http::{bounded, Request};
 use cde_protocol::{gunzip, ItemRef};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -67,14 +68,22 @@ pub struct RejectRule {
 }
 
 impl RejectRule {
-    fn matches(&self, item: &ItemRef, raw: &str) -> bool {
-        self.key.as_deref().is_some_and(|k| k == item.key) || self.contains.as_deref().is_some_and(|c| raw.contains(c))
+    fn matches(&self, item: &ItemRef) -> bool {
+        self.key.as_deref().is_some_and(|k| k == item.key) || self.contains.as_deref().is_some_and(|c| compact(item).contains(c))
     }
+}
+
+/// The item as compact JSON, keys sorted: the text a `contains` rule is matched against.
+fn compact(item: &ItemRef) -> String {
+    let data: Value = item.data.map_or(Value::Null, |d| serde_json::from_str(d.get()).unwrap_or(Value::Null));
+    json!({"key": item.key, "deleted": item.deleted, "data": data}).to_string()
 }
 
 struct Entry {
     deleted: bool,
-    data: Value,
+    /// The document's JSON text as received: kept, not parsed, as a receiver that stores
+    /// documents would (and parsing a million of them cost the sink more than anything else).
+    data: Option<Box<RawValue>>,
     received: u64,
 }
 
@@ -260,8 +269,8 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
     } else {
         req.body.clone()
     };
-    let values: Vec<Value> = match serde_json::from_slice(&raw) {
-        Ok(Value::Array(v)) => v,
+    let values: Vec<&RawValue> = match serde_json::from_slice(&raw) {
+        Ok(v) => v,
         _ => {
             entry["status"] = json!(400);
             s.log.push(entry);
@@ -270,9 +279,8 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
     };
     let mut items = Vec::with_capacity(values.len());
     for v in values {
-        let raw = v.to_string();
-        match serde_json::from_value::<ItemRef>(v) {
-            Ok(it) if it.deleted || !it.data.is_null() => items.push((it, raw)),
+        match serde_json::from_str::<ItemRef>(v.get()) {
+            Ok(it) if it.deleted || it.data.is_some() => items.push(it),
             _ => {
                 entry["status"] = json!(400);
                 s.log.push(entry);
@@ -282,14 +290,14 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
     }
     entry["items"] = json!(items.len());
     entry["raw_bytes"] = json!(raw.len());
-    entry["keys"] = json!(items.iter().map(|(it, _)| it.key.as_str()).collect::<Vec<_>>());
+    entry["keys"] = json!(items.iter().map(|it| it.key.as_ref()).collect::<Vec<_>>());
 
     let mut rejected = vec![];
     if let Some(rule_fault) = s.reject_rule(&feed) {
         let rule = rule_fault.reject.clone().expect("a reject rule");
         let batch_mode = rule_fault.reject_mode.as_deref() == Some("batch");
         let error = rule.error.clone().unwrap_or_else(|| "rejected by rule".into());
-        let hits: Vec<usize> = items.iter().enumerate().filter(|(_, (it, raw))| rule.matches(it, raw)).map(|(i, _)| i).collect();
+        let hits: Vec<usize> = items.iter().enumerate().filter(|(_, it)| rule.matches(it)).map(|(i, _)| i).collect();
         if batch_mode && !hits.is_empty() {
             let status = rule_fault.status.unwrap_or(422);
             entry["status"] = json!(status);
@@ -307,11 +315,11 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
     let t = now_ms();
     let n = items.len();
     let docs = s.docs.entry(feed.clone()).or_default();
-    for (i, (it, _)) in items.into_iter().enumerate() {
+    for (i, it) in items.into_iter().enumerate() {
         if rejected_idx.contains(&(i as u64)) {
             continue;
         }
-        docs.insert(it.key, Entry { deleted: it.deleted, data: it.data, received: t });
+        docs.insert(it.key.into_owned(), Entry { deleted: it.deleted, data: it.data.map(ToOwned::to_owned), received: t });
     }
     s.items_received += n as u64;
     entry["status"] = json!(200);
