@@ -85,6 +85,10 @@ CREATE TABLE cde.sync_phases (
                CHECK (status IN ('waiting', 'building', 'sending', 'finished', 'failed', 'cancelled')),
     cursor_key text,                        -- last source key built (resume point), in text form
     deletions_cursor text,                  -- last feed-table key checked for deletion
+    -- false when the feed table had no live row as the phase started (a feed's first sync):
+    -- every row in it then was built or collected during the phase, none can be stale, and the
+    -- deletion pass is skipped (a tenth of a first sync's time)
+    check_deletions boolean NOT NULL DEFAULT true,
     planned    bigint NOT NULL DEFAULT 0,
     processed  bigint NOT NULL DEFAULT 0,
     sent       bigint NOT NULL DEFAULT 0,

@@ -4,7 +4,8 @@
 --
 -- A phase rebuilds every entity of its feed from the source query in key-ordered chunks, each in
 -- its own short transaction (no snapshot or lock is held for the run; writers keep writing), then
--- marks as deleted the keys the source no longer returns, then waits until the send pass has
+-- marks as deleted the keys the source no longer returns (unless the feed table was empty when the
+-- phase began: a first sync has nothing stale), then waits until the send pass has
 -- delivered what it made pending. The resume point is committed with each chunk, so a run
 -- interrupted by a crash continues where it stopped.
 --
@@ -162,7 +163,9 @@ BEGIN
     END IF;
 
     IF ph.status = 'waiting' THEN
-        UPDATE cde.sync_phases SET status = 'building', started_at = now() WHERE run_id = r.id AND feed = ph.feed;
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE NOT deleted)', f.feed_table) INTO res;
+        UPDATE cde.sync_phases SET status = 'building', started_at = now(), check_deletions = res.exists
+         WHERE run_id = r.id AND feed = ph.feed;
         UPDATE cde.sync_runs SET current_phase = ph.feed WHERE id = r.id;
         INSERT INTO cde.sync_events (run_id, status, feed, message) VALUES (r.id, 'executing', ph.feed, 'phase started');
         RETURN 'progress';
@@ -185,18 +188,21 @@ BEGIN
                      WHERE run_id = r.id AND feed = ph.feed;
                     RETURN 'progress';
                 END IF;
-                UPDATE cde.sync_phases SET deletions_cursor = '' WHERE run_id = r.id AND feed = ph.feed;
-                RETURN 'progress';
-            END IF;
-            -- Then the keys the feed table has and the source no longer returns, in chunks.
-            EXECUTE format('SELECT deleted, last_key FROM %s(NULL, $1, $2, $3)', f.rebuild_fn::regproc)
-               INTO res USING CASE WHEN r.dry_run THEN 'gone_dry' ELSE 'gone' END, ph.deletions_cursor, chunk;
-            IF res.last_key IS NOT NULL THEN
-                UPDATE cde.sync_phases
-                   SET deletions_cursor = res.last_key, deleted = deleted + res.deleted,
-                       sent = CASE WHEN r.dry_run THEN sent + res.deleted ELSE sent END
-                 WHERE run_id = r.id AND feed = ph.feed;
-                RETURN 'progress';
+                IF ph.check_deletions THEN
+                    UPDATE cde.sync_phases SET deletions_cursor = '' WHERE run_id = r.id AND feed = ph.feed;
+                    RETURN 'progress';
+                END IF;
+            ELSE
+                -- Then the keys the feed table has and the source no longer returns, in chunks.
+                EXECUTE format('SELECT deleted, last_key FROM %s(NULL, $1, $2, $3)', f.rebuild_fn::regproc)
+                   INTO res USING CASE WHEN r.dry_run THEN 'gone_dry' ELSE 'gone' END, ph.deletions_cursor, chunk;
+                IF res.last_key IS NOT NULL THEN
+                    UPDATE cde.sync_phases
+                       SET deletions_cursor = res.last_key, deleted = deleted + res.deleted,
+                           sent = CASE WHEN r.dry_run THEN sent + res.deleted ELSE sent END
+                     WHERE run_id = r.id AND feed = ph.feed;
+                    RETURN 'progress';
+                END IF;
             END IF;
         EXCEPTION WHEN OTHERS THEN
             PERFORM cde._sync_fail(r, ph.feed, SQLERRM);

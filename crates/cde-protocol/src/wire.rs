@@ -1,6 +1,6 @@
 //! What travels on the wire: items, request bodies, gzip and the Idempotency-Key.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 
