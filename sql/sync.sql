@@ -204,9 +204,14 @@ BEGIN
                     RETURN 'progress';
                 END IF;
             END IF;
-        EXCEPTION WHEN OTHERS THEN
-            PERFORM cde._sync_fail(r, ph.feed, SQLERRM);
-            RETURN 'progress';
+        EXCEPTION
+            WHEN deadlock_detected OR serialization_failure OR lock_not_available THEN
+                -- Transient (a chunk's upsert and the worker's record can take the same rows in
+                -- other orders): the step fails, and is taken again; the run goes on.
+                RAISE;
+            WHEN OTHERS THEN
+                PERFORM cde._sync_fail(r, ph.feed, SQLERRM);
+                RETURN 'progress';
         END;
         IF r.dry_run THEN
             UPDATE cde.sync_phases SET status = 'finished', finished_at = now() WHERE run_id = r.id AND feed = ph.feed;

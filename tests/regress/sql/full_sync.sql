@@ -50,6 +50,35 @@ SELECT cde_cancel_sync(:run_id);
 SELECT cde_cancel_sync(-1);
 SELECT cde_full_sync('nope');
 
+-- A transient error in a step (a deadlock, a serialization failure) fails that step, not the run:
+-- the step is taken again. Any other error fails the run, with the error. Steps one at a time:
+CREATE FUNCTION flaky(i int) RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+    CASE current_setting('regress.flaky', true)
+    WHEN 'deadlock' THEN RAISE EXCEPTION 'simulated deadlock' USING ERRCODE = 'deadlock_detected';
+    WHEN 'bug' THEN RAISE EXCEPTION 'simulated bug';
+    ELSE RETURN i;
+    END CASE;
+END $$;
+SELECT cde_register_feed('flaky', 'SELECT id, flaky(id) AS v FROM categories');
+SELECT cde_full_sync('flaky') AS run_id \gset
+SELECT cde._sync_step() AS prepared, cde._sync_step() AS planned, cde._sync_step() AS phase_started;
+SET regress.flaky = 'deadlock';
+SELECT cde._sync_step();
+SELECT status, current_phase, processed, error FROM cde_sync_runs WHERE run_id = :run_id;
+RESET regress.flaky;
+SELECT cde._sync_step() AS built, cde._sync_step() AS sending_no_deletion_pass;
+SELECT feed, collected, sent, failed FROM cde_sync_now('flaky');
+SELECT status, processed, sent, error FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT cde_full_sync('flaky') AS run_id \gset
+SELECT cde._sync_step() AS prepared, cde._sync_step() AS planned, cde._sync_step() AS phase_started;
+SET regress.flaky = 'bug';
+SELECT cde._sync_step();
+RESET regress.flaky;
+SELECT status, processed, error FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT cde_drop_feed('flaky');
+DROP FUNCTION flaky(int);
+
 -- TRUNCATE of a tracked table schedules a full sync of the feeds tracking it.
 SELECT cde_track('categories', 'categories');
 TRUNCATE products, categories;
