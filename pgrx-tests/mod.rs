@@ -177,7 +177,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(same, Some(true));
-        let differ = Spi::get_one::<bool>(r#"SELECT cde._doc_hash('{"a": [[1], [2]]}'::jsonb) <> cde._doc_hash('{"a": [[1, 2]]}'::jsonb)"#).unwrap();
+        let differ = Spi::get_one::<bool>(
+            r#"SELECT cde._doc_hash('{"a": [[1], [2]]}'::jsonb) <> cde._doc_hash('{"a": [[1, 2]]}'::jsonb)"#,
+        )
+        .unwrap();
         assert_eq!(differ, Some(true));
     }
 

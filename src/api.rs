@@ -34,7 +34,8 @@ fn cde_sync_now(
     advance();
     loop {
         for (f, row) in feeds.iter().zip(rows.iter_mut()) {
-            let r = engine::feed_iteration(&Inline, &mut transport, &settings, f, true, &mut counters, Duration::MAX, Duration::MAX);
+            let r =
+                engine::feed_iteration(&Inline, &mut transport, &settings, f, true, &mut counters, Duration::MAX, Duration::MAX);
             row.1 += r.collected;
             row.2 += r.sent;
             row.3 += r.failed;

@@ -5,10 +5,10 @@
 //! keys are a column of the changed row: the common case (`cde_track(feed, table)` or
 //! `cde_track(feed, table, 'product_id')`). Its arguments are pairs (feed, column). Once per
 //! statement it reads that column from the transition tables, turns the values into text and
-//! appends one row per feed to `cde.queue` (src/queue.rs, without the executor). That is what a generated
-//! PL/pgSQL function did before, without its interpreter, its SQL over the transition tables
-//! and its `SET search_path`: single-row writes pay a few percent less. Feeds whose keys are an
-//! expression or a query over `changed` keep a generated PL/pgSQL trigger.
+//! appends one row per feed to `cde.queue` (`src/queue.rs`, without the executor). That is what
+//! a generated PL/pgSQL function did before, without its interpreter, its SQL over the
+//! transition tables and its `SET search_path`. Feeds whose keys are an expression or a query
+//! over `changed` keep a generated PL/pgSQL trigger.
 //!
 //! Waking the worker: NOTIFY would do it but takes a global lock at commit that serialises every
 //! writer. Instead a capture sets a backend-local flag; a transaction callback sets the worker's
@@ -58,7 +58,9 @@ mod cde {
             columns.dedup();
             columns
                 .into_iter()
-                .map(|column| (pairs.iter().filter(|p| p.1 == column).map(|p| p.0).collect(), Some(unsafe { changed_keys(td, column) })))
+                .map(|column| {
+                    (pairs.iter().filter(|p| p.1 == column).map(|p| p.0).collect(), Some(unsafe { changed_keys(td, column) }))
+                })
                 .filter(|(_, keys)| keys.as_ref().is_some_and(|k| !k.is_empty()))
                 .collect()
         };
@@ -78,7 +80,8 @@ unsafe fn changed_keys(td: &pg_sys::TriggerData, column: &str) -> Vec<String> {
     let desc = (*td.tg_relation).rd_att;
     let natts = (*desc).natts as usize;
     let attrs = (*desc).attrs.as_slice(natts);
-    let Some(idx) = attrs.iter().position(|a| !a.attisdropped && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == column.as_bytes())
+    let Some(idx) =
+        attrs.iter().position(|a| !a.attisdropped && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == column.as_bytes())
     else {
         error!("cde: capture: column {column} of {} is gone; cde_track the table again", name_of(td))
     };

@@ -126,7 +126,14 @@ impl Posted {
 
 /// Post one slice, batch after batch, stopping at the first retryable failure. Pure Rust and
 /// HTTP: it runs on the sender thread and must not call into PostgreSQL.
-fn post_slice(transport: &mut Transport, settings: &Settings, endpoint: &str, feed: &str, batch_size: usize, pending: Pending) -> Posted {
+fn post_slice(
+    transport: &mut Transport,
+    settings: &Settings,
+    endpoint: &str,
+    feed: &str,
+    batch_size: usize,
+    pending: Pending,
+) -> Posted {
     let mut p = Posted::unsent(pending);
     for b in cut_batches(&p.pending.items, batch_size, settings.max_batch_bytes) {
         let slice = &p.pending.items[b.start..b.end];
@@ -309,4 +316,3 @@ fn record(feed: &FeedInfo, p: &Pending, outcomes: &[Option<ItemOutcome>], hold: 
     })
     .unwrap_or_else(|e| error!("cde: recording deliveries of feed {} failed: {e}", feed.name))
 }
-

@@ -60,6 +60,10 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         return false;
     };
+    let Some(sequence) = identity_sequence(relid, attnums[0]) else {
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        return false;
+    };
     let indexes = pg_sys::CatalogOpenIndexes(rel);
     let infos = match (*indexes).ri_NumIndices {
         n if n > 0 => std::slice::from_raw_parts((*indexes).ri_IndexRelationInfo, n as usize),
@@ -71,7 +75,6 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
         return false;
     }
 
-    let sequence = identity_sequence(relid, attnums[0]);
     let queued_at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
     let desc = (*rel).rd_att;
     let natts = (*desc).natts as usize;
@@ -81,9 +84,15 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
             pg_sys::Datum::from(pg_sys::construct_array_builtin(elems.as_mut_ptr(), elems.len() as i32, pg_sys::TEXTOID))
         });
         for feed in feeds {
-            let id = pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()]).expect("nextval returns a value");
-            let row: [Option<pg_sys::Datum>; 5] =
-                [Some(pg_sys::Datum::from(id)), Some(text(feed)), keys, Some(pg_sys::Datum::from(keys.is_none())), Some(queued_at)];
+            let id = pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])
+                .expect("nextval returns a value");
+            let row: [Option<pg_sys::Datum>; 5] = [
+                Some(pg_sys::Datum::from(id)),
+                Some(text(feed)),
+                keys,
+                Some(pg_sys::Datum::from(keys.is_none())),
+                Some(queued_at),
+            ];
             // Dropped columns, if any, stay NULL.
             let mut values = vec![pg_sys::Datum::from(0); natts];
             let mut nulls = vec![true; natts];
@@ -131,15 +140,20 @@ unsafe fn plain_shape(rel: pg_sys::Relation) -> Option<[pg_sys::AttrNumber; 5]> 
     (found == COLUMNS.len()).then_some(attnums)
 }
 
-unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> pg_sys::Oid {
+/// The sequence of the queue's identity column, if it still has one. Cached by the queue's oid
+/// (looking it up scans pg_depend); a new queue (the extension created again) has a new oid.
+unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> Option<pg_sys::Oid> {
     SEQUENCE.with(|cached| {
         let (rel, seq) = cached.get();
         if rel == relid {
-            return seq;
+            return Some(seq);
         }
-        let seq = pg_sys::getIdentitySequence(relid, attnum, false);
+        let seq = pg_sys::getIdentitySequence(relid, attnum, true);
+        if seq == pg_sys::Oid::INVALID {
+            return None;
+        }
         cached.set((relid, seq));
-        seq
+        Some(seq)
     })
 }
 

@@ -38,7 +38,8 @@ impl Transport {
         let body = Body::build(items);
         let key = idempotency_key(feed, &body);
         if settings.log_payloads {
-            let line = format!("cde: payload to feed {feed} ({} items): {}", items.len(), cde_protocol::response::snippet(&body.0));
+            let line =
+                format!("cde: payload to feed {feed} ({} items): {}", items.len(), cde_protocol::response::snippet(&body.0));
             self.payload_log.push(line);
         }
         let url = format!("{endpoint}/{feed}");
