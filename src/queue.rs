@@ -8,8 +8,8 @@
 //! The heap insert WAL-logs, toasts a large key array and counts statistics as any INSERT does.
 //!
 //! That path fills every column itself and skips what the executor would have done for a
-//! table it does not know: triggers, row security, CHECK constraints, expression or partial
-//! indexes. Each append therefore checks that `cde.queue` is still the table `sql/schema.sql`
+//! table it does not know: triggers, row security, CHECK constraints, defaults of other
+//! columns, expression, partial or exclusion indexes, deferred uniqueness. Each append checks that `cde.queue` is still the table `sql/schema.sql`
 //! made (a few name and flag comparisons); if someone altered it, appends go through the
 //! prepared INSERT instead, which honours whatever was added.
 
@@ -65,11 +65,22 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
         return false;
     };
     let indexes = pg_sys::CatalogOpenIndexes(rel);
-    let infos = match (*indexes).ri_NumIndices {
-        n if n > 0 => std::slice::from_raw_parts((*indexes).ri_IndexRelationInfo, n as usize),
-        _ => &[],
+    let (infos, rels) = match (*indexes).ri_NumIndices {
+        n if n > 0 => (
+            std::slice::from_raw_parts((*indexes).ri_IndexRelationInfo, n as usize),
+            std::slice::from_raw_parts((*indexes).ri_IndexRelationDescs, n as usize),
+        ),
+        _ => (&[][..], &[][..]),
     };
-    if infos.iter().any(|&i| !(*i).ii_Expressions.is_null() || !(*i).ii_Predicate.is_null() || !(*i).ii_ExclusionOps.is_null()) {
+    // What CatalogTupleInsertWithInfo cannot do: expressions, predicates, exclusion constraints,
+    // deferred uniqueness.
+    let plain_index = |(&info, &rel): (&*mut pg_sys::IndexInfo, &pg_sys::Relation)| {
+        (*info).ii_Expressions.is_null()
+            && (*info).ii_Predicate.is_null()
+            && (*info).ii_ExclusionOps.is_null()
+            && (*(*rel).rd_index).indimmediate
+    };
+    if !infos.iter().zip(rels).all(plain_index) {
         pg_sys::CatalogCloseIndexes(indexes);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         return false;
