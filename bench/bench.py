@@ -151,11 +151,14 @@ def bench_bulk(db):
            "<= 1.5", ratio <= 1.5)
 
 
-def worker_rss_kb(pid, field):
+def worker_memory_kb(pid):
+    """The memory lines of /proc/PID/status (VmRSS, RssAnon, ...), in kB."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
+        name, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            fields[name] = int(value.split()[0])
+    return fields
 
 
 def bench_full_sync(db):
@@ -173,8 +176,9 @@ def bench_full_sync(db):
     def sample():
         while not stop.is_set():
             try:
-                for i, field in enumerate(("VmRSS:", "RssAnon:", "RssShmem:", "RssFile:")):
-                    peak[i] = max(peak[i], worker_rss_kb(pid, field))
+                now = worker_memory_kb(pid)
+                for i, field in enumerate(("VmRSS", "RssAnon", "RssShmem", "RssFile")):
+                    peak[i] = max(peak[i], now.get(field, 0))
             except OSError:
                 pass
             time.sleep(0.1)

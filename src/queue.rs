@@ -56,35 +56,10 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
         error!("cde: table cde.queue is missing; the extension is damaged (DROP and CREATE EXTENSION cde)");
     }
     let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-    let Some(attnums) = plain_shape(rel) else {
+    let Some((attnums, sequence, indexes)) = plain_target(rel, relid) else {
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         return false;
     };
-    let Some(sequence) = identity_sequence(relid, attnums[0]) else {
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        return false;
-    };
-    let indexes = pg_sys::CatalogOpenIndexes(rel);
-    let (infos, rels) = match (*indexes).ri_NumIndices {
-        n if n > 0 => (
-            std::slice::from_raw_parts((*indexes).ri_IndexRelationInfo, n as usize),
-            std::slice::from_raw_parts((*indexes).ri_IndexRelationDescs, n as usize),
-        ),
-        _ => (&[][..], &[][..]),
-    };
-    // What CatalogTupleInsertWithInfo cannot do: expressions, predicates, exclusion constraints,
-    // deferred uniqueness.
-    let plain_index = |(&info, &rel): (&*mut pg_sys::IndexInfo, &pg_sys::Relation)| {
-        (*info).ii_Expressions.is_null()
-            && (*info).ii_Predicate.is_null()
-            && (*info).ii_ExclusionOps.is_null()
-            && (*(*rel).rd_index).indimmediate
-    };
-    if !infos.iter().zip(rels).all(plain_index) {
-        pg_sys::CatalogCloseIndexes(indexes);
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        return false;
-    }
 
     let queued_at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
     let desc = (*rel).rd_att;
@@ -122,6 +97,37 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
     // The lock stays to the end of the transaction, as an INSERT's would.
     pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     true
+}
+
+/// What the direct path needs of `rel`, if it is still the plain table sql/schema.sql made: the
+/// attribute numbers of [`COLUMNS`], the identity's sequence, and its indexes, opened.
+unsafe fn plain_target(
+    rel: pg_sys::Relation,
+    relid: pg_sys::Oid,
+) -> Option<([pg_sys::AttrNumber; 5], pg_sys::Oid, pg_sys::CatalogIndexState)> {
+    let attnums = plain_shape(rel)?;
+    let sequence = identity_sequence(relid, attnums[0])?;
+    let indexes = pg_sys::CatalogOpenIndexes(rel);
+    let (infos, rels) = match (*indexes).ri_NumIndices {
+        n if n > 0 => (
+            std::slice::from_raw_parts((*indexes).ri_IndexRelationInfo, n as usize),
+            std::slice::from_raw_parts((*indexes).ri_IndexRelationDescs, n as usize),
+        ),
+        _ => (&[][..], &[][..]),
+    };
+    // What CatalogTupleInsertWithInfo cannot do: expressions, predicates, exclusion constraints,
+    // deferred uniqueness.
+    let plain_index = |(&info, &rel): (&*mut pg_sys::IndexInfo, &pg_sys::Relation)| {
+        (*info).ii_Expressions.is_null()
+            && (*info).ii_Predicate.is_null()
+            && (*info).ii_ExclusionOps.is_null()
+            && (*(*rel).rd_index).indimmediate
+    };
+    if !infos.iter().zip(rels).all(plain_index) {
+        pg_sys::CatalogCloseIndexes(indexes);
+        return None;
+    }
+    Some((attnums, sequence, indexes))
 }
 
 unsafe fn text(s: &str) -> pg_sys::Datum {
