@@ -72,8 +72,7 @@ impl Builder {
 pub extern "C-unwind" fn cde_builder_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
-    // As for the worker: a lost commit is built again.
-    Own.run(|| Spi::run("SET synchronous_commit = off")).unwrap_or_else(|e| error!("cde: {e}"));
+    crate::worker::session_settings();
     let mut chunks = 0u64;
     loop {
         if BackgroundWorker::sigterm_received() || unsafe { pg_sys::ShutdownRequestPending } != 0 {
