@@ -96,8 +96,9 @@ CREATE FUNCTION cde._sync_step_lock() RETURNS bigint
 LANGUAGE sql IMMUTABLE AS 'SELECT 1667523841';
 
 -- One step of the oldest active run. Returns 'progress' when it did work, 'waiting' when the
--- run waits for the send pass, NULL when no run is active, and 'busy' when another session
--- holds the step lock (unless "wait": then it waits for it, as the builder does).
+-- run waits for the send pass, NULL when no run is active, 'busy' when another session holds
+-- the step lock (unless "wait": then it waits for it, as the builder does), and 'retry' when a
+-- transient error rolled the step back.
 CREATE FUNCTION cde._sync_step(wait boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -207,8 +208,13 @@ BEGIN
         EXCEPTION
             WHEN deadlock_detected OR serialization_failure OR lock_not_available THEN
                 -- Transient (a chunk's upsert and the worker's record can take the same rows in
-                -- other orders): the step fails, and is taken again; the run goes on.
-                RAISE;
+                -- other orders): the step's work is rolled back (this block), the run goes on,
+                -- and the caller takes the step again later (the worker: at its next iteration).
+                RAISE WARNING 'cde: full sync run %, feed %: step rolled back after a transient error, taken again: %',
+                    r.id, ph.feed, SQLERRM;
+                INSERT INTO cde.sync_events (run_id, status, feed, message)
+                VALUES (r.id, 'executing', ph.feed, 'step rolled back, taken again: ' || SQLERRM);
+                RETURN 'retry';
             WHEN OTHERS THEN
                 PERFORM cde._sync_fail(r, ph.feed, SQLERRM);
                 RETURN 'progress';

@@ -11,6 +11,9 @@ pub enum Step {
     Waiting,
     /// Another session (the builder, or cde_sync_now()) is taking a step.
     Busy,
+    /// A transient error (deadlock, serialization failure, lock timeout) rolled the step back:
+    /// take it again later rather than at once, into the same conflict.
+    Retry,
     /// No run is active.
     Idle,
 }
@@ -20,6 +23,7 @@ pub fn step_waiting(wait: bool) -> Step {
     match Spi::get_one_with_args::<String>("SELECT cde._sync_step($1)", &[wait.into()]) {
         Ok(Some(s)) if s == "progress" => Step::Progress,
         Ok(Some(s)) if s == "busy" => Step::Busy,
+        Ok(Some(s)) if s == "retry" => Step::Retry,
         Ok(Some(_)) => Step::Waiting,
         Ok(None) => Step::Idle,
         Err(e) => error!("cde: full sync step failed: {e}"),
@@ -39,7 +43,7 @@ pub fn advance(run: &impl Fn() -> Step, budget: Duration) -> bool {
     while started.elapsed() < budget {
         match run() {
             Step::Progress => progressed = true,
-            Step::Waiting | Step::Busy | Step::Idle => break,
+            Step::Waiting | Step::Busy | Step::Retry | Step::Idle => break,
         }
     }
     progressed

@@ -50,8 +50,9 @@ SELECT cde_cancel_sync(:run_id);
 SELECT cde_cancel_sync(-1);
 SELECT cde_full_sync('nope');
 
--- A transient error in a step (a deadlock, a serialization failure) fails that step, not the run:
--- the step is taken again. Any other error fails the run, with the error. Steps one at a time:
+-- A transient error in a step (a deadlock, a serialization failure) rolls that step back, not the
+-- run: the step says 'retry' (with a WARNING and an event) and is taken again. Any other error
+-- fails the run, with the error. Steps one at a time:
 CREATE FUNCTION flaky(i int) RETURNS int LANGUAGE plpgsql AS $$
 BEGIN
     CASE current_setting('regress.flaky', true)
@@ -66,6 +67,7 @@ SELECT cde._sync_step() AS prepared, cde._sync_step() AS planned, cde._sync_step
 SET regress.flaky = 'deadlock';
 SELECT cde._sync_step();
 SELECT status, current_phase, processed, error FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT status, feed, message FROM cde.sync_events WHERE run_id = :run_id ORDER BY at DESC LIMIT 1;
 RESET regress.flaky;
 SELECT cde._sync_step() AS built, cde._sync_step() AS sending_no_deletion_pass;
 SELECT feed, collected, sent, failed FROM cde_sync_now('flaky');
