@@ -76,7 +76,10 @@ def load(db):
     if os.environ.get("CDE_BENCH_KEEP") == "1" and one(db, "SELECT to_regclass('products') IS NOT NULL") \
             and one(db, "SELECT count(*) FROM products") == SCALE:
         print(f"reusing the catalog of {SCALE} products (CDE_BENCH_KEEP=1)", flush=True)
-        db.execute("VACUUM ANALYZE")
+        # Compacted, as if freshly loaded: each run's bulk updates leave the tables larger (a 1M
+        # catalog's products grew 3x over a dozen runs, and COPY of the source query from 11.5
+        # to 16.5 s), which would make runs incomparable.
+        db.execute("VACUUM (FULL, ANALYZE)")
         return
     print(f"loading the catalog: {SCALE} products", flush=True)
     text = (ROOT / "examples/catalog/schema.sql").read_text().replace(":products", str(SCALE))
@@ -163,6 +166,10 @@ def worker_memory_kb(pid):
 
 def bench_full_sync(db):
     query = one(db, "SELECT source_query FROM cde.feeds WHERE name = 'products'")
+    # From a quiet database: the bulk benchmark before leaves 1M dead product rows, and their
+    # autovacuum (and the hint bits the first reader sets) would run during COPY and the sync.
+    db.execute("VACUUM ANALYZE")
+    db.execute("CHECKPOINT")
     t = time.monotonic()
     db.execute(f"COPY ({query}) TO '/dev/null'")
     copy_s = time.monotonic() - t
