@@ -50,14 +50,23 @@ pub fn register() {
 }
 
 /// A fresh transaction per step, committed at its end.
+///
+/// After the commit, the step's table statistics go to the cumulative statistics (at most once a
+/// second; PostgreSQL keeps the rest pending): a backend does it in its main loop, a background
+/// worker must do it itself. Without it the worker's updates of feed tables and its deletes from
+/// the queue were never counted, so autovacuum never saw their dead rows: a feed table only
+/// delivering changes was never vacuumed (found in pg_stat_user_tables: n_tup_upd = 0 for a feed
+/// table after 2M updates by the worker).
 pub struct Own;
 impl Txn for Own {
     fn run<R>(&self, f: impl FnOnce() -> R) -> R {
         let f = std::panic::AssertUnwindSafe(f);
-        BackgroundWorker::transaction(move || {
+        let r = BackgroundWorker::transaction(move || {
             let f = f;
             (f.0)()
-        })
+        });
+        unsafe { pg_sys::pgstat_report_stat(false) };
+        r
     }
 }
 

@@ -208,3 +208,18 @@ def test_the_worker_restarts_after_kill_9_and_loses_nothing(catalog, sink):
         db.run("UPDATE products SET name = 'after crash' WHERE id BETWEEN 30 AND 39")
         wait_until("delivery by the new worker",
                    lambda: all(name_at_sink(sink, k) == "after crash" for k in range(30, 40)), timeout=10)
+
+
+def test_the_workers_writes_are_counted_for_autovacuum(catalog, sink):
+    # The worker's updates of a feed table and its deletes from the queue must reach the
+    # cumulative statistics, or autovacuum never sees their dead rows (a background worker
+    # reports them itself; it once did not, and a feed table that only delivered changes was
+    # never vacuumed).
+    def counts():
+        return catalog.rows("""SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'cde.feed_products'::regclass),
+                                      (SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'cde.queue'::regclass)""")[0]
+    updated, deleted = counts()
+    catalog.run("UPDATE products SET name = 'counted ' || id WHERE id BETWEEN 40 AND 59")
+    wait_until("delivery", lambda: all(name_at_sink(sink, k) == f"counted {k}" for k in range(40, 60)))
+    # Collect rewrites the 20 documents and delivery records them: 40 updates, 1 queue row.
+    wait_until("the worker's writes counted", lambda: counts()[0] >= updated + 40 and counts()[1] >= deleted + 1, timeout=15)
