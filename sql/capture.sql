@@ -113,11 +113,8 @@ END $$;
 CREATE FUNCTION cde._queue_statement(tbl oid, sources text[]) RETURNS text
 LANGUAGE sql STABLE AS $$
     SELECT format($b$
-                WITH queued AS (
-                    INSERT INTO cde.queue (feed, keys)
-                    SELECT v.feed, v.keys FROM (VALUES %s) AS v(feed, keys) WHERE v.keys IS NOT NULL
-                    RETURNING 1)
-                SELECT bool_or(cde._changes_recorded()) INTO woke FROM queued;$b$,
+                SELECT bool_or(cde._enqueue(v.feed, v.keys) > 0 AND cde._changes_recorded()) INTO woke
+                  FROM (VALUES %s) AS v(feed, keys) WHERE v.keys IS NOT NULL;$b$,
                   string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
                                     t.feed, cde._keys_query(f, t.keys, sources)), ', ' ORDER BY t.feed))
       FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed

@@ -26,8 +26,9 @@ DECLARE
     chunk    int := cde._chunk_size();
 BEGIN
     failed := 0;
-    -- The oldest queue rows holding about max_keys keys (at least one row, however large), so
-    -- that one call is a bounded amount of work and sending is never far behind collecting.
+    -- The oldest queue rows holding about max_keys keys (at least one row; rows hold at most
+    -- cde._chunk_size() keys, see cde._enqueue), so that one call is a bounded amount of work
+    -- and sending is never far behind collecting.
     WITH slice AS (
         SELECT x.id FROM (
             SELECT q.id, sum(coalesce(cardinality(q.keys), 0)) OVER (ORDER BY q.id) - coalesce(cardinality(q.keys), 0) AS before
@@ -156,9 +157,7 @@ BEGIN
               FROM due WHERE t.key = due.key AND due.reason = 'send' AND t.status = 'retrying'
             RETURNING 1
         ), rebuild AS (
-            INSERT INTO cde.queue (feed, keys)
-            SELECT $1, array_agg(key) FROM due WHERE reason = 'build' HAVING count(*) > 0
-            RETURNING cardinality(keys) AS n
+            SELECT cde._enqueue($1, array_agg(key)) AS n FROM due WHERE reason = 'build' HAVING count(*) > 0
         )
         SELECT (SELECT count(*) FROM resend) + coalesce((SELECT sum(n) FROM rebuild), 0)$q$, f.feed_table)
       INTO n USING f.name;

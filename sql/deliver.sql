@@ -93,9 +93,7 @@ BEGIN
                   FROM failed WHERE t.key = failed.key AND NOT failed.unbuilt
                 RETURNING 1
             ), rebuild AS (
-                INSERT INTO cde.queue (feed, keys)
-                SELECT $1, array_agg(key) FROM failed WHERE unbuilt HAVING count(*) > 0
-                RETURNING cardinality(keys) AS n
+                SELECT cde._enqueue($1, array_agg(key)) AS n FROM failed WHERE unbuilt HAVING count(*) > 0
             ), forget AS (
                 DELETE FROM cde.retries r WHERE r.feed = $1
             )

@@ -40,7 +40,8 @@ CREATE TABLE cde.tracks (
 );
 COMMENT ON TABLE cde.tracks IS 'Tracked tables (cde_track); cde._install_capture turns a table''s tracks into its capture triggers';
 
--- The change queue: one row per feed per writing statement, holding the keys it touched.
+-- The change queue: one row per feed per writing statement, holding the keys it touched (a
+-- statement that touched more than cde._chunk_size() keys takes several rows: see cde._enqueue).
 -- One row per statement (not per changed row) keeps bulk writes cheap; the collector
 -- deduplicates. all_keys marks a TRUNCATE: every key of the feed must be rebuilt.
 CREATE TABLE cde.queue (
@@ -100,6 +101,16 @@ CREATE TABLE cde.sync_phases (
     PRIMARY KEY (run_id, feed)
 );
 
--- How many keys one rebuild statement takes (collect and full sync alike): large enough to
--- amortise planning, small enough that memory and transactions stay small.
-CREATE FUNCTION cde._chunk_size() RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 5000';
+-- Queue keys for a feed, in rows of at most cde._chunk_size() keys (src/collect.rs): however
+-- many keys one write or one retry pass queues, one collect call takes a bounded slice of them.
+-- The capture trigger for column keys splits its rows the same way (src/queue.rs). Returns how
+-- many keys were queued.
+CREATE FUNCTION cde._enqueue(p_feed text, p_keys text[]) RETURNS bigint
+LANGUAGE sql AS $$
+    WITH queued AS (
+        INSERT INTO cde.queue (feed, keys)
+        SELECT p_feed, p_keys[i : i + cde._chunk_size() - 1]
+          FROM generate_series(1, cardinality(p_keys), cde._chunk_size()) AS i
+        RETURNING cardinality(keys) AS n)
+    SELECT coalesce(sum(n), 0)::bigint FROM queued
+$$;

@@ -3,9 +3,21 @@
 
 use pgrx::prelude::*;
 
+/// How many keys one rebuild statement takes (collect and full sync alike): large enough to
+/// amortise planning, small enough that memory and transactions stay small. A queue row holds
+/// at most this many keys (src/queue.rs, cde._enqueue), so that a bulk write's million keys are
+/// collected a slice at a time, with deliveries in between, not in one 20-second transaction.
+pub const CHUNK_KEYS: usize = 5000;
+
 #[pg_schema]
 mod cde {
     use pgrx::prelude::*;
+
+    /// [`super::CHUNK_KEYS`], for the SQL side.
+    #[pg_extern(immutable, parallel_safe)]
+    fn _chunk_size() -> i32 {
+        super::CHUNK_KEYS as i32
+    }
 
     /// The hash of a document, over its binary form (see cde_protocol::document_hash): no text is
     /// rendered, unlike md5(doc::text), which cost a full sync about two microseconds a document.

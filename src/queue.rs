@@ -1,6 +1,7 @@
 //! Appending to `cde.queue`: the one thing a tracked write pays for.
 //!
-//! The capture trigger appends one row per feed per statement. Through SQL that is an INSERT:
+//! The capture trigger appends one row per feed per statement (more for a statement that changed
+//! over `CHUNK_KEYS` keys). Through SQL that is an INSERT:
 //! executor start-up, a projection, ModifyTable, then the heap and index inserts. On a
 //! single-row UPDATE the executor part cost more than the inserts themselves, so the rows go in
 //! directly: `heap_form_tuple`, then `CatalogTupleInsertWithInfo` (the heap insert and its index
@@ -13,6 +14,7 @@
 //! made (a few name and flag comparisons); if someone altered it, appends go through the
 //! prepared INSERT instead, which honours whatever was added.
 
+use crate::collect::CHUNK_KEYS;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
@@ -40,13 +42,22 @@ const COLUMNS: [(&str, pg_sys::Oid); 5] = [
 /// TRUNCATE). A statement's keys of one column serve all the feeds keyed by that column.
 pub type Group<'a> = (Vec<&'a str>, Option<Vec<String>>);
 
-/// Append one row per feed of each group.
+/// Append each group's keys for each of its feeds, in rows of at most [`CHUNK_KEYS`] keys.
 pub fn append(groups: &[Group]) {
     if !unsafe { append_direct(groups) } {
-        for (feeds, keys) in groups {
-            append_sql(feeds, keys);
+        for (feeds, keys, all) in rows(groups) {
+            append_sql(feeds, (!all).then_some(keys));
         }
     }
+}
+
+/// The queue rows of the groups, for each: its feeds, a slice of at most [`CHUNK_KEYS`] keys,
+/// and whether it stands for every key (a TRUNCATE: one row, no keys).
+fn rows<'g>(groups: &'g [Group]) -> impl Iterator<Item = (&'g [&'g str], &'g [String], bool)> {
+    groups.iter().flat_map(|(feeds, keys)| match keys {
+        Some(keys) => keys.chunks(CHUNK_KEYS).map(|slice| (feeds.as_slice(), slice, false)).collect::<Vec<_>>(),
+        None => vec![(feeds.as_slice(), &[][..], true)],
+    })
 }
 
 /// The direct path; false (having written nothing) when `cde.queue` is not the table it knows.
@@ -64,8 +75,8 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
     let queued_at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
     let desc = (*rel).rd_att;
     let natts = (*desc).natts as usize;
-    for (feeds, keys) in groups {
-        let keys = keys.as_ref().map(|keys| {
+    for (feeds, keys, all) in rows(groups) {
+        let keys = (!all).then(|| {
             let mut elems: Vec<pg_sys::Datum> = keys.iter().map(|k| text(k)).collect();
             pg_sys::Datum::from(pg_sys::construct_array_builtin(elems.as_mut_ptr(), elems.len() as i32, pg_sys::TEXTOID))
         });
@@ -175,7 +186,7 @@ unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> O
 }
 
 /// The INSERT the direct path stands for.
-fn append_sql(feeds: &[&str], keys: &Option<Vec<String>>) {
+fn append_sql(feeds: &[&str], keys: Option<&[String]>) {
     Spi::connect_mut(|c| {
         INSERT.with(|cell| {
             if cell.get().is_none() {
@@ -184,7 +195,7 @@ fn append_sql(feeds: &[&str], keys: &Option<Vec<String>>) {
                 let _ = cell.set(c.prepare_mut(sql, &[text_array, text_array])?.keep());
             }
             let plan = cell.get().expect("prepared above");
-            c.update(plan, None, &[feeds.to_vec().into(), keys.clone().into()]).map(|_| ())
+            c.update(plan, None, &[feeds.to_vec().into(), keys.map(<[String]>::to_vec).into()]).map(|_| ())
         })
     })
     .unwrap_or_else(|e| error!("cde: capture could not queue keys of feeds {feeds:?}: {e}"));

@@ -54,6 +54,15 @@ TRUNCATE prices;
 SELECT * FROM queued();
 DELETE FROM cde.queue;
 
+-- A statement's keys go in rows of at most cde._chunk_size() keys, whichever trigger queues
+-- them: collecting a bulk write then takes a bounded slice at a time.
+SELECT cde._chunk_size();
+INSERT INTO products SELECT g, 'bulk', 1 FROM generate_series(100, 12099) AS g;    -- cde._capture
+UPDATE categories SET name = 'Clogs' WHERE id = 1;    -- generated: its 12,001 products, old and new rows
+SELECT feed, cardinality(keys) FROM cde.queue ORDER BY id;
+DELETE FROM products WHERE id >= 100;
+DELETE FROM cde.queue;
+
 -- Several feeds may track one table; tracking again for the same feed replaces the definition.
 SELECT cde_register_feed('skus', 'SELECT id, sku FROM products');
 SELECT cde_track('skus', 'products');
