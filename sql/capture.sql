@@ -110,12 +110,14 @@ END $$;
 -- For the feeds of a table whose keys are not a plain column: the statement of the generated
 -- trigger that queues their keys, read from the transition tables in "sources", one row per feed
 -- (none for a feed whose keys are empty for the statement). NULL when there are no such feeds.
+-- The keys are made distinct here: an UPDATE's old and new rows mostly give the same keys (a
+-- category renamed: every product of it twice), which would double what is queued.
 CREATE FUNCTION cde._queue_statement(tbl oid, sources text[]) RETURNS text
 LANGUAGE sql STABLE AS $$
     SELECT format($b$
                 SELECT bool_or(cde._enqueue(v.feed, v.keys) > 0 AND cde._changes_recorded()) INTO woke
                   FROM (VALUES %s) AS v(feed, keys) WHERE v.keys IS NOT NULL;$b$,
-                  string_agg(format('(%L, (SELECT array_agg(k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
+                  string_agg(format('(%L, (SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
                                     t.feed, cde._keys_query(f, t.keys, sources)), ', ' ORDER BY t.feed))
       FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
      WHERE t.source_table = tbl AND cde._key_column(f, tbl, t.keys) IS NULL

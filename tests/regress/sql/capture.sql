@@ -58,7 +58,7 @@ DELETE FROM cde.queue;
 -- them: collecting a bulk write then takes a bounded slice at a time.
 SELECT cde._chunk_size();
 INSERT INTO products SELECT g, 'bulk', 1 FROM generate_series(100, 12099) AS g;    -- cde._capture
-UPDATE categories SET name = 'Clogs' WHERE id = 1;    -- generated: its 12,001 products, old and new rows
+UPDATE categories SET name = 'Clogs' WHERE id = 1;    -- generated: its 12,001 products, once each
 SELECT feed, cardinality(keys) FROM cde.queue ORDER BY id;
 DELETE FROM products WHERE id >= 100;
 DELETE FROM cde.queue;
