@@ -19,7 +19,7 @@ SELECT cde_track('products', 'categories',                      -- a query over 
 SELECT feed, table_name, keys FROM cde.tracks ORDER BY table_name;
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'products'::regclass AND NOT tgisinternal ORDER BY tgname;
 
--- What the queue holds, one row per statement. The trigger does not deduplicate (the collector
+-- What the queue holds, one row per statement. cde._capture does not deduplicate (the collector
 -- does, once for many statements): show each statement's distinct keys, sorted.
 CREATE FUNCTION queued() RETURNS TABLE (feed text, keys text[], all_keys boolean)
 LANGUAGE sql AS $$ SELECT feed, ARRAY(SELECT DISTINCT unnest(keys) ORDER BY 1), all_keys FROM cde.queue ORDER BY id $$;
