@@ -45,18 +45,18 @@ pub type Group<'a> = (Vec<&'a str>, Option<Vec<String>>);
 /// Append each group's keys for each of its feeds, in rows of at most [`CHUNK_KEYS`] keys.
 pub fn append(groups: &[Group]) {
     if !unsafe { append_direct(groups) } {
-        for (feeds, keys, all) in rows(groups) {
-            append_sql(feeds, (!all).then_some(keys));
+        for (feeds, keys) in rows(groups) {
+            append_sql(feeds, keys);
         }
     }
 }
 
-/// The queue rows of the groups, for each: its feeds, a slice of at most [`CHUNK_KEYS`] keys,
-/// and whether it stands for every key (a TRUNCATE: one row, no keys).
-fn rows<'g>(groups: &'g [Group]) -> impl Iterator<Item = (&'g [&'g str], &'g [String], bool)> {
-    groups.iter().flat_map(|(feeds, keys)| match keys {
-        Some(keys) => keys.chunks(CHUNK_KEYS).map(|slice| (feeds.as_slice(), slice, false)).collect::<Vec<_>>(),
-        None => vec![(feeds.as_slice(), &[][..], true)],
+/// The queue rows of the groups, for each: its feeds and a slice of at most [`CHUNK_KEYS`] keys,
+/// or `None` for every key (a TRUNCATE: one row). No allocation: this runs on every write.
+fn rows<'g>(groups: &'g [Group]) -> impl Iterator<Item = (&'g [&'g str], Option<&'g [String]>)> {
+    groups.iter().flat_map(|(feeds, keys)| {
+        let every = keys.is_none().then_some((feeds.as_slice(), None));
+        keys.iter().flat_map(|k| k.chunks(CHUNK_KEYS)).map(move |slice| (feeds.as_slice(), Some(slice))).chain(every)
     })
 }
 
@@ -75,8 +75,8 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
     let queued_at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
     let desc = (*rel).rd_att;
     let natts = (*desc).natts as usize;
-    for (feeds, keys, all) in rows(groups) {
-        let keys = (!all).then(|| {
+    for (feeds, keys) in rows(groups) {
+        let keys = keys.map(|keys| {
             let mut elems: Vec<pg_sys::Datum> = keys.iter().map(|k| text(k)).collect();
             pg_sys::Datum::from(pg_sys::construct_array_builtin(elems.as_mut_ptr(), elems.len() as i32, pg_sys::TEXTOID))
         });
