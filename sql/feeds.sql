@@ -180,6 +180,8 @@ BEGIN
     --                    full sync's step): one range scan of the source rather than a probe per
     --                    key; failed items are sent again; last_key is the next chunk's "after"
     --   mode 'chunk_dry' the same counts, nothing written
+    -- A chunk takes only the keys of its lane ("lane" of "lanes", see cde._in_lane): several sync
+    -- builders build one feed at once, each its own lanes. One lane (lanes = 1) is every key.
     src_sql := format($q$
         SELECT (s.%1$I)::text AS key, %2$s AS doc
           FROM (%3$s) AS s
@@ -204,15 +206,19 @@ BEGIN
     -- A key gone from the source: a pending deletion.
     gone_set := $q$doc = NULL, hash = NULL, deleted = true, status = 'pending',
                        http_status = NULL, error = NULL, attempts = 0, modified_at = now()$q$;
-    -- The next n source rows after a key, in the key's own order, numbered in that order.
+    -- The next n source rows of a lane after a key, in the key's own order, numbered in that
+    -- order. The lane filter applies to the key alone, below the documents: the rows of other
+    -- lanes are scanned, not built.
     chunk_sql := format($q$
         SELECT (s.%1$I)::text AS key, %2$s AS doc, row_number() OVER () AS o
           FROM (SELECT * FROM (%3$s) AS s
-                 WHERE $1 IS NULL OR s.%1$I > $1::%4$s
+                 WHERE ($1 IS NULL OR s.%1$I > $1::%4$s)
+                   AND ($4 = 1 OR cde._in_lane((s.%1$I)::text, $3, $4))
                  ORDER BY s.%1$I LIMIT $2) AS s$q$,
         key_column, doc_expr, query, format_type(key_type, NULL));
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION %1$s(keys text[], mode text DEFAULT 'apply', after text DEFAULT NULL, n int DEFAULT 0,
+                                        lane int DEFAULT 0, lanes int DEFAULT 1,
                                         OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT last_key text)
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s SET jit = off AS $body$
         BEGIN
@@ -220,8 +226,8 @@ BEGIN
             WHEN 'apply' THEN EXECUTE %3$L INTO built, changed, deleted USING keys;
             WHEN 'gone' THEN EXECUTE %4$L INTO deleted, last_key USING after, n, false;
             WHEN 'gone_dry' THEN EXECUTE %4$L INTO deleted, last_key USING after, n, true;
-            WHEN 'chunk' THEN EXECUTE %5$L INTO built, changed, deleted, last_key USING after, n;
-            WHEN 'chunk_dry' THEN EXECUTE %6$L INTO built, changed, deleted, last_key USING after, n;
+            WHEN 'chunk' THEN EXECUTE %5$L INTO built, changed, deleted, last_key USING after, n, lane, lanes;
+            WHEN 'chunk_dry' THEN EXECUTE %6$L INTO built, changed, deleted, last_key USING after, n, lane, lanes;
             END CASE;
         END $body$$f$,
         fn, cde._fixed_search_path(),
@@ -284,12 +290,12 @@ BEGIN
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1)
               FROM src LEFT JOIN %2$s AS f ON f.key = src.key
         $q$, chunk_sql, tbl));
-    EXECUTE format('REVOKE ALL ON FUNCTION %s(text[], text, text, int) FROM PUBLIC', fn);
+    EXECUTE format('REVOKE ALL ON FUNCTION %s(text[], text, text, int, int, int) FROM PUBLIC', fn);
 
     INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,
                                 batch_size, owner, search_path, feed_table, rebuild_fn)
     VALUES (feed, query, key_column, key_type, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
-            current_user::regrole, cde._fixed_search_path(), tbl::regclass, (fn || '(text[], text, text, int)')::regprocedure)
+            current_user::regrole, cde._fixed_search_path(), tbl::regclass, (fn || '(text[], text, text, int, int, int)')::regprocedure)
     ON CONFLICT (name) DO UPDATE
        SET source_query = excluded.source_query, key_column = excluded.key_column, key_type = excluded.key_type,
            doc_column = excluded.doc_column, mode = excluded.mode, depends_on = excluded.depends_on,

@@ -19,7 +19,7 @@ CREATE TABLE cde.feeds (
     owner         regrole NOT NULL,        -- the source query runs with this role's rights
     search_path   text NOT NULL,           -- the registering session's, fixed for the source query
     feed_table    regclass NOT NULL,       -- cde.feed_<name>
-    rebuild_fn    regprocedure NOT NULL,   -- generated: cde.rebuild_<name>(keys, mode, after, n)
+    rebuild_fn    regprocedure NOT NULL,   -- generated: cde.rebuild_<name>(keys, mode, after, n, lane, lanes)
     hold_until    timestamptz,             -- Retry-After from the endpoint holds the whole feed back
     last_legacy_send_at timestamptz,
     last_sent_at  timestamptz,
@@ -84,7 +84,6 @@ CREATE TABLE cde.sync_phases (
     ordinal    int NOT NULL,                -- phase order, from the feeds' dependencies
     status     text NOT NULL DEFAULT 'waiting'
                CHECK (status IN ('waiting', 'building', 'sending', 'finished', 'failed', 'cancelled')),
-    cursor_key text,                        -- last source key built (resume point), in text form
     deletions_cursor text,                  -- last feed-table key checked for deletion
     -- false when the feed table had no live row as the phase started (a feed's first sync):
     -- every row in it then was built or collected during the phase, none can be stale, and the
@@ -99,6 +98,20 @@ CREATE TABLE cde.sync_phases (
     started_at timestamptz,
     finished_at timestamptz,
     PRIMARY KEY (run_id, feed)
+);
+
+-- A phase's building, split into lanes by a hash of the key (cde._lane), so that several sync
+-- builders (cde.sync_builders) build one phase at once: a step takes a lane no other step holds
+-- and builds that lane's next chunk after its cursor. Each lane is a resume point of its own.
+CREATE TABLE cde.sync_lanes (
+    run_id     bigint NOT NULL,
+    feed       text NOT NULL,
+    lane       int NOT NULL,                -- 0 .. lanes - 1
+    lanes      int NOT NULL,                -- how many the phase was split into
+    cursor_key text,                        -- last source key built in this lane, in text form
+    done       boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (run_id, feed, lane),
+    FOREIGN KEY (run_id, feed) REFERENCES cde.sync_phases ON DELETE CASCADE
 );
 
 -- Queue keys for a feed, in rows of at most cde._chunk_size() keys (src/collect.rs): however

@@ -87,35 +87,92 @@ END $$;
 
 COMMENT ON FUNCTION cde_cancel_sync(bigint) IS 'Cancel a full sync run; what it already made pending is still delivered';
 
--- The advisory lock that makes one step at a time run, whoever calls: the worker, its builder
--- (src/builder.rs) or cde_sync_now(). Collecting takes it too (sql/collect.sql): a step builds
--- documents from its own snapshot, and a collect committed in the middle of a step could
--- otherwise see its newer document overwritten by the step's older one. DROP EXTENSION waits
--- for it as well (sql/capture.sql).
+-- The advisory lock between full sync steps and everything that must not overlap them. Steps
+-- take it shared: the sync builders (src/builder.rs), the worker and cde_sync_now() build lanes
+-- side by side. Collecting takes it exclusively (sql/collect.sql): a step builds documents from
+-- its own snapshot, and a collect committed in the middle of a step could otherwise see its newer
+-- document overwritten by the step's older one. DROP EXTENSION waits for it as well
+-- (sql/capture.sql).
 CREATE FUNCTION cde._sync_step_lock() RETURNS bigint
 LANGUAGE sql IMMUTABLE AS 'SELECT 1667523841';
 
+-- The lock taken by steps that change a run's state (count the plan, start or close a phase, the
+-- deletion pass): one such step at a time, beside the lanes' chunks.
+CREATE FUNCTION cde._sync_state_lock() RETURNS bigint
+LANGUAGE sql IMMUTABLE AS 'SELECT 1667523842';
+
 -- One step of the oldest active run. Returns 'progress' when it did work, 'waiting' when the
--- run waits for the send pass, NULL when no run is active, 'busy' when another session holds
--- the step lock (unless "wait": then it waits for it, as the builder does), and 'retry' when a
--- transient error rolled the step back.
+-- run waits for the send pass, NULL when no run is active, 'busy' when others hold what the step
+-- needs (every lane left is being built; the step lock; another state step) unless "wait": then
+-- it waits for the locks, as a builder does; and 'retry' when a transient error rolled the step
+-- back.
 CREATE FUNCTION cde._sync_step(wait boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     r     cde.sync_runs;
     ph    cde.sync_phases;
     f     cde.feeds;
+    ln    cde.sync_lanes;
     res   record;
     n     bigint;
+    lanes int;
     chunk int := cde._chunk_size();
 BEGIN
     IF wait THEN
-        PERFORM pg_advisory_xact_lock(cde._sync_step_lock());
-    ELSIF NOT pg_try_advisory_xact_lock(cde._sync_step_lock()) THEN
+        PERFORM pg_advisory_xact_lock_shared(cde._sync_step_lock());
+    ELSIF NOT pg_try_advisory_xact_lock_shared(cde._sync_step_lock()) THEN
+        RETURN 'busy';
+    END IF;
+
+    -- The oldest active run (runs go one after the other). If its phase is building: the next
+    -- chunk of a lane no other step is building.
+    SELECT * INTO r FROM cde.sync_runs WHERE status IN ('preparing', 'planned', 'executing') ORDER BY id LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT l.* INTO ln
+      FROM cde.sync_lanes l JOIN cde.sync_phases p USING (run_id, feed)
+     WHERE l.run_id = r.id AND NOT l.done AND p.status = 'building' AND p.deletions_cursor IS NULL
+     ORDER BY l.lane LIMIT 1
+       FOR UPDATE OF l SKIP LOCKED;
+    IF FOUND THEN
+        SELECT * INTO f FROM cde.feeds WHERE name = ln.feed;
+        IF NOT FOUND THEN
+            PERFORM cde._sync_fail(r, ln.feed, 'feed ' || ln.feed || ' was dropped');
+            RETURN 'progress';
+        END IF;
+        BEGIN
+            -- The lane's next chunk of source keys, in the key's own order (a dry run counts
+            -- what it would change). Fewer rows than asked: the lane is done.
+            EXECUTE format('SELECT built, changed, deleted, last_key FROM %s(NULL, $1, $2, $3, $4, $5)', f.rebuild_fn::regproc)
+               INTO res USING CASE WHEN r.dry_run THEN 'chunk_dry' ELSE 'chunk' END, ln.cursor_key, chunk, ln.lane, ln.lanes;
+            UPDATE cde.sync_lanes
+               SET cursor_key = coalesce(res.last_key, cursor_key), done = res.built < chunk
+             WHERE run_id = r.id AND feed = ln.feed AND lane = ln.lane;
+            UPDATE cde.sync_phases
+               SET processed = processed + res.built,
+                   unchanged = unchanged + res.built - res.changed,
+                   sent = CASE WHEN r.dry_run THEN sent + res.changed ELSE sent END,
+                   deleted = deleted + res.deleted
+             WHERE run_id = r.id AND feed = ln.feed;
+        EXCEPTION WHEN OTHERS THEN
+            RETURN cde._sync_step_failed(r, ln.feed, SQLSTATE, SQLERRM);   -- the step's work is rolled back
+        END;
+        RETURN 'progress';
+    END IF;
+    IF EXISTS (SELECT 1 FROM cde.sync_lanes l JOIN cde.sync_phases p USING (run_id, feed)
+                WHERE l.run_id = r.id AND NOT l.done AND p.status = 'building' AND p.deletions_cursor IS NULL) THEN
+        RETURN 'busy';   -- the lanes left are being built by other steps
+    END IF;
+
+    -- Everything else changes the run's state: one step at a time.
+    IF wait THEN
+        PERFORM pg_advisory_xact_lock(cde._sync_state_lock());
+    ELSIF NOT pg_try_advisory_xact_lock(cde._sync_state_lock()) THEN
         RETURN 'busy';
     END IF;
     SELECT * INTO r FROM cde.sync_runs WHERE status IN ('preparing', 'planned', 'executing')
-     ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED;
+     ORDER BY id LIMIT 1 FOR UPDATE;   -- again: another step may have changed it meanwhile
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -164,37 +221,36 @@ BEGIN
     END IF;
 
     IF ph.status = 'waiting' THEN
+        -- Lanes: as many as builders may run (cde.sync_builders), one for a source of less than
+        -- two chunks (nothing to share) or when no builder runs.
+        lanes := CASE WHEN ph.planned < 2 * chunk THEN 1
+                      ELSE greatest(1, coalesce(current_setting('cde.sync_builders', true)::int, 1)) END;
+        INSERT INTO cde.sync_lanes (run_id, feed, lane, lanes)
+        SELECT r.id, ph.feed, g, lanes FROM generate_series(0, lanes - 1) AS g;
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE NOT deleted)', f.feed_table) INTO res;
         UPDATE cde.sync_phases SET status = 'building', started_at = now(), check_deletions = res.exists
          WHERE run_id = r.id AND feed = ph.feed;
         UPDATE cde.sync_runs SET current_phase = ph.feed WHERE id = r.id;
-        INSERT INTO cde.sync_events (run_id, status, feed, message) VALUES (r.id, 'executing', ph.feed, 'phase started');
+        INSERT INTO cde.sync_events (run_id, status, feed, message)
+        VALUES (r.id, 'executing', ph.feed, 'phase started' || CASE WHEN lanes > 1 THEN format(', built in %s lanes', lanes) ELSE '' END);
         RETURN 'progress';
     END IF;
 
     IF ph.status = 'building' THEN
+        IF ph.deletions_cursor IS NULL AND EXISTS (SELECT 1 FROM cde.sync_lanes l
+                                                    WHERE l.run_id = r.id AND l.feed = ph.feed AND NOT l.done) THEN
+            RETURN 'progress';   -- a lane became free since this step looked: take it next
+        END IF;
         BEGIN
             IF ph.deletions_cursor IS NULL THEN
-                -- Build the next chunk of source keys, in the key's own order (a dry run
-                -- counts what it would change).
-                EXECUTE format('SELECT built, changed, deleted, last_key FROM %s(NULL, $1, $2, $3)', f.rebuild_fn::regproc)
-                   INTO res USING CASE WHEN r.dry_run THEN 'chunk_dry' ELSE 'chunk' END, ph.cursor_key, chunk;
-                IF res.last_key IS NOT NULL THEN
-                    UPDATE cde.sync_phases
-                       SET cursor_key = res.last_key,
-                           processed = processed + res.built,
-                           unchanged = unchanged + res.built - res.changed,
-                           sent = CASE WHEN r.dry_run THEN sent + res.changed ELSE sent END,
-                           deleted = deleted + res.deleted
-                     WHERE run_id = r.id AND feed = ph.feed;
-                    RETURN 'progress';
-                END IF;
+                -- Every lane built. Then the keys the feed table has and the source no longer
+                -- returns, unless the feed table had nothing to check.
                 IF ph.check_deletions THEN
                     UPDATE cde.sync_phases SET deletions_cursor = '' WHERE run_id = r.id AND feed = ph.feed;
                     RETURN 'progress';
                 END IF;
             ELSE
-                -- Then the keys the feed table has and the source no longer returns, in chunks.
+                -- The deletion pass: the next chunk of the feed table's keys.
                 EXECUTE format('SELECT deleted, last_key FROM %s(NULL, $1, $2, $3)', f.rebuild_fn::regproc)
                    INTO res USING CASE WHEN r.dry_run THEN 'gone_dry' ELSE 'gone' END, ph.deletions_cursor, chunk;
                 IF res.last_key IS NOT NULL THEN
@@ -205,19 +261,8 @@ BEGIN
                     RETURN 'progress';
                 END IF;
             END IF;
-        EXCEPTION
-            WHEN deadlock_detected OR serialization_failure OR lock_not_available THEN
-                -- Transient (a chunk's upsert and the worker's record can take the same rows in
-                -- other orders): the step's work is rolled back (this block), the run goes on,
-                -- and the caller takes the step again later (the worker: at its next iteration).
-                RAISE WARNING 'cde: full sync run %, feed %: step rolled back after a transient error, taken again: %',
-                    r.id, ph.feed, SQLERRM;
-                INSERT INTO cde.sync_events (run_id, status, feed, message)
-                VALUES (r.id, 'executing', ph.feed, 'step rolled back, taken again: ' || SQLERRM);
-                RETURN 'retry';
-            WHEN OTHERS THEN
-                PERFORM cde._sync_fail(r, ph.feed, SQLERRM);
-                RETURN 'progress';
+        EXCEPTION WHEN OTHERS THEN
+            RETURN cde._sync_step_failed(r, ph.feed, SQLSTATE, SQLERRM);
         END;
         IF r.dry_run THEN
             UPDATE cde.sync_phases SET status = 'finished', finished_at = now() WHERE run_id = r.id AND feed = ph.feed;
@@ -242,6 +287,23 @@ BEGIN
      WHERE run_id = r.id AND feed = ph.feed;
     INSERT INTO cde.sync_events (run_id, status, feed, message)
     VALUES (r.id, 'executing', ph.feed, format('phase finished: %s sent, %s failed', res.sent_n, res.failed_n));
+    RETURN 'progress';
+END $$;
+
+-- What a step that raised an error (its work rolled back) answers. A transient error (a
+-- deadlock: a chunk's upsert and the worker's record can take the same rows in other orders; a
+-- serialization failure; a lock timeout) leaves the run going, and the caller takes the step
+-- again later (the worker: at its next iteration): 'retry'. Any other fails the run.
+CREATE FUNCTION cde._sync_step_failed(r cde.sync_runs, feed text, state text, err text) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF state IN ('40P01', '40001', '55P03') THEN   -- deadlock_detected, serialization_failure, lock_not_available
+        RAISE WARNING 'cde: full sync run %, feed %: step rolled back after a transient error, taken again: %', r.id, feed, err;
+        INSERT INTO cde.sync_events (run_id, status, feed, message)
+        VALUES (r.id, 'executing', feed, 'step rolled back, taken again: ' || err);
+        RETURN 'retry';
+    END IF;
+    PERFORM cde._sync_fail(r, feed, err);
     RETURN 'progress';
 END $$;
 

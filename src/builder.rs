@@ -1,15 +1,16 @@
-//! The full sync builder: a second background worker that takes full sync steps (building
-//! documents, chunk after chunk) while the worker sends what was built.
+//! The full sync builders: background workers that take full sync steps (building documents,
+//! chunk after chunk) while the worker sends what was built.
 //!
 //! A full sync is two kinds of work: building documents (PostgreSQL executing the feed's source
 //! query) and delivering them (reading, posting, recording). In one process they alternate and
-//! use one core. The worker starts the builder when a run has building to do; the builder takes
-//! steps until the run waits for the send pass (or ends), wakes the worker after each chunk, and
-//! exits. Steps serialise on an advisory lock inside `cde._sync_step()`, so the worker and the
-//! builder never take the same step twice; the worker leaves steps to the builder while it runs.
-//! The worker's collects take that lock too: a step and a collect never overlap, so a step's
-//! document, built from its snapshot, never overwrites a newer one collected meanwhile. The
-//! builder waits for the lock (a collect is short) rather than exit.
+//! use one core. The worker starts `cde.sync_builders` builders when a run has building to do; a
+//! phase is split into as many lanes (sql/sync.sql), and each builder takes steps on a lane no
+//! other holds until none is left or the run waits for the send pass (or ends), waking the worker
+//! after each chunk, and exits. Chunk steps hold the step lock shared, so builders build side by
+//! side; steps that change the run's state take a second lock, one at a time; the worker's
+//! collects take the step lock exclusively: a step and a collect never overlap, so a step's
+//! document, built from its snapshot, never overwrites a newer one collected meanwhile. A builder
+//! waits for those locks (a collect is short) rather than exit.
 
 use crate::engine::Txn;
 use crate::gucs;
@@ -19,51 +20,44 @@ use crate::worker::Own;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 
-/// The worker's handle on its builder.
+/// The worker's handles on its builders.
 #[derive(Default)]
-pub struct Builder {
-    handle: Option<DynamicBackgroundWorker>,
+pub struct Builders {
+    handles: Vec<DynamicBackgroundWorker>,
 }
 
-impl Builder {
-    /// Is a builder starting or running?
+impl Builders {
+    /// Is any builder starting or running? Forgets those that are gone.
     pub fn alive(&mut self) -> bool {
-        let alive = match &self.handle {
-            None => false,
-            Some(h) => match h.pid() {
-                Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => true,
-                Err(_) => false,
-            },
-        };
-        if !alive {
-            self.handle = None;
-        }
-        alive
+        self.handles.retain(|h| matches!(h.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)));
+        !self.handles.is_empty()
     }
 
-    /// Start a builder unless one runs; false when none could start (no free background worker
+    /// Start builders until `n` run; false when none runs (`n` is 0, or no free background worker
     /// slot: max_worker_processes), and the worker takes the steps itself.
-    pub fn start(&mut self) -> bool {
-        if self.alive() {
-            return true;
-        }
-        let launched = BackgroundWorkerBuilder::new("cde sync builder")
-            .set_type("cde sync builder")
-            .set_function("cde_builder_main")
-            .set_library("cde")
-            .enable_spi_access()
-            .set_notify_pid(unsafe { pg_sys::MyProcPid })
-            .load_dynamic();
-        match launched {
-            Ok(h) => {
-                self.handle = Some(h);
-                true
+    pub fn start(&mut self, n: usize) -> bool {
+        self.alive();
+        while self.handles.len() < n {
+            let launched = BackgroundWorkerBuilder::new("cde sync builder")
+                .set_type("cde sync builder")
+                .set_function("cde_builder_main")
+                .set_library("cde")
+                .enable_spi_access()
+                .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                .load_dynamic();
+            match launched {
+                Ok(h) => self.handles.push(h),
+                Err(_) => {
+                    log!(
+                        "cde: no background worker slot for a sync builder (max_worker_processes): {} of {n} run{}",
+                        self.handles.len(),
+                        if self.handles.is_empty() { "; the worker builds" } else { "" }
+                    );
+                    break;
+                }
             }
-            Err(_) => {
-                log!("cde: no background worker slot for the sync builder (max_worker_processes); the worker builds");
-                false
-            }
         }
+        !self.handles.is_empty()
     }
 }
 
@@ -85,6 +79,7 @@ pub extern "C-unwind" fn cde_builder_main(_arg: pg_sys::Datum) {
                 .unwrap_or(false);
             installed.then(|| sync::step_waiting(true))
         });
+        // Busy: every lane left is another builder's; Waiting, Idle, Retry: nothing to build now.
         match step {
             Some(Step::Progress) => {
                 chunks += 1;

@@ -23,6 +23,7 @@ pub static HTTP_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static COMPRESSION: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_PAYLOADS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static PAUSE: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static SYNC_BUILDERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
 pub fn init() {
     unsafe {
@@ -110,6 +111,14 @@ pub fn init() {
         100,
         3_600_000,
         GucFlags::UNIT_MS,
+    );
+    int(
+        c"cde.sync_builders",
+        c"Sync builders a full sync phase is built by at once (0: the worker builds, between its sends).",
+        &SYNC_BUILDERS,
+        0,
+        64,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"cde.compression",
@@ -207,6 +216,7 @@ pub struct Settings {
     pub compression: bool,
     pub log_payloads: bool,
     pub pause: bool,
+    pub sync_builders: usize,
 }
 
 impl Settings {
@@ -223,6 +233,7 @@ impl Settings {
             compression: COMPRESSION.get(),
             log_payloads: LOG_PAYLOADS.get(),
             pause: PAUSE.get(),
+            sync_builders: SYNC_BUILDERS.get().max(0) as usize,
         }
     }
 }

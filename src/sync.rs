@@ -1,8 +1,28 @@
 //! Full sync runs: the state machine is SQL (`sql/sync.sql`), one step per call. Here: calling
-//! it in a loop with a time budget, and the progress log line.
+//! it in a loop with a time budget, the progress log line, and the lanes a phase is built in.
 
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
+
+#[pg_schema]
+mod cde {
+    use pgrx::prelude::*;
+
+    /// Is this key (in text form) in lane `lane` of `lanes`? The filter of a full sync chunk
+    /// (cde_protocol::lane). A boolean function, not `lane(key) = n`: the planner estimates a
+    /// third of the rows pass it, not half a percent, and keeps the ordered index scan that a
+    /// chunk's LIMIT needs (with the estimate of an equality it sorted every remaining row).
+    #[pg_extern(immutable, parallel_safe, strict)]
+    fn _in_lane(key: &str, lane: i32, lanes: i32) -> bool {
+        cde_protocol::lane(key.as_bytes(), lanes.max(1) as u32) as i32 == lane
+    }
+
+    /// The lane of a key, for looking at how a phase was split.
+    #[pg_extern(immutable, parallel_safe, strict)]
+    fn _lane(key: &str, lanes: i32) -> i32 {
+        cde_protocol::lane(key.as_bytes(), lanes.max(1) as u32) as i32
+    }
+}
 
 pub enum Step {
     /// A step did work.

@@ -6,7 +6,7 @@
 //! step. It waits for the extension to be created, survives it being dropped, reloads settings on
 //! SIGHUP, stops on SIGTERM, and is restarted by the postmaster if it dies.
 
-use crate::builder::Builder;
+use crate::builder::Builders;
 use crate::deliver::Counters;
 use crate::engine::{self, Txn};
 use crate::gucs::{self, Settings};
@@ -88,7 +88,7 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
     let mut settings = Settings::read();
     let mut transport = Transport::new(&settings);
     let mut counters = Counters::default();
-    let mut builder = Builder::default();
+    let mut builders = Builders::default();
     let mut announced_waiting = false;
     let mut last_progress_log = Instant::now();
     let mut more = true; // look for work at once after a (re)start
@@ -144,7 +144,7 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
         }
         announced_waiting = false;
         shared.state.store(shmem::WORKING, Ordering::Relaxed);
-        more = iteration(&settings, &mut transport, &mut counters, &mut builder, &mut last_progress_log);
+        more = iteration(&settings, &mut transport, &mut counters, &mut builders, &mut last_progress_log);
         shared.iterations.fetch_add(1, Ordering::Relaxed);
         shared.last_iteration_at.store(now_micros(), Ordering::Relaxed);
         shared.docs_sent.store(counters.docs_sent, Ordering::Relaxed);
@@ -207,17 +207,17 @@ fn iteration(
     settings: &Settings,
     transport: &mut Transport,
     counters: &mut Counters,
-    builder: &mut Builder,
+    builders: &mut Builders,
     last_progress_log: &mut Instant,
 ) -> bool {
-    // Full sync first. While the builder runs, it takes the steps (and wakes us after each) and
-    // this iteration only sends. Otherwise one step; if there is building to do, the builder
-    // takes over, or without one this worker builds for a bounded time, so that partial sync
-    // keeps flowing meanwhile.
+    // Full sync first. While builders run, they take the steps (and wake us after each) and this
+    // iteration only sends. Otherwise one step; if there is building to do, builders take over,
+    // or without any this worker builds for a bounded time, so that partial sync keeps flowing
+    // meanwhile.
     let mut more = false;
-    if !builder.alive() && matches!(Own.run(sync::step), sync::Step::Progress) {
+    if !builders.alive() && matches!(Own.run(sync::step), sync::Step::Progress) {
         more = true;
-        if !builder.start() {
+        if !builders.start(settings.sync_builders) {
             sync::advance(&|| Own.run(sync::step), SYNC_BUDGET);
         }
     }

@@ -10,7 +10,7 @@ def test_phases_arrive_in_dependency_order(db, sink):
     events = [r[0] for r in db.rows("SELECT status FROM cde.sync_events WHERE run_id = %s ORDER BY at", run)]
     assert events[:3] == ["preparing", "planned", "executing"] and events[-1] == "finished"
     phases = [r[0] for r in db.rows(
-        "SELECT feed FROM cde.sync_events WHERE run_id = %s AND message = 'phase started' ORDER BY at", run)]
+        "SELECT feed FROM cde.sync_events WHERE run_id = %s AND message LIKE 'phase started%%' ORDER BY at", run)]
     assert phases == ["attributes", "categories", "products", "prices", "product_relations"]
 
     # At the sink: every category arrived before the first product.
@@ -68,13 +68,32 @@ def test_writes_during_a_run_are_all_delivered(db, sink):
 
 
 
-def test_a_builder_builds_while_the_worker_sends(db, sink):
-    # Building documents and delivering them run in two processes: the worker starts a builder
-    # for the run's building, and the builder is gone once the run has nothing left to build.
+def test_builders_build_a_phase_side_by_side_while_the_worker_sends(db, sink):
+    # Building documents and delivering them run in separate processes: the worker starts
+    # cde.sync_builders builders (2 by default) for the run's building, the phase is split into
+    # as many lanes by a hash of the key, and the builders are gone once nothing is left to build.
     fresh_catalog(db, products=30000)
     run = db.one("SELECT cde_full_sync('products')")
     builders = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cde sync builder'"
-    wait_until("the sync builder at work", lambda: db.one(builders) == 1, timeout=30, interval=0.01)
+    wait_until("two sync builders at work", lambda: db.one(builders) == 2, timeout=30, interval=0.01)
     wait_until("the run to finish", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=180)
-    wait_until("the builder to exit", lambda: db.one(builders) == 0)
+    wait_until("the builders to exit", lambda: db.one(builders) == 0)
     assert len(sink.docs("products")) == 30000
+    # Every key built once, in one of the two lanes, each built to its end.
+    assert db.one("SELECT processed FROM cde_sync_runs WHERE run_id = %s", run) == 30000
+    assert db.rows("SELECT lane, lanes, done FROM cde.sync_lanes WHERE run_id = %s ORDER BY lane", run) == [(0, 2, True), (1, 2, True)]
+
+
+def test_without_builders_the_worker_builds(db, sink):
+    # cde.sync_builders = 0: no builder process; the worker builds between its sends, one lane.
+    fresh_catalog(db, products=12000)
+    db.configure(sync_builders=0)
+    run = db.one("SELECT cde_full_sync('products')")
+    seen = set()
+    def finished():
+        seen.add(db.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cde sync builder'"))
+        return db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished"
+    wait_until("the run to finish", finished, timeout=180, interval=0.05)
+    assert seen == {0}
+    assert len(sink.docs("products")) == 12000
+    assert db.rows("SELECT lane, lanes, done FROM cde.sync_lanes WHERE run_id = %s", run) == [(0, 1, True)]

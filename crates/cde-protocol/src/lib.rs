@@ -12,7 +12,7 @@ pub mod response;
 pub mod wire;
 
 pub use batch::{cut_batches, Batch};
-pub use hash::document_hash;
+pub use hash::{document_hash, lane};
 pub use response::{classify, parse_retry_after, Classified, Rejection};
 pub use wire::{gunzip, gzip, idempotency_key, Body, Item, ItemRef};
 

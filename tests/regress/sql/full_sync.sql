@@ -21,12 +21,22 @@ SELECT cde_full_sync() AS run_id \gset
 SELECT feed, collected, sent, failed FROM cde_sync_now();
 SELECT status, feed, message FROM cde.sync_events WHERE run_id = :run_id ORDER BY at;
 SELECT status, current_phase, planned, processed, sent, unchanged, deleted, failed FROM cde_sync_runs WHERE run_id = :run_id;
+-- A phase of two chunks or more is built in as many lanes as cde.sync_builders (2 by default),
+-- by a hash of the key, so that the builders build it side by side: every key is in one lane,
+-- and each lane was built to its end (here by this session alone, one after the other).
+SHOW cde.sync_builders;
+SELECT feed, lane, lanes, done FROM cde.sync_lanes WHERE run_id = :run_id ORDER BY feed, lane;
+SELECT cde._lane(id::text, 2) AS lane, count(*) AS keys FROM products GROUP BY 1 ORDER BY 1;
 
 -- A second run finds everything unchanged and sends nothing; a deleted entity is sent as such.
+-- This one in three lanes: no key is built twice or left out.
 DELETE FROM products WHERE id = 42;
+SET cde.sync_builders = 3;
 SELECT cde_full_sync('products') AS run_id \gset
 SELECT feed, collected, sent, failed FROM cde_sync_now();
+RESET cde.sync_builders;
 SELECT feeds, status, planned, processed, sent, unchanged, deleted, failed FROM cde_sync_runs WHERE run_id = :run_id;
+SELECT lane, lanes, done FROM cde.sync_lanes WHERE run_id = :run_id ORDER BY lane;
 SELECT key, deleted, status FROM cde.feed_products WHERE key = '42';
 
 -- A full sync sends again what failed (rejected, dead), though unchanged; a dry run counts it.
