@@ -84,6 +84,23 @@ def test_builders_build_a_phase_side_by_side_while_the_worker_sends(db, sink):
     assert db.rows("SELECT lane, lanes, done FROM cde.sync_lanes WHERE run_id = %s ORDER BY lane", run) == [(0, 2, True), (1, 2, True)]
 
 
+def test_a_lane_whose_builder_stopped_is_built_by_another(db, sink):
+    # A builder stopped mid-phase (pg_terminate_backend) commits no more of its lane; its lane
+    # keeps its last committed chunk as resume point, and another builder (or one the worker
+    # starts next) takes it up from there: every key arrives, none is built twice.
+    fresh_catalog(db, products=40000)
+    run = db.one("SELECT cde_full_sync('products')")
+    wait_until("both lanes under way", lambda: db.one(
+        "SELECT count(*) FROM cde.sync_lanes WHERE run_id = %s AND feed = 'products' AND cursor_key IS NOT NULL", run) == 2,
+        timeout=60, interval=0.01)
+    stopped = db.one("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'cde sync builder' LIMIT 1")
+    assert stopped
+    wait_until("the run to finish", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=180)
+    assert db.one("SELECT processed FROM cde_sync_runs WHERE run_id = %s", run) == 40000
+    assert db.one("SELECT bool_and(done) FROM cde.sync_lanes WHERE run_id = %s", run)
+    assert len(sink.docs("products")) == 40000
+
+
 def test_without_builders_the_worker_builds(db, sink):
     # cde.sync_builders = 0: no builder process; the worker builds between its sends, one lane.
     fresh_catalog(db, products=12000)
