@@ -33,6 +33,8 @@ pub struct Sent {
 pub struct Pending {
     items: Vec<Item>,
     hashes: Vec<Option<String>>,
+    /// Where each row was read (its ctid, in text form): the record finds it there.
+    tids: Vec<Option<String>>,
     held: bool,
     /// Where the next read starts: (modified_at, key) of the last row, in the pending index's order.
     last: Option<(String, String)>,
@@ -56,7 +58,7 @@ pub fn read_pending(feed: &FeedInfo, limit: usize, after: Option<&(String, Strin
             .get_one::<bool>()?
             .unwrap_or(true); // feed dropped meanwhile: nothing to send
         if held {
-            return Ok::<_, pgrx::spi::SpiError>(Pending { items: vec![], hashes: vec![], held, last: None });
+            return Ok::<_, pgrx::spi::SpiError>(Pending { items: vec![], hashes: vec![], tids: vec![], held, last: None });
         }
         // An ordered scan of the pending index from the cursor on: each read costs what it
         // returns, however many rows are pending. The documents are rendered as text outside the
@@ -67,19 +69,27 @@ pub fn read_pending(feed: &FeedInfo, limit: usize, after: Option<&(String, Strin
             Some((m, k)) => ("AND (t.modified_at, t.key) > ($1::timestamptz, $2)", vec![m.as_str().into(), k.as_str().into()]),
         };
         let q = format!(
-            "SELECT p.key, p.deleted, p.doc::text, p.hash, p.modified_at::text FROM (
-                 SELECT t.key, t.deleted, t.doc, t.hash, t.modified_at FROM {} AS t
+            "SELECT p.key, p.deleted, p.doc::text, p.hash, p.modified_at::text, p.tid::text FROM (
+                 SELECT t.key, t.deleted, t.doc, t.hash, t.modified_at, t.ctid AS tid FROM {} AS t
                   WHERE t.status = 'pending' {filter}
                   ORDER BY t.modified_at, t.key LIMIT {limit}) AS p
               ORDER BY p.modified_at, p.key",
             feed.feed_table
         );
         let rows = c.select(&q, None, &args)?;
-        let mut p = Pending { items: Vec::with_capacity(rows.len()), hashes: Vec::with_capacity(rows.len()), held, last: None };
+        let n = rows.len();
+        let mut p = Pending {
+            items: Vec::with_capacity(n),
+            hashes: Vec::with_capacity(n),
+            tids: Vec::with_capacity(n),
+            held,
+            last: None,
+        };
         for r in rows {
             let key = r.get::<String>(1)?.unwrap_or_default();
             let deleted = r.get::<bool>(2)?.unwrap_or(false);
             p.hashes.push(r.get::<String>(4)?);
+            p.tids.push(r.get::<String>(6)?);
             p.last = Some((r.get::<String>(5)?.unwrap_or_default(), key.clone()));
             p.items.push(Item { key, deleted, doc: r.get::<String>(3)? });
         }
@@ -275,6 +285,7 @@ fn spawn_without_signals<'scope, 'env, T: Send + 'scope>(
 /// Record outcomes; returns (sent, failed).
 fn record(feed: &FeedInfo, p: &Pending, outcomes: &[Option<ItemOutcome>], hold: Option<std::time::Duration>) -> (i64, i64) {
     let mut keys = Vec::new();
+    let mut tids = Vec::new();
     let mut hashes = Vec::new();
     let mut kinds = Vec::new();
     let mut statuses: Vec<Option<i32>> = Vec::new();
@@ -282,6 +293,7 @@ fn record(feed: &FeedInfo, p: &Pending, outcomes: &[Option<ItemOutcome>], hold: 
     for (i, o) in outcomes.iter().enumerate() {
         let Some(o) = o else { continue };
         keys.push(p.items[i].key.clone());
+        tids.push(p.tids[i].clone());
         hashes.push(p.hashes[i].clone());
         let (kind, status, error) = match o {
             ItemOutcome::Sent => ("sent", None, None),
@@ -299,11 +311,12 @@ fn record(feed: &FeedInfo, p: &Pending, outcomes: &[Option<ItemOutcome>], hold: 
     Spi::connect_mut(|c| {
         let row = c
             .update(
-                "SELECT sent, rejected + retrying + dead FROM cde._record($1, $2, $3, $4, $5, $6, $7::interval)",
+                "SELECT sent, rejected + retrying + dead FROM cde._record($1, $2, $3::tid[], $4, $5, $6, $7, $8::interval)",
                 None,
                 &[
                     feed.name.as_str().into(),
                     keys.into(),
+                    tids.into(),
                     hashes.into(),
                     kinds.into(),
                     statuses.into(),
