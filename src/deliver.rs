@@ -238,7 +238,14 @@ pub fn send_pending(
             if in_flight == 0 {
                 break;
             }
-            let posted = done.recv().expect("the sender thread answers every slice");
+            // Waiting for the endpoint with no transaction open: a worker asked to stop leaves.
+            let posted = loop {
+                match done.recv_timeout(std::time::Duration::from_millis(100)) {
+                    Ok(posted) => break posted,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => crate::worker::stop_now_if_asked(),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the sender thread answers every slice"),
+                }
+            };
             in_flight -= 1;
             exhausted |= posted.unwell;
             total.requests += posted.requests;

@@ -153,9 +153,27 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
         shared.bytes_sent.store(transport.bytes_sent, Ordering::Relaxed);
         shared.state.store(shmem::IDLE, Ordering::Relaxed);
     }
+    stopped(shared);
+}
+
+/// What the worker leaves behind in shared memory when it stops: no latch to set, `stopped`.
+fn stopped(shared: &shmem::WorkerShared) {
     shared.latch.store(0, Ordering::Release);
     shared.state.store(shmem::STOPPED, Ordering::Relaxed);
     log!("cde: worker stopped");
+}
+
+/// Asked to stop (SIGTERM: a fast shutdown, pg_terminate_backend) while waiting for the endpoint:
+/// leave now rather than after up to `cde.http_timeout`. Called only where no transaction is
+/// open and nothing is half-recorded; the items in flight stay pending and are sent again, with
+/// the same Idempotency-Key. Other processes (a backend running cde_sync_now()) are left alone.
+pub fn stop_now_if_asked() {
+    let asked = unsafe { pg_sys::IsBackgroundWorker && pg_sys::ShutdownRequestPending != 0 };
+    if let (true, Some(shared)) = (asked, shmem::worker()) {
+        log!("cde: stopping with a request in flight; its items stay pending and go again");
+        stopped(shared);
+        unsafe { pg_sys::proc_exit(0) };
+    }
 }
 
 /// Settings of the worker's (and the builder's) own session.

@@ -3,6 +3,7 @@
 
 import json
 import os
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -110,6 +111,26 @@ class Db:
 
 def connect(dbname="cde"):
     return psycopg.connect(host=SOCKET, port=PORT, user="postgres", dbname=dbname, autocommit=True)
+
+
+def reconnect():
+    """A new connection once the server accepts them again (after a restart or a crash)."""
+    def attempt():
+        try:
+            return connect()
+        except psycopg.Error:
+            return None
+    return wait_until("a connection", attempt, timeout=60, interval=0.2)
+
+
+def restart_postgres(mode):
+    """pg_ctl restart -m MODE (fast: a clean shutdown; immediate: crash recovery at start)."""
+    data = Path(SOCKET).parent / "data"
+    cmd = ["/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data), "-m", mode, "-w", "-t", "120",
+           "-l", str(Path(SOCKET).parent / "postgres.log"), "restart"]
+    if os.geteuid() == 0:
+        cmd = ["sudo", "-u", "postgres"] + cmd
+    subprocess.run(cmd, check=True, capture_output=True)
 
 
 def kill_worker(db):

@@ -9,11 +9,10 @@ import random
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 
-from conftest import Db, connect, fresh_catalog, full_sync_and_wait, kill_worker, wait_until
+from conftest import Db, fresh_catalog, full_sync_and_wait, kill_worker, reconnect, restart_postgres, wait_until
 
 SECONDS = float(os.environ.get("CDE_SOAK_SECONDS", "20"))
 PRODUCTS = 2000
@@ -104,8 +103,8 @@ def inject_faults(db_holder, sink, stop, stats, rng):
                 stats["worker_kills"] += 1
                 next_kill += 300
             elif elapsed >= next_restart:
-                restart_postgres_immediately()
-                db_holder[0] = Db(_reconnect())
+                restart_postgres("immediate")
+                db_holder[0] = Db(reconnect())
                 stats["postgres_restarts"] += 1
                 next_restart += 300
             elif rng.random() < 0.85:
@@ -116,30 +115,8 @@ def inject_faults(db_holder, sink, stop, stats, rng):
                 db_holder[0].configure(endpoint=None)
                 stats["endpoint_switches"] += 1
         except (psycopg.Error, AssertionError, subprocess.CalledProcessError):
-            db_holder[0] = Db(_reconnect())
+            db_holder[0] = Db(reconnect())
         stats["faults"] += 1
-
-
-def restart_postgres_immediately():
-    """pg_ctl -m immediate restart: no shutdown checkpoint, crash recovery at start."""
-    from conftest import SOCKET
-    data = Path(SOCKET).parent / "data"
-    cmd = ["/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "-t", "120",
-           "-l", str(Path(SOCKET).parent / "postgres.log"), "restart"]
-    if os.geteuid() == 0:
-        cmd = ["sudo", "-u", "postgres"] + cmd
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-def _reconnect():
-    return wait_until("a connection", lambda: _try_connect(), timeout=60, interval=0.2)
-
-
-def _try_connect():
-    try:
-        return connect()
-    except psycopg.Error:
-        return None
 
 
 def test_the_sink_converges_to_the_database(db, sink):
@@ -165,7 +142,7 @@ def test_the_sink_converges_to_the_database(db, sink):
     # Quiesce: the sink is healthy again (the poison rule stays), the endpoint is back.
     sink.clear_faults()
     sink.fault(reject={"contains": POISON, "error": "poisoned sku"})
-    with _reconnect() as conn:
+    with reconnect() as conn:
         db = Db(conn)
         db.configure(endpoint=None, retry_interval="200ms")
         wait_until("every feed quiet (nothing pending or retrying)", lambda: db.one(

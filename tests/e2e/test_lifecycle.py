@@ -1,11 +1,14 @@
 """The extension's life around a busy worker: DROP EXTENSION and CREATE EXTENSION again while the
-worker is in the middle of an iteration must succeed, every time."""
+worker is in the middle of an iteration must succeed, every time; signals; stopping while a
+request is in flight."""
 
 import ctypes
 import os
 import signal
+import time
+from pathlib import Path
 
-from conftest import fresh_catalog, wait_until
+from conftest import SOCKET, Db, fresh_catalog, reconnect, restart_postgres, wait_until
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 SYS_TGKILL = 234  # x86_64
@@ -60,3 +63,23 @@ def test_signals_never_reach_the_sender_thread(catalog, sink):
     wait_until("every product delivered, the sender thread signalled meanwhile", delivered, timeout=60, interval=0.01)
     assert catalog.worker_pid() == pid, "the worker was restarted: it died while sending"
     assert hits > 10
+
+
+def test_a_fast_shutdown_does_not_wait_for_the_endpoint(catalog, sink):
+    # The endpoint takes 30 s to answer (and cde.http_timeout would wait 60 s): a fast shutdown
+    # must not wait for it. The worker leaves with the request in flight, its items stay pending,
+    # and after the restart they are sent again and recorded.
+    catalog.configure(http_timeout="60s")
+    sink.fault(feed="products", delay_ms=30000)
+    before = sink.stats()["requests"]
+    catalog.run("UPDATE products SET name = name || ' (stopped)' WHERE id <= 10")
+    wait_until("a request in flight", lambda: sink.stats()["requests"] > before, timeout=30, interval=0.05)
+    started = time.monotonic()
+    restart_postgres("fast")
+    took = time.monotonic() - started
+    assert took < 15, f"the fast restart waited {took:.1f}s, as long as the endpoint"
+    sink.clear_faults()
+    db = Db(reconnect())
+    wait_until("the items in flight sent again and recorded", lambda: db.one(
+        "SELECT count(*) FROM cde.feed_products WHERE status = 'sent' AND doc->>'name' LIKE '%%(stopped)'") == 10, timeout=60)
+    assert "stopping with a request in flight" in (Path(SOCKET).parent / "postgres.log").read_text()
