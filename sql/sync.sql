@@ -224,7 +224,7 @@ BEGIN
         -- Lanes: as many as builders may run (cde.sync_builders), one for a source of less than
         -- two chunks (nothing to share) or when no builder runs.
         lanes := CASE WHEN ph.planned < 2 * chunk THEN 1
-                      ELSE greatest(1, coalesce(current_setting('cde.sync_builders', true)::int, 1)) END;
+                      ELSE greatest(1, current_setting('cde.sync_builders', true)::int) END;   -- NULL: 1
         INSERT INTO cde.sync_lanes (run_id, feed, lane, lanes)
         SELECT r.id, ph.feed, g, lanes FROM generate_series(0, lanes - 1) AS g;
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE NOT deleted)', f.feed_table) INTO res;

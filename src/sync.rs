@@ -14,7 +14,7 @@ mod cde {
     /// chunk's LIMIT needs (with the estimate of an equality it sorted every remaining row).
     #[pg_extern(immutable, parallel_safe, strict)]
     fn _in_lane(key: &str, lane: i32, lanes: i32) -> bool {
-        cde_protocol::lane(key.as_bytes(), lanes.max(1) as u32) as i32 == lane
+        _lane(key, lanes) == lane
     }
 
     /// The lane of a key, for looking at how a phase was split.
