@@ -4,7 +4,8 @@
 //! It sleeps on its latch, woken by any commit that recorded changes (see capture.rs) or after
 //! `cde.poll_interval`, then runs one iteration over all feeds (engine.rs), committing after each
 //! step. It waits for the extension to be created, survives it being dropped, reloads settings on
-//! SIGHUP, stops on SIGTERM, and is restarted by the postmaster if it dies.
+//! SIGHUP, stops on SIGTERM, and is restarted by the postmaster if it dies or is terminated (see
+//! `leave`).
 
 use crate::builder::Builders;
 use crate::deliver::Counters;
@@ -153,14 +154,24 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
         shared.bytes_sent.store(transport.bytes_sent, Ordering::Relaxed);
         shared.state.store(shmem::IDLE, Ordering::Relaxed);
     }
-    stopped(shared);
+    leave(shared);
 }
 
-/// What the worker leaves behind in shared memory when it stops: no latch to set, `stopped`.
-fn stopped(shared: &shmem::WorkerShared) {
+/// Stop on SIGTERM, leaving in shared memory no latch to set and the state `stopped`. Never
+/// returns.
+///
+/// The exit status is 1, not 0: to the postmaster, a background worker that exits with 0 is
+/// done for good and is not started again until the server restarts, so a
+/// `pg_terminate_backend()` of the worker would silently stop all delivery. With 1 it is started
+/// again `bgw_restart_time` (2 s) later, as PostgreSQL's own launchers are. At a shutdown the
+/// postmaster starts no worker whatever the status (the server log then says `background worker
+/// "cde worker" ... exited with exit code 1`, as it does of the logical replication launcher).
+/// To stop delivery on purpose there is `cde.pause`.
+fn leave(shared: &shmem::WorkerShared) -> ! {
     shared.latch.store(0, Ordering::Release);
     shared.state.store(shmem::STOPPED, Ordering::Relaxed);
     log!("cde: worker stopped");
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// Asked to stop (SIGTERM: a fast shutdown, pg_terminate_backend) while waiting for the endpoint:
@@ -171,8 +182,7 @@ pub fn stop_now_if_asked() {
     let asked = unsafe { pg_sys::IsBackgroundWorker && pg_sys::ShutdownRequestPending != 0 };
     if let (true, Some(shared)) = (asked, shmem::worker()) {
         log!("cde: stopping with a request in flight; its items stay pending and go again");
-        stopped(shared);
-        unsafe { pg_sys::proc_exit(0) };
+        leave(shared);
     }
 }
 
@@ -212,9 +222,7 @@ fn wait_for_database(shared: &shmem::WorkerShared, database: &str) -> ! {
             unsafe { pg_sys::proc_exit(1) }; // 1: the postmaster restarts the worker
         }
         if !BackgroundWorker::wait_latch(Some(Settings::read().poll_interval)) {
-            shared.latch.store(0, Ordering::Release);
-            shared.state.store(shmem::STOPPED, Ordering::Relaxed);
-            unsafe { pg_sys::proc_exit(0) };
+            leave(shared);
         }
     }
 }

@@ -83,3 +83,24 @@ def test_a_fast_shutdown_does_not_wait_for_the_endpoint(catalog, sink):
     wait_until("the items in flight sent again and recorded", lambda: db.one(
         "SELECT count(*) FROM cde.feed_products WHERE status = 'sent' AND doc->>'name' LIKE '%%(stopped)'") == 10, timeout=60)
     assert "stopping with a request in flight" in (Path(SOCKET).parent / "postgres.log").read_text()
+
+
+def test_a_terminated_worker_is_started_again(catalog, sink):
+    # pg_terminate_backend() of the worker, idle and then with a request in flight: the postmaster
+    # starts a new worker (a worker exiting with status 0 would be gone until the server restarts,
+    # and delivery with it), and the changes made meanwhile, and the items that were in flight,
+    # are delivered by it.
+    for round_, in_flight in enumerate((False, True)):
+        old = catalog.worker_pid()
+        if in_flight:
+            sink.fault(feed="products", delay_ms=30000)
+            before = sink.stats()["requests"]
+            catalog.run("UPDATE products SET name = name || ' (terminated)' WHERE id <= 5")
+            wait_until("a request in flight", lambda: sink.stats()["requests"] > before, timeout=30, interval=0.05)
+        assert catalog.one("SELECT pg_terminate_backend(%s)", old)
+        sink.clear_faults()
+        catalog.run("UPDATE products SET name = name || ' (terminated)' WHERE id BETWEEN %s AND 10", 6 if in_flight else 1)
+        wait_until(f"round {round_}: a new worker", lambda: catalog.worker_pid() not in (None, old), timeout=30, interval=0.1)
+        wait_until(f"round {round_}: the changes delivered by it", lambda: catalog.one(
+            "SELECT count(*) FROM cde.feed_products WHERE status = 'sent' AND doc->>'name' LIKE %s",
+            "%" + " (terminated)" * (round_ + 1)) == 10, timeout=30)
