@@ -269,36 +269,55 @@ def backlog(db, feed="products"):
                            + (SELECT count(*) FROM cde.feed_{feed} WHERE status = 'pending')""")
 
 
-def bench_throughput(db, rows_per_statement=50, target=20_000):
+def bench_throughput(db, rows_per_statement=50, goal=20_000):
     """Two runs of UPDATEs of 50 neighbouring products per statement, 2 clients.
-    1. The goal: a steady 20,000 changes/s (pgbench -R) for 60 s (CDE_BENCH_TP_SECONDS), the
-       backlog sampled every second. The worker keeps up if the backlog stays flat (the second
-       half's peak no higher than twice the first half's, plus a second of changes) and what is
-       left at the end is delivered within 5 s.
+    1. The goal, the highest rate the worker keeps up with: steady rates (pgbench -R) from 20,000
+       changes/s up in steps of 5%, each for 60 s (CDE_BENCH_TP_SECONDS) with the backlog
+       sampled every second, until one is not kept up with. A rate is kept up with when the
+       writers committed it (98% of it or more: pgbench -R draws its schedule at random, and
+       commits 20,000/s give or take half a percent; it falls further short when the writers
+       themselves cannot go that fast on the shared vCPUs), the backlog did not trend up (its least-squares slope after the first
+       5 s, over the run, adds less than one second of changes: it wobbles by a second or two of
+       changes as collects come and go) and what was left at the end was delivered within 5 s.
+       The figure is the highest rate kept up with, and what was committed at it.
     2. For information: as fast as the clients go, for SECONDS, and what the worker delivers
        meanwhile, on the same two cores."""
     script = (f"\\set id random(1, {SCALE - rows_per_statement})\n"
               f"UPDATE products SET name = 'tp ' || :id || ' ' || random() WHERE id BETWEEN :id AND :id + {rows_per_statement - 1};\n")
     seconds = int(os.environ.get("CDE_BENCH_TP_SECONDS", "60"))
-    sink("POST", "/_sink/reset", b"")
-    result, samples = [], []
-    run = threading.Thread(target=lambda: result.append(pgbench(script, seconds, clients=2, rate=target / rows_per_statement)))
-    t0 = time.monotonic()
-    run.start()
-    while run.is_alive():
-        samples.append((time.monotonic() - t0, backlog(db)))
-        run.join(1.0)
-    t_end = time.monotonic()
-    changes = result[0] * rows_per_statement
-    wait("the backlog delivered", lambda: backlog(db) == 0, 3600)
-    drain = time.monotonic() - t_end
-    half = seconds / 2
-    first = max([b for t, b in samples if t < half] or [0])
-    second = max([b for t, b in samples if t >= half] or [0])
-    bounded = second <= 2 * first + target and drain <= 5
-    report(f"sustained throughput at {target:,} changes/s ({target // rows_per_statement} UPDATEs of {rows_per_statement} products/s, {seconds} s)",
-           f"{changes:,.0f} changes/s committed; backlog peak {first:,} keys in the first half, {second:,} in the second; drained {drain:.1f} s after",
-           ">= 20,000 changes/s with bounded lag", changes >= 0.97 * target and bounded)
+
+    def steady(target):
+        sink("POST", "/_sink/reset", b"")
+        result, samples = [], []
+        run = threading.Thread(target=lambda: result.append(pgbench(script, seconds, clients=2, rate=target / rows_per_statement)))
+        t0 = time.monotonic()
+        run.start()
+        while run.is_alive():
+            samples.append((time.monotonic() - t0, backlog(db)))
+            run.join(1.0)
+        t_end = time.monotonic()
+        changes = result[0] * rows_per_statement
+        wait("the backlog delivered", lambda: backlog(db) == 0, 3600)
+        drain = time.monotonic() - t_end
+        settled = [(t, b) for t, b in samples if t >= 5]
+        trend = statistics.linear_regression([t for t, _ in settled], [b for _, b in settled]).slope if len(settled) > 2 else 0.0
+        peak = max([b for _, b in samples] or [0])
+        kept_up = changes >= 0.98 * target and trend * seconds < target and drain <= 5
+        line = (f"{changes:,.0f} changes/s committed at {target:,}/s; backlog trend {trend:+,.0f} keys/s, peak {peak:,} keys; "
+                f"drained {drain:.1f} s after")
+        print(f"    {line}: {'kept up' if kept_up else 'not kept up'}", flush=True)
+        return kept_up, changes, line
+
+    best, target = None, goal
+    while True:
+        kept_up, changes, line = steady(target)
+        if not kept_up:
+            break
+        best = (target, line)
+        target = int(round(target * 1.05, -2))
+    report(f"sustained throughput: the highest steady rate kept up with ({rows_per_statement} products per UPDATE, {seconds} s each)",
+           f"{best[0]:,}/s: {best[1]}; not {target:,}/s" if best else f"none from {goal:,}/s: {line}",
+           f">= {goal:,} changes/s with bounded lag", best is not None and best[0] >= goal)
 
     sink("POST", "/_sink/reset", b"")
     t = time.monotonic()
