@@ -276,9 +276,10 @@ def bench_throughput(db, rows_per_statement=50, goal=20_000):
        sampled every second, until one is not kept up with. A rate is kept up with when the
        writers committed it (98% of it or more: pgbench -R draws its schedule at random, and
        commits 20,000/s give or take half a percent; it falls further short when the writers
-       themselves cannot go that fast on the shared vCPUs), the backlog did not trend up (its least-squares slope after the first
-       5 s, over the run, adds less than one second of changes: it wobbles by a second or two of
-       changes as collects come and go) and what was left at the end was delivered within 5 s.
+       themselves cannot go that fast on the shared vCPUs), the backlog did not trend up (its
+       least-squares slope after the first 5 s, over the run, adds less than one second of
+       changes: it wobbles by a second or two of changes as collects come and go) and what was
+       left at the end was delivered within 5 s.
        The figure is the highest rate kept up with, and what was committed at it.
     2. For information: as fast as the clients go, for SECONDS, and what the worker delivers
        meanwhile, on the same two cores."""
