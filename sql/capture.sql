@@ -5,15 +5,16 @@
 -- no document is built and no lock is taken beyond that insert, so writers pay little and never
 -- wait on each other; a rollback takes the queue rows with it.
 --
--- Two kinds of trigger do it (cde._install_capture installs them):
---   cde_capture_ins/_upd/_del/_trn  cde._capture(feed, column, ...), in Rust (src/capture.rs), for
---                                   feeds whose keys are a column of the changed row, and for
---                                   TRUNCATE of every feed;
---   cde_capture_sql_ins/_upd/_del   a generated PL/pgSQL function cde.capture_<table oid>, for
---                                   feeds whose keys are an expression or a query over "changed".
+-- Two trigger functions do it, both in Rust (src/capture.rs; cde._install_capture installs them):
+--   cde_capture_ins/_upd/_del/_trn  cde._capture(feed, column, ...), for feeds whose keys are a
+--                                   column of the changed row, and for TRUNCATE of every feed;
+--   cde_capture_sql_ins/_upd/_del   cde._capture_keys(feed, ...), for feeds whose keys are an
+--                                   expression or a query over "changed".
 -- Both are SECURITY DEFINER: an application role that may only write the table needs no right on
--- cde's objects. The generated function also fixes its search_path, so that the role's own cannot
--- hijack the keys' SQL; cde._capture resolves no name at all.
+-- cde's objects, and its search_path changes nothing (cde._capture resolves no name at all,
+-- cde._capture_keys has its own). The keys' SQL was written by the feed's owner and runs as that
+-- role (src/trust.rs), with the feed's search_path: never with the writer's rights, nor the
+-- extension owner's.
 
 -- What "keys" means: a query yielding one text column, the touched keys, over the transition
 -- tables named in "sources". Expressions read the tables directly (a cheap UNION ALL, no
@@ -31,27 +32,43 @@ LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
--- Does this keys definition fit this table? Runs it over no rows; raises if not.
+-- Does this keys definition fit this table? Runs it over no rows, as the feed's owner (the row
+-- type stands for the transition tables: no right on the table itself is needed, as in the
+-- trigger); raises if not.
 CREATE FUNCTION cde._check_keys(f cde.feeds, source_table regclass, keys text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('WITH probe AS (SELECT * FROM %s LIMIT 0) SELECT count(*) FROM (%s) AS c',
-                   source_table, cde._keys_query(f, keys, ARRAY['probe']));
+    PERFORM cde._query_as(f.owner, f.search_path,
+        format('WITH probe AS (SELECT (NULL::%s).* LIMIT 0) SELECT count(*)::text FROM (%s) AS c',
+               source_table, cde._keys_query(f, keys, ARRAY['probe'])));
 END $$;
 
 CREATE FUNCTION cde_track(feed text, source_table regclass, keys text DEFAULT NULL) RETURNS void
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    f        cde.feeds := cde._feed(feed);
+    f        cde.feeds := cde._managed_feed(feed);
     relkind  "char";
+    nsp      name;
 BEGIN
     IF source_table IS NULL THEN
         RAISE EXCEPTION 'cde_track: source_table is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    SELECT c.relkind INTO relkind FROM pg_class c WHERE c.oid = source_table;
+    SELECT c.relkind, n.nspname INTO relkind, nsp
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source_table;
     IF relkind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'cde_track: % is not a table', source_table
             USING ERRCODE = 'wrong_object_type', HINT = 'Track the tables under a view, not the view.';
+    END IF;
+    IF nsp IN ('cde', 'pg_catalog', 'information_schema') OR nsp LIKE 'pg\_toast%' THEN
+        RAISE EXCEPTION 'cde_track: % is a table of %, which cannot be tracked', source_table, nsp
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- Capture triggers are created by the extension's owner: the caller must be one who could
+    -- create a trigger on the table itself.
+    IF NOT pg_catalog.has_table_privilege(cde._caller(), source_table, 'TRIGGER') THEN
+        RAISE EXCEPTION 'cde_track: permission denied for table %', source_table
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Tracking a table needs the TRIGGER privilege on it (or owning it).';
     END IF;
 
     -- The keys must make sense for this table: run them over an empty "changed".
@@ -73,9 +90,10 @@ END $fn$;
 COMMENT ON FUNCTION cde_track(text, regclass, text) IS
     'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
 
--- The Rust capture trigger runs with the rights of the extension's owner (see above).
-ALTER FUNCTION cde._capture() SECURITY DEFINER;
-REVOKE ALL ON FUNCTION cde._capture() FROM PUBLIC;
+-- The Rust capture triggers run with the rights of the extension's owner (see above).
+ALTER FUNCTION cde._capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION cde._capture_keys() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION cde._capture(), cde._capture_keys() FROM PUBLIC;
 
 -- The column a feed's keys are, when they are a plain column of the table whose text form is
 -- its output (NULL keys: the feed's key column). Such feeds are captured by cde._capture(), in
@@ -107,39 +125,20 @@ BEGIN
     END LOOP;
 END $$;
 
--- For the feeds of a table whose keys are not a plain column: the statement of the generated
--- trigger that queues their keys, read from the transition tables in "sources", one row per feed
--- (none for a feed whose keys are empty for the statement). NULL when there are no such feeds.
--- The keys are made distinct here: an UPDATE's old and new rows mostly give the same keys (a
--- category renamed: every product of it twice), which would double what is queued.
-CREATE FUNCTION cde._queue_statement(tbl oid, sources text[]) RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT format($b$
-                SELECT bool_or(cde._enqueue(v.feed, v.keys) > 0 AND cde._changes_recorded()) INTO woke
-                  FROM (VALUES %s) AS v(feed, keys) WHERE v.keys IS NOT NULL;$b$,
-                  string_agg(format('(%L, (SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL))',
-                                    t.feed, cde._keys_query(f, t.keys, sources)), ', ' ORDER BY t.feed))
-      FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-     WHERE t.source_table = tbl AND cde._key_column(f, tbl, t.keys) IS NULL
-    HAVING count(*) > 0
-$$;
-
 -- (Re)generate the capture triggers of one table from all its tracks: whatever the number of
 -- feeds tracking the table, one trigger per operation for the column keys (cde._capture, its
 -- arguments naming each feed and column) and, when some feed's keys are an expression or a
--- query, one more per operation with a generated function for those. With no track left,
--- remove them.
+-- query, one more per operation for those (cde._capture_keys, its arguments naming the feeds).
+-- With no track left, remove them.
 CREATE FUNCTION cde._install_capture(tbl oid) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    fn      text := format('cde.%I', 'capture_' || tbl);
+    fn      text := format('cde.%I', 'capture_' || tbl);   -- 0.1.0 generated one per table
     exists_ boolean := EXISTS (SELECT 1 FROM pg_class WHERE oid = tbl);
     op      text;
     simple  text;      -- cde._capture's arguments: 'feed', 'column', ...
     every   text;      -- the TRUNCATE trigger's: every feed tracking the table
-    upd     text;
-    ins     text;
-    del     text;
+    others  text;      -- cde._capture_keys's: the feeds whose keys are not a plain column
 BEGIN
     FOR op IN SELECT tgname FROM pg_trigger WHERE tgrelid = tbl AND tgname LIKE 'cde\_capture\_%' LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', op, tbl::regclass);
@@ -153,8 +152,10 @@ BEGIN
 
     SELECT string_agg(format('%L, %L', t.feed, cde._key_column(f, tbl, t.keys)), ', ' ORDER BY t.feed)
              FILTER (WHERE cde._key_column(f, tbl, t.keys) IS NOT NULL),
-           string_agg(format('%L, %L', t.feed, ''), ', ' ORDER BY t.feed)
-      INTO simple, every
+           string_agg(format('%L, %L', t.feed, ''), ', ' ORDER BY t.feed),
+           string_agg(format('%L', t.feed), ', ' ORDER BY t.feed)
+             FILTER (WHERE cde._key_column(f, tbl, t.keys) IS NULL)
+      INTO simple, every, others
       FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
      WHERE t.source_table = tbl;
 
@@ -164,30 +165,9 @@ BEGIN
     EXECUTE format('CREATE TRIGGER cde_capture_trn AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
                    tbl::regclass, every);
 
-    -- The other feeds, if any: one statement per operation, differing only in which transition
-    -- tables the keys come from.
-    upd := cde._queue_statement(tbl, ARRAY['old_rows', 'new_rows']);
-    IF upd IS NULL THEN
-        RETURN;
+    IF others IS NOT NULL THEN
+        PERFORM cde._create_capture_triggers(tbl, 'cde_capture_sql', format('cde._capture_keys(%s)', others));
     END IF;
-    ins := cde._queue_statement(tbl, ARRAY['new_rows']);
-    del := cde._queue_statement(tbl, ARRAY['old_rows']);
-
-    EXECUTE format($f$
-        CREATE FUNCTION %1$s() RETURNS trigger
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s AS $body$
-        DECLARE
-            woke boolean;   -- cde._changes_recorded() wakes the worker at commit when keys were queued
-        BEGIN
-            IF TG_OP = 'UPDATE' THEN %3$s
-            ELSIF TG_OP = 'INSERT' THEN %4$s
-            ELSE %5$s
-            END IF;
-            RETURN NULL;
-        END $body$$f$, fn, cde._fixed_search_path(), upd, ins, del);
-    EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
-
-    PERFORM cde._create_capture_triggers(tbl, 'cde_capture_sql', fn || '()');
 END $fn$;
 
 CREATE FUNCTION cde._drop_capture(t cde.tracks) RETURNS void
@@ -198,9 +178,9 @@ BEGIN
 END $$;
 
 CREATE FUNCTION cde_untrack(feed text, source_table regclass) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds := cde._feed(feed);
+    f cde.feeds := cde._managed_feed(feed);
     t cde.tracks;
 BEGIN
     SELECT * INTO t FROM cde.tracks x WHERE x.feed = f.name AND x.source_table = cde_untrack.source_table::oid;
@@ -213,10 +193,14 @@ END $$;
 
 COMMENT ON FUNCTION cde_untrack(text, regclass) IS 'Stop capturing changes of a table for a feed';
 
+-- The event triggers below run for every role's DDL, in that role's session: SECURITY DEFINER
+-- (the role needs no right on cde's tables: installing cde takes no DDL away from anyone) with a
+-- fixed search_path (the session's own, which a database owner may set, cannot reach them).
+
 -- A tracked table that is dropped takes its triggers with it; forget the tracking too, so that
 -- cde.tracks never names a table that is gone.
 CREATE FUNCTION cde._on_sql_drop() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t cde.tracks;
 BEGIN
@@ -236,7 +220,7 @@ CREATE EVENT TRIGGER cde_on_sql_drop ON sql_drop EXECUTE FUNCTION cde._on_sql_dr
 -- retyped) is refused with a clear error: the alternative, a capture trigger failing on every
 -- later write, would break the application. Renaming the table itself is fine: triggers follow it.
 CREATE FUNCTION cde._on_ddl_command_end() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t   cde.tracks;
     f   cde.feeds;
@@ -267,7 +251,7 @@ CREATE EVENT TRIGGER cde_on_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALT
 -- another order than they do, and they could deadlock (the DROP would then fail). Other
 -- extensions' DROPs do not wait.
 CREATE FUNCTION cde._on_drop_extension() RETURNS event_trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF current_query() ~* '\mcde\M' THEN
         PERFORM cde._hold_iteration_lock();

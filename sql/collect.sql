@@ -60,7 +60,7 @@ BEGIN
         -- job (chunked, resumable); if one already runs for this feed, rebuild in place.
         IF NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
                         WHERE p.feed = f.name AND r.status IN ('preparing', 'planned', 'executing')) THEN
-            PERFORM cde_full_sync(f.name);
+            PERFORM @extschema@.cde_full_sync(f.name);
             keys := 0; changed := 0; deleted := 0;
             RETURN;
         END IF;
@@ -93,7 +93,7 @@ DECLARE
 BEGIN
     r_changed := 0; r_deleted := 0; r_failed := 0;
     BEGIN
-        EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) INTO res USING key_set;
+        SELECT * INTO res FROM cde._rebuild(f.name, key_set);
         r_changed := res.changed;
         r_deleted := res.deleted;
     EXCEPTION WHEN OTHERS THEN
@@ -107,7 +107,7 @@ BEGIN
         END IF;
         FOREACH k IN ARRAY key_set LOOP
             BEGIN
-                EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) INTO res USING ARRAY[k];
+                SELECT * INTO res FROM cde._rebuild(f.name, ARRAY[k]);
                 r_changed := r_changed + res.changed;
                 r_deleted := r_deleted + res.deleted;
             EXCEPTION WHEN OTHERS THEN

@@ -77,16 +77,17 @@ END $$;
 -- Send again, now, the items that failed: retrying, rejected and dead ones. Items whose document
 -- could not be built are rebuilt first. Returns how many items were scheduled.
 CREATE FUNCTION cde_retry_failed(feed text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f cde.feeds;
     n bigint;
     total bigint := 0;
 BEGIN
     IF feed IS NOT NULL THEN
-        PERFORM cde._feed(feed);
+        PERFORM cde._managed_feed(feed);
     END IF;
-    FOR f IN SELECT * FROM cde.feeds x WHERE cde_retry_failed.feed IS NULL OR x.name = cde_retry_failed.feed LOOP
+    FOR f IN SELECT * FROM cde.feeds x
+              WHERE (cde_retry_failed.feed IS NULL OR x.name = cde_retry_failed.feed) AND cde._manages(x.owner) LOOP
         EXECUTE format($q$
             WITH failed AS (
                 SELECT key, hash IS NULL AND NOT deleted AS unbuilt FROM %1$s
@@ -114,9 +115,9 @@ COMMENT ON FUNCTION cde_retry_failed(text) IS 'Schedule failed, rejected and dea
 
 -- Rebuild these keys now and send them again, even when their document did not change.
 CREATE FUNCTION cde_resync(feed text, keys text[]) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds := cde._feed(feed);
+    f cde.feeds := cde._managed_feed(feed);
     n bigint;
 BEGIN
     IF keys IS NULL THEN
@@ -125,7 +126,7 @@ BEGIN
     -- Forget the hashes, so that the rebuild counts every document as changed; deleted keys
     -- are simply marked to be sent again.
     EXECUTE format('UPDATE %s SET hash = NULL WHERE key = ANY ($1) AND NOT deleted', f.feed_table) USING keys;
-    EXECUTE format('SELECT built, changed, deleted FROM %s($1)', f.rebuild_fn::regproc) USING keys;
+    PERFORM cde._rebuild(f.name, keys);
     EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = now()
                        WHERE key = ANY ($1) AND status <> 'pending'$q$, f.feed_table) USING keys;
     DELETE FROM cde.retries r WHERE r.feed = f.name AND r.key = ANY (cde_resync.keys);

@@ -17,6 +17,15 @@ BEGIN
     END IF;
 END $$;
 
+-- May the calling role (cde._caller(): the one that called the SECURITY DEFINER function asking)
+-- manage a feed of this owner? A superuser, the owner, or a role with the owner's privileges.
+CREATE FUNCTION cde._manages(owner regrole) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = cde._caller()), false)
+        OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = owner)
+            AND pg_catalog.pg_has_role(cde._caller(), owner::oid, 'USAGE'))
+$$;
+
 CREATE FUNCTION cde._feed(feed text) RETURNS cde.feeds
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -27,6 +36,21 @@ BEGIN
         RAISE EXCEPTION 'cde: unknown feed %', coalesce(quote_literal(feed), 'NULL')
             USING ERRCODE = 'undefined_object',
                   HINT = 'SELECT name FROM cde.feeds lists the registered feeds.';
+    END IF;
+    RETURN f;
+END $$;
+
+-- A feed the caller may manage (cde._manages), or an error that says whose it is.
+CREATE FUNCTION cde._managed_feed(feed text) RETURNS cde.feeds
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    f cde.feeds := cde._feed(feed);
+BEGIN
+    IF NOT cde._manages(f.owner) THEN
+        RAISE EXCEPTION 'cde: permission denied for feed %', f.name
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('Feed %s belongs to role %s.', f.name, f.owner),
+                  HINT = 'Only the role that registered a feed, its members and superusers may manage it.';
     END IF;
     RETURN f;
 END $$;
@@ -50,11 +74,16 @@ CREATE FUNCTION cde_register_feed(
     key_column   text    DEFAULT 'id',
     mode         text    DEFAULT 'immediate',
     depends_on   text[]  DEFAULT '{}',
-    batch_size   int     DEFAULT NULL
+    batch_size   int     DEFAULT NULL,
+    -- Where the source query's names resolve: the caller's search_path as it is now (a default
+    -- is evaluated in the caller's session, before this function pins its own).
+    search_path  name[]  DEFAULT pg_catalog.current_schemas(false)
 ) RETURNS void
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     query      text := regexp_replace(coalesce(source_query, ''), '[\s;]+$', '');
+    owner      regrole := cde._caller();     -- the source query runs with this role's rights
+    path       text := cde._fixed_search_path(cde_register_feed.search_path);
     key_type   regtype;
     doc_type   regtype;
     has_doc    boolean := true;
@@ -70,6 +99,10 @@ DECLARE
     dep        text;
 BEGIN
     PERFORM cde._check_feed_name(feed);
+    SELECT * INTO old FROM cde.feeds f WHERE f.name = feed;
+    IF old.name IS NOT NULL AND NOT cde._manages(old.owner) THEN
+        PERFORM cde._managed_feed(feed);   -- raises: another role's feed
+    END IF;
     tbl := format('cde.%I', 'feed_' || feed);
     fn := format('cde.%I', 'rebuild_' || feed);
     IF mode IS NULL OR mode NOT IN ('immediate', 'legacy') THEN
@@ -110,12 +143,13 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- The query must plan and run (with no rows), and have the key column; its type is the
-    -- key's own type. pg_typeof over a null-extended row reads a column's type without a row.
+    -- The query must plan and run (with no rows), with the caller's rights, and have the key
+    -- column; its type is the key's own type. pg_typeof over a null-extended row reads a column's
+    -- type without a row.
     BEGIN
-        EXECUTE format('SELECT pg_typeof(s.%I)::regtype FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (%s) AS q LIMIT 0) AS s ON true',
-                       key_column, query)
-           INTO key_type;
+        key_type := cde._query_as(owner, path,
+            format('SELECT pg_typeof(s.%I)::regtype::oid::text FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (%s) AS q LIMIT 0) AS s ON true',
+                   key_column, query))::oid::regtype;
     EXCEPTION
         WHEN undefined_column THEN
             IF SQLERRM LIKE '%s.' || key_column || '%' OR SQLERRM LIKE '%' || quote_ident(key_column) || '%' THEN
@@ -131,8 +165,8 @@ BEGIN
     END IF;
 
     BEGIN
-        EXECUTE format('SELECT pg_typeof(s.doc)::regtype FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (%s) AS q LIMIT 0) AS s ON true', query)
-           INTO doc_type;
+        doc_type := cde._query_as(owner, path,
+            format('SELECT pg_typeof(s.doc)::regtype::oid::text FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (%s) AS q LIMIT 0) AS s ON true', query))::oid::regtype;
     EXCEPTION WHEN undefined_column THEN
         has_doc := false;
     END;
@@ -142,8 +176,6 @@ BEGIN
                   HINT = 'Rename the column, or build the document with jsonb_build_object(...) AS doc.';
     END IF;
     doc_expr := CASE WHEN has_doc THEN 's.doc::jsonb' ELSE 'to_jsonb(s)' END;
-
-    SELECT * INTO old FROM cde.feeds f WHERE f.name = feed;
 
     IF to_regclass(tbl) IS NULL THEN
         EXECUTE format($t$
@@ -164,10 +196,21 @@ BEGIN
                        'feed_' || feed || '_pending', tbl);
         EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
     END IF;
+    -- The extension's owner owns the feed table: the workers write it, and an owner may add
+    -- triggers, rules, policies or expression indexes, which would run as the workers. The feed's
+    -- owner may only read and write its rows, which its rebuild function does with its rights.
+    EXECUTE format('ALTER TABLE %s OWNER TO %I', tbl, current_user);
     EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', tbl);
+    IF old.owner IS NOT NULL AND old.owner <> owner AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = old.owner) THEN
+        EXECUTE format('REVOKE ALL ON %s FROM %s', tbl, old.owner);
+    END IF;
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %s TO %s', tbl, owner);
 
     -- The rebuild function. It runs the source query with the rights of the role registering
-    -- the feed (SECURITY DEFINER, owned by it) and that role's search_path, fixed now.
+    -- the feed and that role's search_path, fixed now: it is owned by the extension's owner (so
+    -- that nobody else can change it) and runs only through cde._rebuild (src/trust.rs), which
+    -- calls it as the feed's owner, in a security-restricted operation; called any other way it
+    -- refuses to run.
     -- JIT is off: each call plans anew for its keys, and compiling every such plan cost more
     -- than it saved (a full sync took 19% longer with it on).
     -- EXECUTE ... USING plans each call with the keys as constants, so "= ANY(keys)" becomes
@@ -180,6 +223,7 @@ BEGIN
     --                    full sync's step): one range scan of the source rather than a probe per
     --                    key; failed items are sent again; last_key is the next chunk's "after"
     --   mode 'chunk_dry' the same counts, nothing written
+    --   mode 'count'     how many rows the source has (a full sync's plan): "built"
     -- A chunk takes only the keys of its lane ("lane" of "lanes", see cde._in_lane): several sync
     -- builders build one feed at once, each its own lanes. One lane (lanes = 1) is every key.
     src_sql := format($q$
@@ -220,17 +264,22 @@ BEGIN
         CREATE OR REPLACE FUNCTION %1$s(keys text[], mode text DEFAULT 'apply', after text DEFAULT NULL, n int DEFAULT 0,
                                         lane int DEFAULT 0, lanes int DEFAULT 1,
                                         OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT last_key text)
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = %2$s SET jit = off AS $body$
+        LANGUAGE plpgsql SET search_path = %2$s SET jit = off AS $body$
         BEGIN
+            IF NOT cde._restricted() THEN
+                RAISE EXCEPTION 'cde: %1$s runs only as its feed''s owner, through cde._rebuild()'
+                    USING ERRCODE = 'insufficient_privilege';
+            END IF;
             CASE mode
             WHEN 'apply' THEN EXECUTE %3$L INTO built, changed, deleted USING keys;
             WHEN 'gone' THEN EXECUTE %4$L INTO deleted, last_key USING after, n, false;
             WHEN 'gone_dry' THEN EXECUTE %4$L INTO deleted, last_key USING after, n, true;
             WHEN 'chunk' THEN EXECUTE %5$L INTO built, changed, deleted, last_key USING after, n, lane, lanes;
             WHEN 'chunk_dry' THEN EXECUTE %6$L INTO built, changed, deleted, last_key USING after, n, lane, lanes;
+            WHEN 'count' THEN EXECUTE %7$L INTO built;
             END CASE;
         END $body$$f$,
-        fn, cde._fixed_search_path(),
+        fn, path,
         -- apply. "gone": the keys the source did not return with a document. Given a list of keys,
         -- they are found in the list itself (keys EXCEPT built keys), not by probing the feed table
         -- for every key: a collect is mostly changes, every key built, and those probes were 17-20
@@ -293,13 +342,20 @@ BEGIN
                    count(*) FILTER (WHERE src.doc IS NULL AND f.key IS NOT NULL AND NOT f.deleted),
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1)
               FROM src LEFT JOIN %2$s AS f ON f.key = src.key
-        $q$, chunk_sql, tbl));
+        $q$, chunk_sql, tbl),
+        -- count
+        format('SELECT count(*) FROM (%s) AS s', query));
+    EXECUTE format('ALTER FUNCTION %s(text[], text, text, int, int, int) OWNER TO %I', fn, current_user);
     EXECUTE format('REVOKE ALL ON FUNCTION %s(text[], text, text, int, int, int) FROM PUBLIC', fn);
+    IF old.owner IS NOT NULL AND old.owner <> owner AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = old.owner) THEN
+        EXECUTE format('REVOKE ALL ON FUNCTION %s(text[], text, text, int, int, int) FROM %s', fn, old.owner);
+    END IF;
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s(text[], text, text, int, int, int) TO %s', fn, owner);
 
     INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,
                                 batch_size, owner, search_path, feed_table, rebuild_fn)
     VALUES (feed, query, key_column, key_type, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
-            current_user::regrole, cde._fixed_search_path(), tbl::regclass, (fn || '(text[], text, text, int, int, int)')::regprocedure)
+            owner, path, tbl::regclass, (fn || '(text[], text, text, int, int, int)')::regprocedure)
     ON CONFLICT (name) DO UPDATE
        SET source_query = excluded.source_query, key_column = excluded.key_column, key_type = excluded.key_type,
            doc_column = excluded.doc_column, mode = excluded.mode, depends_on = excluded.depends_on,
@@ -314,22 +370,22 @@ BEGIN
     END IF;
 END $fn$;
 
-COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int) IS
+COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[]) IS
     'Register (or redefine) a feed: one source query yielding one JSON document per entity key';
 
--- The calling session's search_path, resolved to schemas that exist, with pg_temp last so that
--- temporary objects can never shadow what generated code refers to.
-CREATE FUNCTION cde._fixed_search_path() RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT string_agg(quote_ident(s), ', ' ORDER BY o) || ', pg_temp'
-      FROM unnest(current_schemas(false)) WITH ORDINALITY AS t(s, o)
-     WHERE s NOT LIKE 'pg_temp%'
+-- A search_path of these schemas (the registering session's, resolved), with pg_temp last so
+-- that temporary objects can never shadow what generated code refers to.
+CREATE FUNCTION cde._fixed_search_path(schemas name[]) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(string_agg(quote_ident(s), ', ' ORDER BY o) || ', ', '') || 'pg_temp'
+      FROM unnest(schemas) WITH ORDINALITY AS t(s, o)
+     WHERE s NOT LIKE 'pg\_temp%'
 $$;
 
 CREATE FUNCTION cde_drop_feed(feed text) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds := cde._feed(feed);
+    f cde.feeds := cde._managed_feed(feed);
     t cde.tracks;
     dependents text;
 BEGIN

@@ -23,19 +23,21 @@ CREATE INDEX ON cde.sync_events (run_id, at);
 COMMENT ON TABLE cde.sync_events IS 'History of each full sync run: every status and phase change';
 
 CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     run_id bigint;
     names text[];
     busy record;
 BEGIN
     IF feed IS NOT NULL THEN
-        PERFORM cde._feed(feed);
+        PERFORM cde._managed_feed(feed);
         names := ARRAY[feed];
     ELSE
-        SELECT array_agg(o.name ORDER BY o.depth, o.name) INTO names FROM cde._feeds_in_order() o;
+        -- Every feed the caller may manage (a superuser: every feed).
+        SELECT array_agg(o.name ORDER BY o.depth, o.name) INTO names
+          FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name) WHERE cde._manages(f.owner);
         IF names IS NULL THEN
-            RAISE EXCEPTION 'cde_full_sync: no feed is registered' USING HINT = 'cde_register_feed(...) first.';
+            RAISE EXCEPTION 'cde_full_sync: no feed is registered that you may manage' USING HINT = 'cde_register_feed(...) first.';
         END IF;
     END IF;
     IF dry_run IS NULL THEN
@@ -67,14 +69,20 @@ COMMENT ON FUNCTION cde_full_sync(text, boolean) IS
     'Start a full (re)sync of one feed or all feeds, in dependency order; returns the run id (see cde_sync_runs)';
 
 CREATE FUNCTION cde_cancel_sync(run_id bigint) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r cde.sync_runs;
+    n text;
 BEGIN
     SELECT * INTO r FROM cde.sync_runs x WHERE x.id = cde_cancel_sync.run_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'cde_cancel_sync: no sync run %', run_id USING ERRCODE = 'undefined_object';
     END IF;
+    FOREACH n IN ARRAY r.feeds LOOP
+        IF EXISTS (SELECT 1 FROM cde.feeds f WHERE f.name = n) THEN
+            PERFORM cde._managed_feed(n);   -- a run of feeds the caller may not manage is not its to cancel
+        END IF;
+    END LOOP;
     IF r.status NOT IN ('preparing', 'planned', 'executing') THEN
         RAISE EXCEPTION 'cde_cancel_sync: run % has already ended (%)', run_id, r.status
             USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -144,8 +152,8 @@ BEGIN
         BEGIN
             -- The lane's next chunk of source keys, in the key's own order (a dry run counts
             -- what it would change). Fewer rows than asked: the lane is done.
-            EXECUTE format('SELECT built, changed, deleted, last_key FROM %s(NULL, $1, $2, $3, $4, $5)', f.rebuild_fn::regproc)
-               INTO res USING CASE WHEN r.dry_run THEN 'chunk_dry' ELSE 'chunk' END, ln.cursor_key, chunk, ln.lane, ln.lanes;
+            SELECT * INTO res FROM cde._rebuild(f.name, NULL, CASE WHEN r.dry_run THEN 'chunk_dry' ELSE 'chunk' END,
+                                                ln.cursor_key, chunk, ln.lane, ln.lanes);
             UPDATE cde.sync_lanes
                SET cursor_key = coalesce(res.last_key, cursor_key), done = res.built < chunk
              WHERE run_id = r.id AND feed = ln.feed AND lane = ln.lane;
@@ -185,7 +193,7 @@ BEGIN
                 PERFORM cde._sync_fail(r, ph.feed, 'feed ' || ph.feed || ' was dropped');
                 RETURN 'progress';
             END IF;
-            EXECUTE format('SELECT count(*) FROM (%s) AS s', f.source_query) INTO n;
+            SELECT built INTO n FROM cde._rebuild(f.name, NULL, 'count');   -- as the feed's owner
             UPDATE cde.sync_phases SET planned = n WHERE run_id = r.id AND feed = ph.feed;
         END LOOP;
         UPDATE cde.sync_runs SET status = 'planned' WHERE id = r.id;
@@ -251,8 +259,8 @@ BEGIN
                 END IF;
             ELSE
                 -- The deletion pass: the next chunk of the feed table's keys.
-                EXECUTE format('SELECT deleted, last_key FROM %s(NULL, $1, $2, $3)', f.rebuild_fn::regproc)
-                   INTO res USING CASE WHEN r.dry_run THEN 'gone_dry' ELSE 'gone' END, ph.deletions_cursor, chunk;
+                SELECT * INTO res FROM cde._rebuild(f.name, NULL, CASE WHEN r.dry_run THEN 'gone_dry' ELSE 'gone' END,
+                                                    ph.deletions_cursor, chunk);
                 IF res.last_key IS NOT NULL THEN
                     UPDATE cde.sync_phases
                        SET deletions_cursor = res.last_key, deleted = deleted + res.deleted,

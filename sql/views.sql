@@ -83,24 +83,38 @@ END $$;
 CREATE VIEW cde_failed_items AS SELECT * FROM cde._failed_items();
 COMMENT ON VIEW cde_failed_items IS 'Items that are retrying, rejected or dead, with their last error';
 
--- Privileges. Management is for superusers and the roles they grant it to (docs/operations.md,
--- "Privileges"); the views are for pg_monitor. The view helpers run as the extension owner, with
--- a fixed search_path, because the views' readers have no right on schema cde.
+-- Privileges (docs/security.md). Management is for superusers and the roles they delegate it to
+-- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
+-- function there is executable by PUBLIC but the pure ones that generated code calls as a feed's
+-- owner. The management functions and the view helpers run as the extension's owner with a
+-- fixed search_path; they act for the calling role (cde._caller()) and check what it may do.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cde._doc_hash(anyelement), cde._in_lane(text, int, int), cde._lane(text, int),
+                          cde._restricted(), cde._chunk_size() TO PUBLIC;
+
+-- The management functions, for cde_grant_admin and the checks of docs/security.md.
+CREATE FUNCTION cde._management_functions() RETURNS regprocedure[]
+LANGUAGE sql STABLE AS $$
+    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[])',
+                 '@extschema@.cde_drop_feed(text)',
+                 '@extschema@.cde_track(text, regclass, text)', '@extschema@.cde_untrack(text, regclass)',
+                 '@extschema@.cde_sync_now(text)', '@extschema@.cde_retry_failed(text)',
+                 '@extschema@.cde_resync(text, text[])', '@extschema@.cde_full_sync(text, boolean)',
+                 '@extschema@.cde_cancel_sync(bigint)']::regprocedure[]
+$$;
+REVOKE ALL ON FUNCTION cde._management_functions() FROM PUBLIC;
+
+ALTER FUNCTION cde_sync_now(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
 DO $$
 DECLARE
-    fn text;
+    fn regprocedure;
 BEGIN
-    FOREACH fn IN ARRAY ARRAY[
-        'cde_register_feed(text, text, text, text, text[], int)', 'cde_drop_feed(text)',
-        'cde_track(text, regclass, text)', 'cde_untrack(text, regclass)',
-        'cde_sync_now(text)', 'cde_retry_failed(text)', 'cde_resync(text, text[])',
-        'cde_full_sync(text, boolean)', 'cde_cancel_sync(bigint)'
-    ] LOOP
+    FOREACH fn IN ARRAY cde._management_functions() LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
     END LOOP;
-    FOREACH fn IN ARRAY ARRAY['cde._feed_counts()', 'cde._failed_items()', 'cde._worker_status()'] LOOP
+    FOREACH fn IN ARRAY ARRAY['cde._feed_counts()', 'cde._failed_items()', 'cde._worker_status()']::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', fn);
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_monitor', fn);
     END LOOP;
 END $$;
@@ -108,24 +122,48 @@ END $$;
 REVOKE ALL ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status FROM PUBLIC;
 GRANT SELECT ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status TO pg_monitor;
 
--- Delegating management to a role that is not a superuser. Such a role registers feeds on the
--- tables it may read (the source query then runs with its rights, through the generated
--- function it owns), tracks tables on which it has the TRIGGER privilege, and runs syncs.
+-- Delegating management to a role that is not a superuser. Such a role registers feeds over
+-- what it may read (their source queries then run with its rights), tracks the tables on which it
+-- has the TRIGGER privilege, and manages its own feeds; it reads the views. It gets no right on
+-- cde's tables, and none of pg_monitor's: USAGE on schema cde only lets its feeds' rebuild
+-- functions, which run as it, reach their feed tables.
 CREATE FUNCTION cde_grant_admin(admin regrole) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    fn text;
+    fn regprocedure;
 BEGIN
-    EXECUTE format('GRANT USAGE, CREATE ON SCHEMA cde TO %s', admin);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA cde TO %s', admin);
-    EXECUTE format('GRANT pg_monitor TO %s', admin);
-    FOR fn IN
-        SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.classid = 'pg_proc'::regclass
-         WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'cde') AND d.deptype = 'e'
-    LOOP
+    IF admin IS NULL THEN
+        RAISE EXCEPTION 'cde_grant_admin: admin is NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA cde TO %s', admin);
+    FOREACH fn IN ARRAY cde._management_functions() LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', fn, admin);
     END LOOP;
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cde._feed_counts(), cde._failed_items(), cde._worker_status() TO %s', admin);
+    EXECUTE format('GRANT SELECT ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status TO %s', admin);
 END $$;
 
 REVOKE ALL ON FUNCTION cde_grant_admin(regrole) FROM PUBLIC;
-COMMENT ON FUNCTION cde_grant_admin(regrole) IS 'Let a role that is not a superuser manage cde (docs/operations.md, Privileges)';
+COMMENT ON FUNCTION cde_grant_admin(regrole) IS 'Let a role that is not a superuser manage cde (docs/security.md)';
+
+-- Take it back: what cde_grant_admin gave (and what 0.1.0's gave: rights on cde's tables and
+-- functions, pg_monitor). The role's feeds stay, with their owner; a superuser may drop them.
+CREATE FUNCTION cde_revoke_admin(admin regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    fn regprocedure;
+BEGIN
+    IF admin IS NULL THEN
+        RAISE EXCEPTION 'cde_revoke_admin: admin is NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    FOREACH fn IN ARRAY cde._management_functions() LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %s', fn, admin);
+    END LOOP;
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM %s', admin);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA cde FROM %s', admin);
+    EXECUTE format('REVOKE ALL ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status FROM %s', admin);
+    EXECUTE format('REVOKE ALL ON SCHEMA cde FROM %s', admin);
+END $$;
+
+REVOKE ALL ON FUNCTION cde_revoke_admin(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION cde_revoke_admin(regrole) IS 'Take back what cde_grant_admin gave a role';

@@ -14,12 +14,14 @@ use std::time::Duration;
 
 /// Run one iteration in this session: collect, then send (legacy feeds too), for every feed in
 /// dependency order or for one feed. Works without the background worker, e.g. from pg_cron.
+/// SECURITY DEFINER (sql/views.sql): called by a delegated admin, it takes only the feeds that
+/// role may manage.
 #[pg_extern(volatile, parallel_unsafe)]
 fn cde_sync_now(
     feed: default!(Option<&str>, "NULL"),
 ) -> TableIterator<'static, (name!(feed, String), name!(collected, i64), name!(sent, i64), name!(failed, i64))> {
     if let Some(f) = feed {
-        Spi::run_with_args("SELECT cde._feed($1)", &[f.into()]).unwrap_or_else(|e| error!("{e}"));
+        Spi::run_with_args("SELECT cde._managed_feed($1)", &[f.into()]).unwrap_or_else(|e| error!("{e}"));
     }
     // Wait for the worker's iteration, if one runs, rather than racing it on the same rows.
     cde::_hold_iteration_lock();

@@ -70,6 +70,66 @@ mod cde {
         CHANGES_IN_XACT.store(true, Ordering::Relaxed);
         Ok(None)
     }
+
+    /// The capture trigger for feeds whose keys are an expression over the changed row or a
+    /// query over `changed`; its arguments name those feeds. SECURITY DEFINER (sql/capture.sql),
+    /// with a fixed search_path. The keys' SQL was written by the role that owns the feed: it
+    /// runs as that role ([`crate::trust::as_role`]), with the feed's search_path, over the
+    /// statement's transition tables; the keys are queued as the extension's owner.
+    #[pg_trigger]
+    fn _capture_keys<'a>(
+        trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+        let feeds: Vec<String> = trigger.extra_args()?;
+        let td = trigger.trigger_data();
+        let sources: Vec<&str> = match td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK {
+            pg_sys::TRIGGER_EVENT_INSERT => vec!["new_rows"],
+            pg_sys::TRIGGER_EVENT_UPDATE => vec!["old_rows", "new_rows"],
+            _ => vec!["old_rows"],
+        };
+        let relid = unsafe { (*td.tg_relation).rd_id };
+        let queued: Vec<(String, Vec<String>)> = Spi::connect(|c| {
+            // The transition tables, by the names of the trigger's REFERENCING clause.
+            unsafe { pg_sys::SPI_register_trigger_data(td as *const _ as *mut _) };
+            let rows = c.select(
+                "SELECT t.feed, format('SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL',
+                                                  cde._keys_query(f, t.keys, $2)),
+                        f.owner::oid, f.search_path
+                   FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+                  WHERE t.source_table = $1 AND t.feed = ANY ($3)
+                  ORDER BY t.feed",
+                None,
+                &[relid.into(), sources.into(), feeds.into()],
+            )?;
+            let mut plans = Vec::new();
+            for r in rows {
+                plans.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
+                    r.get::<String>(4)?.unwrap_or_default(),
+                ));
+            }
+            let mut out = Vec::new();
+            for (feed, query, owner, path) in plans {
+                let keys = crate::trust::as_role(owner, Some(&path), || {
+                    c.select(&query, Some(1), &[])?.first().get::<Vec<String>>(1)
+                })?;
+                if let Some(keys) = keys.filter(|k| !k.is_empty()) {
+                    out.push((feed, keys));
+                }
+            }
+            Ok::<_, pgrx::spi::SpiError>(out)
+        })
+        .unwrap_or_else(|e| error!("cde: capture: {e}"));
+        let groups: Vec<queue::Group> =
+            queued.iter().map(|(feed, keys)| (vec![feed.as_str()], Some(keys.clone()))).collect();
+        if !groups.is_empty() {
+            queue::append(&groups);
+        }
+        CHANGES_IN_XACT.store(true, Ordering::Relaxed);
+        Ok(None)
+    }
 }
 
 /// The text of `column` in the statement's changed rows: the new images, then the old ones that

@@ -62,7 +62,7 @@ pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128) -> Vec<FeedInfo>
                     EXISTS (SELECT 1 FROM cde.sync_phases p JOIN cde.sync_runs r ON r.id = p.run_id
                              WHERE p.feed = f.name AND p.status = 'sending' AND r.status = 'executing')
                FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name)
-              WHERE $1::text IS NULL OR f.name = $1
+              WHERE ($1::text IS NULL OR f.name = $1) AND cde._manages(f.owner)   -- cde_sync_now() by an admin: its feeds
               ORDER BY o.depth, o.name";
     Spi::connect(|c| {
         let rows = c.select(q, None, &[only.into(), (legacy_interval_ms as i64).into()])?;

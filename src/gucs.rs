@@ -39,14 +39,23 @@ pub fn init() {
             None,
         );
     }
-    GucRegistry::define_string_guc(
-        c"cde.api_key",
-        c"Bearer token sent in the Authorization header.",
-        c"Superuser only: hidden from SHOW and pg_settings for other roles, never logged.",
-        &API_KEY,
-        GucContext::Suset,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
+    // The key itself is never shown: SHOW, current_setting() and pg_settings answer a mask to
+    // everyone (GUC_SUPERUSER_ONLY alone admits pg_read_all_settings, hence pg_monitor). It may
+    // only come from the server's configuration files: a value set per database or role would be
+    // in pg_db_role_setting, a SET in pg_stat_activity. cde.api_key_file is the better place.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"cde.api_key",
+            c"Bearer token sent in the Authorization header (prefer cde.api_key_file).",
+            c"Only from postgresql.conf or ALTER SYSTEM, shown to nobody. A reload that changes it logs it, and ALTER SYSTEM keeps it in postgresql.auto.conf: a key kept in cde.api_key_file reaches neither.",
+            &API_KEY,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            Some(check_api_key),
+            None,
+            Some(show_api_key),
+        );
+    }
     GucRegistry::define_string_guc(
         c"cde.api_key_file",
         c"File holding the bearer token (used when cde.api_key is empty).",
@@ -175,7 +184,40 @@ pub fn validate_endpoint(url: &str) -> Result<(), &'static str> {
     if url.contains('?') || url.contains('#') {
         return Err("must not carry a query or fragment: feeds are appended as /{feed}");
     }
+    if host.contains('@') {
+        // Everyone may read cde.endpoint (SHOW, pg_settings, the log): no secret belongs in it.
+        return Err("must not carry credentials (user:password@): put the key in cde.api_key_file");
+    }
     Ok(())
+}
+
+/// Where a value of cde.api_key may come from: the server's configuration, nowhere readable by
+/// other roles.
+fn api_key_source_allowed(source: pg_sys::GucSource::Type) -> bool {
+    use pg_sys::GucSource::*;
+    matches!(source, PGC_S_DEFAULT | PGC_S_DYNAMIC_DEFAULT | PGC_S_ENV_VAR | PGC_S_FILE | PGC_S_ARGV)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_api_key(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    let empty = unsafe { (*newval).is_null() || *(*newval) == 0 };
+    if empty || api_key_source_allowed(source) {
+        return true;
+    }
+    let msg = c"cde.api_key is only read from the server's configuration (postgresql.conf or ALTER SYSTEM): set per database, per role or per session it would be readable by other roles. Better: cde.api_key_file.";
+    unsafe {
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(msg.as_ptr());
+    }
+    false
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn show_api_key() -> *const std::ffi::c_char {
+    if string(&API_KEY).is_some() { c"********".as_ptr() } else { c"".as_ptr() }
 }
 
 #[pg_guard]

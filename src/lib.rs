@@ -11,6 +11,7 @@
 //! - worker   the background worker
 //! - builder  a second worker taking full sync steps while the worker sends
 //! - api      SQL functions written in Rust
+//! - trust    running what a non-superuser wrote with that role's rights (docs/security.md)
 //! - gucs     settings;  shmem: the worker's latch and counters
 
 use pgrx::prelude::*;
@@ -18,8 +19,8 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["schema"]);
-extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds", capture::cde::_capture]);
+extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["schema", trust::cde::_caller, trust::cde::_query_as]);
+extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds", capture::cde::_capture, capture::cde::_capture_keys]);
 extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["feeds"]);
 extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["collect"]);
 extension_sql_file!("../sql/sync.sql", name = "sync", requires = ["deliver"]);
@@ -36,6 +37,7 @@ mod queue;
 mod shmem;
 mod sync;
 mod transport;
+mod trust;
 mod worker;
 
 #[pg_guard]

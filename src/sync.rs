@@ -73,9 +73,11 @@ pub fn advance(run: &impl Fn() -> Step, budget: Duration) -> bool {
 pub fn progress_line() -> Option<String> {
     Spi::get_one::<String>(
         "SELECT format('cde: full sync run %s %s%s: phase %s, %s of %s processed, %s unchanged, %s deleted, %s sent',
-                       run_id, status, CASE WHEN dry_run THEN ' (dry run)' ELSE '' END,
-                       coalesce(current_phase, '-'), processed, planned, unchanged, deleted, sent)
-           FROM cde_sync_runs WHERE status IN ('preparing', 'planned', 'executing') ORDER BY run_id LIMIT 1",
+                       r.id, r.status, CASE WHEN r.dry_run THEN ' (dry run)' ELSE '' END, coalesce(r.current_phase, '-'),
+                       sum(p.processed), sum(p.planned), sum(p.unchanged), sum(p.deleted), sum(p.sent))
+           FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
+          WHERE r.status IN ('preparing', 'planned', 'executing')
+          GROUP BY r.id ORDER BY r.id LIMIT 1",
     )
     .ok()
     .flatten()

@@ -186,17 +186,64 @@ pub fn stop_now_if_asked() {
     }
 }
 
-/// Settings of the worker's (and the builder's) own session.
+/// Settings of the worker's (and the builders') own session.
+///
+/// A background worker's session takes the settings of its database and role, as any session
+/// does, and a database's owner may `ALTER DATABASE ... SET` many of them: a search_path putting
+/// its own functions and operators before pg_catalog's, a statement_timeout, read-only
+/// transactions... None of that may change what cde runs, or stop it. So the session first pins
+/// its search_path (nothing below resolves a name through the database's), then sets every
+/// setting that came from the database or a role back to what the server's configuration says
+/// (`cde.*` excepted: those only a superuser can set), then fixes the ones cde depends on.
 /// - synchronous_commit = off: their commits need not wait for the WAL flush. A commit lost in a
 ///   crash takes its queue drain and feed-table writes with it (collected again), or its delivery
 ///   record (sent again, same Idempotency-Key), or a sync chunk (built again). Writers then do
 ///   not share their group commits with them.
-/// - jit = off: their statements are short and planned often; at 1M products the count that
-///   ends a full sync phase passed jit_above_cost, was compiled for its one run, and loading
-///   LLVM for it mapped 52 MB of code into the worker (its peak RSS: 221 → 166 MB).
+/// - jit = off: their statements are short and planned often (docs/benchmarks.md).
 pub fn session_settings() {
-    Own.run(|| Spi::run("SET synchronous_commit = off; SET jit = off")).unwrap_or_else(|e| error!("cde: {e}"));
+    Own.run(|| {
+        Spi::run("SET search_path = pg_catalog, pg_temp")?;
+        Spi::run(RESET_DATABASE_SETTINGS)?;
+        Spi::run(PINNED_SETTINGS)
+    })
+    .unwrap_or_else(|e| error!("cde: {e}"));
 }
+
+/// Every setting the session took from its database or role (pg_db_role_setting), back to the
+/// server configuration's value (postgresql.conf, ALTER SYSTEM) or the built-in default. One that
+/// cannot be set is reported and left alone.
+const RESET_DATABASE_SETTINGS: &str = "DO $$
+DECLARE
+    s record;
+    reset text[] := '{}';
+BEGIN
+    FOR s IN
+        SELECT g.name, coalesce((SELECT f.setting FROM pg_catalog.pg_file_settings f
+                                  WHERE f.name = g.name AND f.applied ORDER BY f.seqno DESC LIMIT 1),
+                                g.boot_val) AS value
+          FROM pg_catalog.pg_settings g
+         WHERE g.source IN ('database', 'user', 'database user') AND g.name !~ '^cde[.]'
+    LOOP
+        BEGIN
+            PERFORM pg_catalog.set_config(s.name, s.value, false);
+            reset := reset || s.name;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'cde: cannot reset setting % taken from the database or role: %', s.name, SQLERRM;
+        END;
+    END LOOP;
+    IF reset <> '{}' THEN
+        RAISE LOG 'cde: the worker ignores these settings of its database or role: %', pg_catalog.array_to_string(reset, ', ');
+    END IF;
+END $$";
+
+/// What cde's own SQL relies on, whatever any configuration says.
+const PINNED_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0;
+    SET idle_in_transaction_session_timeout = 0; SET idle_session_timeout = 0;
+    SET default_transaction_isolation = 'read committed'; SET default_transaction_read_only = off;
+    SET default_transaction_deferrable = off; SET session_replication_role = origin;
+    SET row_security = on; SET standard_conforming_strings = on; SET array_nulls = on;
+    SET check_function_bodies = on; SET temp_tablespaces = '';
+    SET synchronous_commit = off; SET jit = off";
 
 fn announce(shared: &shmem::WorkerShared, state: i32) {
     shared.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);

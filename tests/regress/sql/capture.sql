@@ -58,7 +58,7 @@ DELETE FROM cde.queue;
 -- them: collecting a bulk write then takes a bounded slice at a time.
 SELECT cde._chunk_size();
 INSERT INTO products SELECT g, 'bulk', 1 FROM generate_series(100, 12099) AS g;    -- cde._capture
-UPDATE categories SET name = 'Clogs' WHERE id = 1;    -- generated: its 12,001 products, once each
+UPDATE categories SET name = 'Clogs' WHERE id = 1;    -- cde._capture_keys: its 12,001 products, once each
 SELECT feed, cardinality(keys) FROM cde.queue ORDER BY id;
 DELETE FROM products WHERE id >= 100;
 DELETE FROM cde.queue;
@@ -116,12 +116,12 @@ SELECT cde_untrack('products', 'inventory');
 ALTER TABLE inventory DROP COLUMN product_id;
 DROP TABLE inventory;
 
--- Keys that are a column of the changed row are captured by cde._capture, in Rust; keys that are
--- an expression or a query, by a generated PL/pgSQL function. One table may have both kinds;
--- TRUNCATE always goes through cde._capture. Both queue the same way.
+-- Keys that are a column of the changed row are captured by cde._capture; keys that are an
+-- expression or a query, by cde._capture_keys (both in Rust), its arguments naming those feeds.
+-- One table may have both kinds; TRUNCATE always goes through cde._capture. Both queue the same way.
 SELECT cde_register_feed('price_rows', 'SELECT product_id, currency FROM prices', 'product_id');
 SELECT cde_track('price_rows', 'prices');
-SELECT tgname, CASE WHEN tgfoid = 'cde._capture'::regproc THEN 'cde._capture' ELSE 'generated' END AS function, tgnargs
+SELECT tgname, tgfoid::regproc AS function, tgnargs
   FROM pg_trigger WHERE tgrelid = 'prices'::regclass AND NOT tgisinternal ORDER BY tgname;
 INSERT INTO prices VALUES (2, 'USD', 7), (2, 'GBP', 6);
 UPDATE prices SET product_id = 1 WHERE product_id = 2 AND currency = 'GBP';   -- old and new keys

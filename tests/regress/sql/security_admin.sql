@@ -1,0 +1,120 @@
+-- A delegated admin (cde_grant_admin) manages its own feeds, and gains no right through cde:
+-- its source queries and keys run with its rights, whoever runs them, and it can change none of
+-- what the workers execute. Every statement below runs as that role unless RESET ROLE says not.
+\i sql/fresh.inc
+\set ON_ERROR_ROLLBACK on
+BEGIN;   -- the endpoint is the test sink
+CREATE ROLE regress_admin;
+CREATE ROLE regress_other_admin;
+SELECT cde_grant_admin('regress_admin');
+SELECT cde_grant_admin('regress_other_admin');
+-- What the grant gave: the management functions, the views, USAGE on schema cde; not pg_monitor.
+SELECT pg_has_role('regress_admin', 'pg_monitor', 'MEMBER') AS in_pg_monitor,
+       has_function_privilege('regress_admin', 'cde_register_feed(text, text, text, text, text[], int, name[])', 'EXECUTE') AS may_register,
+       has_table_privilege('regress_admin', 'cde_feed_status', 'SELECT') AS reads_status,
+       has_schema_privilege('regress_admin', 'cde', 'CREATE') AS creates_in_cde;
+
+CREATE TABLE orders (id int PRIMARY KEY, total numeric);
+INSERT INTO orders VALUES (1, 10), (2, 20);
+CREATE TABLE secrets (id int PRIMARY KEY, secret text);
+GRANT SELECT, TRIGGER ON orders TO regress_admin;
+CREATE SCHEMA regress_evil AUTHORIZATION regress_admin;
+
+-- The admin's function tries to make it a superuser, which only works when a superuser runs it,
+-- and notes who ran it.
+SET ROLE regress_admin;
+CREATE TABLE regress_evil.seen (who name, superuser_now boolean);
+CREATE FUNCTION regress_evil.probe() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    BEGIN
+        EXECUTE 'ALTER ROLE regress_admin SUPERUSER';
+    EXCEPTION WHEN insufficient_privilege THEN
+        NULL;
+    END;
+    INSERT INTO regress_evil.seen SELECT current_user, rolsuper FROM pg_roles WHERE rolname = 'regress_admin';
+    RETURN true;
+END $$;
+SELECT cde_register_feed('orders', 'SELECT id, total FROM orders WHERE regress_evil.probe()',
+                         search_path => '{public}');
+SELECT cde_track('orders', 'orders');
+SELECT cde_track('orders', 'orders', 'CASE WHEN regress_evil.probe() THEN id END');
+-- A feed over a table it may not read is refused at registration.
+SELECT cde_register_feed('leak', 'SELECT id, secret FROM secrets');
+RESET ROLE;
+
+-- A superuser (as the worker is) runs every path of that feed: a full sync (plan, chunks,
+-- deletion pass), a collect of a captured change, a resync, a dry run.
+SELECT cde_full_sync('orders');
+SELECT feed, collected FROM cde_sync_now();
+UPDATE orders SET total = 11 WHERE id = 1;
+SELECT feed, collected FROM cde_sync_now();
+SELECT cde_resync('orders', '{1,2}');
+SELECT cde_full_sync('orders', dry_run => true);
+SELECT feed, collected FROM cde_sync_now();
+SELECT status, error FROM cde_sync_runs ORDER BY run_id;
+-- Its function always ran as the admin, and the admin is not a superuser.
+SELECT DISTINCT who, superuser_now FROM regress_evil.seen;
+SELECT rolsuper FROM pg_roles WHERE rolname = 'regress_admin';
+
+-- What the workers execute or interpolate cannot be changed by the admin.
+SET ROLE regress_admin;
+UPDATE cde.feeds SET source_query = 'SELECT 1 AS id' WHERE name = 'orders';
+UPDATE cde.feeds SET rebuild_fn = 'regress_evil.probe()'::regprocedure WHERE name = 'orders';
+INSERT INTO cde.queue (feed, keys) VALUES ('orders', '{1}');
+DELETE FROM cde.retries;
+SELECT count(*) FROM cde.tracks;
+CREATE TABLE cde.mine (id int);
+CREATE FUNCTION cde.mine() RETURNS int LANGUAGE sql AS 'SELECT 1';
+CREATE TRIGGER mine AFTER INSERT ON cde.feed_orders EXECUTE FUNCTION regress_evil.probe();
+CREATE INDEX ON cde.feed_orders ((regress_evil.probe()));
+CREATE RULE mine AS ON UPDATE TO cde.feed_orders DO ALSO SELECT 1;
+ALTER TABLE cde.feed_orders ENABLE ROW LEVEL SECURITY;
+CREATE OR REPLACE FUNCTION cde.rebuild_orders(keys text[], mode text, after text, n int, lane int, lanes int,
+                                              OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT last_key text)
+    LANGUAGE sql AS 'SELECT 0::bigint, 0::bigint, 0::bigint, NULL::text';
+ALTER FUNCTION cde.rebuild_orders(text[], text, text, int, int, int) SECURITY DEFINER;
+-- Nor call cde's internals.
+SELECT cde._rebuild('orders', NULL, 'count');
+SELECT cde._query_as('postgres'::regrole, 'public', 'SELECT 1');
+SELECT cde._enqueue('orders', '{1}');
+SELECT cde._collect('orders');
+SELECT cde._hold_iteration_lock();
+SELECT cde.rebuild_orders(NULL);
+-- Nor track cde's own tables, or a table on which it has no TRIGGER right.
+SELECT cde_track('orders', 'cde.queue');
+SELECT cde_track('orders', 'secrets');
+RESET ROLE;
+
+-- Even a superuser cannot run a generated rebuild function but through cde._rebuild.
+SELECT * FROM cde.rebuild_orders(NULL, 'count');
+SELECT proname, prosecdef, proowner::regrole = (SELECT extowner::regrole FROM pg_extension WHERE extname = 'cde') AS owned_by_extension_owner
+  FROM pg_proc WHERE proname = 'rebuild_orders';
+SELECT relowner::regrole = (SELECT extowner::regrole FROM pg_extension WHERE extname = 'cde') AS feed_table_owned_by_extension_owner
+  FROM pg_class WHERE oid = 'cde.feed_orders'::regclass;
+
+-- One admin's feed is not another's: it may not redefine, drop, track, sync or resend it.
+SET ROLE regress_other_admin;
+SELECT cde_register_feed('orders', 'SELECT 1 AS id');
+SELECT cde_drop_feed('orders');
+SELECT cde_track('orders', 'orders');
+SELECT cde_untrack('orders', 'orders');
+SELECT cde_full_sync('orders');
+SELECT cde_resync('orders', '{1}');
+SELECT cde_retry_failed('orders');
+SELECT cde_full_sync();
+SELECT count(*) FROM cde_sync_now();
+SELECT cde_cancel_sync(1);
+SELECT feed FROM cde_feed_status;   -- the views show every feed to every admin
+RESET ROLE;
+
+-- Revoked later: the feed keeps its owner's rights, even run by a superuser.
+REVOKE SELECT ON orders FROM regress_admin;
+UPDATE orders SET total = 12 WHERE id = 1;
+SELECT feed, collected, failed FROM cde_sync_now('orders');
+SELECT key, status, error FROM cde.feed_orders WHERE status <> 'sent' ORDER BY key;
+
+-- cde_revoke_admin takes it all back.
+SELECT cde_revoke_admin('regress_other_admin');
+SELECT has_function_privilege('regress_other_admin', 'cde_full_sync(text, boolean)', 'EXECUTE') AS may_sync,
+       has_schema_privilege('regress_other_admin', 'cde', 'USAGE') AS uses_cde;
+ROLLBACK;
