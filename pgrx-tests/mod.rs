@@ -143,15 +143,19 @@ mod tests {
     }
 
     #[pg_test]
-    fn generated_objects_are_not_public() {
+    fn internals_are_not_public() {
         setup_feed();
-        let public_exec = Spi::get_one::<bool>(
-            "SELECT has_function_privilege('public', 'cde.rebuild_items(text[], text, text, int, int, int)', 'EXECUTE')",
-        )
-        .unwrap()
-        .unwrap();
-        assert!(!public_exec);
-        // The capture trigger runs as the extension's owner, and nobody else may call it.
+        // The feed table: the extension owner's, and nobody else may touch it.
+        let public_select =
+            Spi::get_one::<bool>("SELECT has_table_privilege('public', 'cde.feed_items', 'SELECT')").unwrap().unwrap();
+        assert!(!public_select);
+        // The source query runner and the writer: superusers only.
+        for f in ["cde._source(text, text, text[], text, int, int, int)", "cde._rebuild(text, text[], text, text, int, int, int)"] {
+            let public_exec =
+                Spi::get_one::<bool>(&format!("SELECT has_function_privilege('public', '{f}', 'EXECUTE')")).unwrap().unwrap();
+            assert!(!public_exec, "{f}");
+        }
+        // The capture triggers run as the extension's owner, and nobody else may call them.
         let capture = Spi::get_two::<bool, bool>(
             "SELECT prosecdef, has_function_privilege('public', oid, 'EXECUTE') FROM pg_proc WHERE oid = 'cde._capture()'::regprocedure",
         )

@@ -2,9 +2,9 @@
 --
 -- A feed is one SQL query yielding one row per entity key. From it cde generates, per feed:
 --   cde.feed_<name>      the feed table: each key's last document, its hash and delivery state
---   cde.rebuild_<name>   rebuilds the documents of a set of keys (NULL: every key), filtering the
---                        source query on the key column in that column's own type so that the
---                        planner uses the underlying table's index.
+-- and nothing else: its documents are built by cde._rebuild from cde._source_sql
+-- (sql/rebuild.sql), which filters the source query on the key column in that column's own type
+-- so that the planner uses the underlying table's index.
 
 -- Feed names become parts of table and function names: keep them plain.
 CREATE FUNCTION cde._check_feed_name(feed text) RETURNS void
@@ -87,14 +87,7 @@ DECLARE
     key_type   regtype;
     doc_type   regtype;
     has_doc    boolean := true;
-    doc_expr   text;
-    src_sql    text;
-    keys_sql   text;
-    chunk_sql  text;
-    upsert_sql text;
-    gone_set   text;
     tbl        text;
-    fn         text;
     old        cde.feeds;
     dep        text;
 BEGIN
@@ -104,7 +97,6 @@ BEGIN
         PERFORM cde._managed_feed(feed);   -- raises: another role's feed
     END IF;
     tbl := format('cde.%I', 'feed_' || feed);
-    fn := format('cde.%I', 'rebuild_' || feed);
     IF mode IS NULL OR mode NOT IN ('immediate', 'legacy') THEN
         RAISE EXCEPTION 'cde: unknown mode % for feed %', coalesce(quote_literal(mode), 'NULL'), feed
             USING ERRCODE = 'invalid_parameter_value', HINT = 'mode is ''immediate'' or ''legacy''.';
@@ -148,7 +140,9 @@ BEGIN
     -- type without a row.
     BEGIN
         key_type := cde._query_as(owner, path,
-            format('SELECT pg_typeof(s.%I)::regtype::oid::text FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (%s) AS q LIMIT 0) AS s ON true',
+            format('SELECT pg_typeof(s.%I)::regtype::oid::text FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (
+%s
+) AS q LIMIT 0) AS s ON true',
                    key_column, query))::oid::regtype;
     EXCEPTION
         WHEN undefined_column THEN
@@ -166,7 +160,9 @@ BEGIN
 
     BEGIN
         doc_type := cde._query_as(owner, path,
-            format('SELECT pg_typeof(s.doc)::regtype::oid::text FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (%s) AS q LIMIT 0) AS s ON true', query))::oid::regtype;
+            format('SELECT pg_typeof(s.doc)::regtype::oid::text FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (
+%s
+) AS q LIMIT 0) AS s ON true', query))::oid::regtype;
     EXCEPTION WHEN undefined_column THEN
         has_doc := false;
     END;
@@ -175,7 +171,6 @@ BEGIN
             USING ERRCODE = 'datatype_mismatch',
                   HINT = 'Rename the column, or build the document with jsonb_build_object(...) AS doc.';
     END IF;
-    doc_expr := CASE WHEN has_doc THEN 's.doc::jsonb' ELSE 'to_jsonb(s)' END;
 
     IF to_regclass(tbl) IS NULL THEN
         EXECUTE format($t$
@@ -196,171 +191,30 @@ BEGIN
                        'feed_' || feed || '_pending', tbl);
         EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
     END IF;
-    -- The extension's owner owns the feed table: the workers write it, and an owner may add
-    -- triggers, rules, policies or expression indexes, which would run as the workers. The feed's
-    -- owner may only read and write its rows, which its rebuild function does with its rights.
+    -- The extension's owner owns the feed table, and nobody else has any right on it: the workers
+    -- write it, and an owner could add triggers, rules, policies or expression indexes, which
+    -- would run as the workers. (A 0.1.0 feed table belonged to the role that registered it.)
     EXECUTE format('ALTER TABLE %s OWNER TO %I', tbl, current_user);
     EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', tbl);
-    IF old.owner IS NOT NULL AND old.owner <> owner AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = old.owner) THEN
+    IF old.owner IS NOT NULL AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = old.owner) THEN
         EXECUTE format('REVOKE ALL ON %s FROM %s', tbl, old.owner);
     END IF;
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %s TO %s', tbl, owner);
 
-    -- The rebuild function. It runs the source query with the rights of the role registering
-    -- the feed and that role's search_path, fixed now: it is owned by the extension's owner (so
-    -- that nobody else can change it) and runs only through cde._rebuild (src/trust.rs), which
-    -- calls it as the feed's owner, in a security-restricted operation; called any other way it
-    -- refuses to run.
-    -- JIT is off: each call plans anew for its keys, and compiling every such plan cost more
-    -- than it saved (a full sync took 19% longer with it on).
-    -- EXECUTE ... USING plans each call with the keys as constants, so "= ANY(keys)" becomes
-    -- an index scan for a few keys and "keys IS NULL" drops the filter for a full rebuild.
-    --   mode 'apply'     rebuild the keys (NULL: all): changed documents and deletions become pending
-    --   mode 'gone'      the deletion pass of a full sync: of the next n keys of the feed table after
-    --                    "after" (in its own order), mark as deleted those the source no longer
-    --                    returns ('gone_dry': count them); last_key is the next chunk's "after"
-    --   mode 'chunk'     apply to the next n source keys after "after", in the key's own order (a
-    --                    full sync's step): one range scan of the source rather than a probe per
-    --                    key; failed items are sent again; last_key is the next chunk's "after"
-    --   mode 'chunk_dry' the same counts, nothing written
-    --   mode 'count'     how many rows the source has (a full sync's plan): "built"
-    -- A chunk takes only the keys of its lane ("lane" of "lanes", see cde._in_lane): several sync
-    -- builders build one feed at once, each its own lanes. One lane (lanes = 1) is every key.
-    src_sql := format($q$
-        SELECT (s.%1$I)::text AS key, %2$s AS doc
-          FROM (%3$s) AS s
-         WHERE ($1 IS NULL OR s.%1$I = ANY ($1::%4$s[]))$q$,
-        key_column, doc_expr, query, format_type(key_type, NULL));
-    -- Which keys of the deletion pass's chunk (below) the source still returns, without their
-    -- documents: not naming the document lets the planner skip building it (a full sync spent a
-    -- fifth of its time building documents only to check their keys).
-    keys_sql := format($q$
-        SELECT (s.%1$I)::text AS key FROM (%2$s) AS s
-         WHERE s.%1$I = ANY ((SELECT array_agg(chunk.key) FROM chunk)::%3$s[])$q$,
-        key_column, query, format_type(key_type, NULL));
-    -- Storing the built documents of "src": a changed document (or a deleted key's return) becomes
-    -- pending; an unchanged one keeps its state and is not sent again.
-    upsert_sql := format($q$
-                INSERT INTO %s AS f (key, doc, hash)
-                SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL
-                ON CONFLICT (key) DO UPDATE
-                   SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
-                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()
-                 WHERE f.hash IS DISTINCT FROM excluded.hash OR f.deleted$q$, tbl);
-    -- A key gone from the source: a pending deletion.
-    gone_set := $q$doc = NULL, hash = NULL, deleted = true, status = 'pending',
-                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()$q$;
-    -- The next n source rows of a lane after a key, in the key's own order, numbered in that
-    -- order. The lane filter applies to the key alone, below the documents: the rows of other
-    -- lanes are scanned, not built.
-    chunk_sql := format($q$
-        SELECT (s.%1$I)::text AS key, %2$s AS doc, row_number() OVER () AS o
-          FROM (SELECT * FROM (%3$s) AS s
-                 WHERE ($1 IS NULL OR s.%1$I > $1::%4$s)
-                   AND ($4 = 1 OR cde._in_lane((s.%1$I)::text, $3, $4))
-                 ORDER BY s.%1$I LIMIT $2) AS s$q$,
-        key_column, doc_expr, query, format_type(key_type, NULL));
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION %1$s(keys text[], mode text DEFAULT 'apply', after text DEFAULT NULL, n int DEFAULT 0,
-                                        lane int DEFAULT 0, lanes int DEFAULT 1,
-                                        OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT last_key text)
-        LANGUAGE plpgsql SET search_path = %2$s SET jit = off AS $body$
-        BEGIN
-            IF NOT cde._restricted() THEN
-                RAISE EXCEPTION 'cde: %1$s runs only as its feed''s owner, through cde._rebuild()'
-                    USING ERRCODE = 'insufficient_privilege';
-            END IF;
-            CASE mode
-            WHEN 'apply' THEN EXECUTE %3$L INTO built, changed, deleted USING keys;
-            WHEN 'gone' THEN EXECUTE %4$L INTO deleted, last_key USING after, n, false;
-            WHEN 'gone_dry' THEN EXECUTE %4$L INTO deleted, last_key USING after, n, true;
-            WHEN 'chunk' THEN EXECUTE %5$L INTO built, changed, deleted, last_key USING after, n, lane, lanes;
-            WHEN 'chunk_dry' THEN EXECUTE %6$L INTO built, changed, deleted, last_key USING after, n, lane, lanes;
-            WHEN 'count' THEN EXECUTE %7$L INTO built;
-            END CASE;
-        END $body$$f$,
-        fn, path,
-        -- apply. "gone": the keys the source did not return with a document. Given a list of keys,
-        -- they are found in the list itself (keys EXCEPT built keys), not by probing the feed table
-        -- for every key: a collect is mostly changes, every key built, and those probes were 17-20
-        -- ms of a 230-530 ms statement for 5,000 keys (4 ms now).
-        format($q$
-            WITH src AS MATERIALIZED (%1$s
-            ), built AS (
-                %3$s
-                RETURNING 1
-            ), gone AS (
-                UPDATE %2$s AS f
-                   SET %4$s
-                 WHERE ($1 IS NULL OR f.key = ANY (ARRAY(SELECT unnest($1) EXCEPT SELECT src.key FROM src WHERE src.doc IS NOT NULL)))
-                   AND NOT f.deleted
-                   AND ($1 IS NOT NULL OR NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL))
-                RETURNING 1
-            )
-            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone)
-        $q$, src_sql, tbl, upsert_sql, gone_set),
-        -- gone / gone_dry ($3: dry). Keys the source returns with a NULL document were made
-        -- deletions when their chunk was built; here only keys the source no longer has are left.
-        format($q$
-            WITH chunk AS MATERIALIZED (
-                SELECT f.key FROM %2$s AS f WHERE NOT f.deleted AND f.key > $1 ORDER BY f.key LIMIT $2
-            ), src AS MATERIALIZED (%1$s
-            ), missing AS (
-                SELECT chunk.key FROM chunk WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.key = chunk.key)
-            ), gone AS (
-                UPDATE %2$s AS f
-                   SET %4$s
-                  FROM missing WHERE NOT $3 AND f.key = missing.key
-                RETURNING 1
-            )
-            SELECT CASE WHEN $3 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END,
-                   (SELECT max(key) FROM chunk)
-        $q$, keys_sql, tbl, NULL, gone_set),
-        -- chunk. Keys the source returns with a NULL document become deletions here; keys it no
-        -- longer has are the deletion pass's (cde._sync_step), which walks the feed table.
-        format($q$
-            WITH src AS MATERIALIZED (%1$s
-            ), built AS (
-                %3$s
-                    OR f.status IN ('retrying', 'rejected', 'dead')
-                RETURNING 1
-            ), gone AS (
-                UPDATE %2$s AS f
-                   SET %4$s
-                  FROM src WHERE src.doc IS NULL AND f.key = src.key AND NOT f.deleted
-                RETURNING 1
-            )
-            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone),
-                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)
-        $q$, chunk_sql, tbl, upsert_sql, gone_set),
-        -- chunk_dry
-        format($q$
-            WITH src AS MATERIALIZED (%1$s)
-            SELECT count(*),
-                   count(*) FILTER (WHERE src.doc IS NOT NULL AND (f.key IS NULL OR f.deleted OR f.hash IS DISTINCT FROM cde._doc_hash(src.doc)
-                                                                 OR f.status IN ('retrying', 'rejected', 'dead'))),
-                   count(*) FILTER (WHERE src.doc IS NULL AND f.key IS NOT NULL AND NOT f.deleted),
-                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)
-              FROM src LEFT JOIN %2$s AS f ON f.key = src.key
-        $q$, chunk_sql, tbl),
-        -- count
-        format('SELECT count(*) FROM (%s) AS s', query));
-    EXECUTE format('ALTER FUNCTION %s(text[], text, text, int, int, int) OWNER TO %I', fn, current_user);
-    EXECUTE format('REVOKE ALL ON FUNCTION %s(text[], text, text, int, int, int) FROM PUBLIC', fn);
-    IF old.owner IS NOT NULL AND old.owner <> owner AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = old.owner) THEN
-        EXECUTE format('REVOKE ALL ON FUNCTION %s(text[], text, text, int, int, int) FROM %s', fn, old.owner);
+    -- 0.1.0 generated a rebuild function per feed; its documents are now built by cde._rebuild
+    -- (sql/rebuild.sql).
+    IF to_regprocedure(format('cde.%I(text[], text, text, int, int, int)', 'rebuild_' || feed)) IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION cde.%I(text[], text, text, int, int, int)', 'rebuild_' || feed);
     END IF;
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %s(text[], text, text, int, int, int) TO %s', fn, owner);
 
     INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,
-                                batch_size, owner, search_path, feed_table, rebuild_fn)
+                                batch_size, owner, search_path, feed_table)
     VALUES (feed, query, key_column, key_type, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
-            owner, path, tbl::regclass, (fn || '(text[], text, text, int, int, int)')::regprocedure)
+            owner, path, tbl::regclass)
     ON CONFLICT (name) DO UPDATE
        SET source_query = excluded.source_query, key_column = excluded.key_column, key_type = excluded.key_type,
            doc_column = excluded.doc_column, mode = excluded.mode, depends_on = excluded.depends_on,
            batch_size = excluded.batch_size, owner = excluded.owner, search_path = excluded.search_path,
-           rebuild_fn = excluded.rebuild_fn, updated_at = now();
+           updated_at = now();
 
     -- A new definition may yield other documents for every key: rebuild them all. Unchanged
     -- documents keep their hash and are not sent again.
@@ -404,7 +258,6 @@ BEGIN
     END LOOP;
     DELETE FROM cde.queue q WHERE q.feed = f.name;
     DELETE FROM cde.feeds x WHERE x.name = f.name;   -- cascades to tracks and retries
-    EXECUTE format('DROP FUNCTION IF EXISTS %s', f.rebuild_fn);
     EXECUTE format('DROP TABLE IF EXISTS %s', f.feed_table);
 END $$;
 

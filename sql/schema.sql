@@ -16,10 +16,9 @@ CREATE TABLE cde.feeds (
     mode          text NOT NULL CHECK (mode IN ('immediate', 'legacy')),
     depends_on    text[] NOT NULL DEFAULT '{}',
     batch_size    int CHECK (batch_size > 0),
-    owner         regrole NOT NULL,        -- the source query runs with this role's rights
+    owner         regrole NOT NULL,        -- the source query runs with this role's rights (src/trust.rs)
     search_path   text NOT NULL,           -- the registering session's, fixed for the source query
     feed_table    regclass NOT NULL,       -- cde.feed_<name>
-    rebuild_fn    regprocedure NOT NULL,   -- generated: cde.rebuild_<name>(keys, mode, after, n, lane, lanes)
     hold_until    timestamptz,             -- Retry-After from the endpoint holds the whole feed back
     last_legacy_send_at timestamptz,
     last_sent_at  timestamptz,

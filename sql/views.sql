@@ -85,12 +85,12 @@ COMMENT ON VIEW cde_failed_items IS 'Items that are retrying, rejected or dead, 
 
 -- Privileges (docs/security.md). Management is for superusers and the roles they delegate it to
 -- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
--- function there is executable by PUBLIC but the pure ones that generated code calls as a feed's
--- owner. The management functions and the view helpers run as the extension's owner with a
+-- function there is executable by PUBLIC but pure ones (a source query runs cde._in_lane as its
+-- feed's owner). The management functions and the view helpers run as the extension's owner with a
 -- fixed search_path; they act for the calling role (cde._caller()) and check what it may do.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cde._doc_hash(anyelement), cde._in_lane(text, int, int), cde._lane(text, int),
-                          cde._restricted(), cde._chunk_size() TO PUBLIC;
+                          cde._chunk_size() TO PUBLIC;
 
 -- The management functions, for cde_grant_admin and the checks of docs/security.md.
 CREATE FUNCTION cde._management_functions() RETURNS regprocedure[]
@@ -125,8 +125,8 @@ GRANT SELECT ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_sta
 -- Delegating management to a role that is not a superuser. Such a role registers feeds over
 -- what it may read (their source queries then run with its rights), tracks the tables on which it
 -- has the TRIGGER privilege, and manages its own feeds; it reads the views. It gets no right on
--- cde's tables, and none of pg_monitor's: USAGE on schema cde only lets its feeds' rebuild
--- functions, which run as it, reach their feed tables.
+-- cde's tables, and none of pg_monitor's: USAGE on schema cde only lets its source queries, which
+-- run as it, call cde._in_lane.
 CREATE FUNCTION cde_grant_admin(admin regrole) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE

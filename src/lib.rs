@@ -20,8 +20,9 @@ use pgrx::prelude::*;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["schema", trust::cde::_caller, trust::cde::_query_as]);
+extension_sql_file!("../sql/rebuild.sql", name = "rebuild", requires = ["feeds"]);
 extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds", capture::cde::_capture, capture::cde::_capture_keys]);
-extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["feeds"]);
+extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["rebuild"]);
 extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["collect"]);
 extension_sql_file!("../sql/sync.sql", name = "sync", requires = ["deliver"]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);

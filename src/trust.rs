@@ -72,14 +72,6 @@ mod cde {
         unsafe { pg_sys::GetOuterUserId() }
     }
 
-    /// True only inside [`super::as_role`] (a security-restricted operation). The generated
-    /// rebuild functions refuse to run otherwise: called directly by a superuser, the source
-    /// query would run with a superuser's rights.
-    #[pg_extern(stable, parallel_safe)]
-    fn _restricted() -> bool {
-        unsafe { pg_sys::InSecurityRestrictedOperation() }
-    }
-
     /// Run `query` as `role` with `search_path`; the first column of its first row, as text.
     /// For checks: a source query at registration, a tracking's keys.
     #[pg_extern(volatile, parallel_unsafe)]
@@ -96,41 +88,85 @@ mod cde {
             .unwrap_or_else(|e| error!("cde: {e}"))
         })
     }
+}
 
-    /// Rebuild documents of a feed: its generated function `cde.rebuild_<feed>` (sql/feeds.sql)
-    /// called as the feed's owner. Every path that runs a source query comes here: collect,
-    /// full sync (count, chunks, deletion pass, dry runs), resync.
-    #[pg_extern(volatile, parallel_unsafe)]
-    #[allow(clippy::type_complexity)]
-    fn _rebuild(
-        feed: &str,
-        keys: Option<Vec<Option<String>>>,
-        mode: default!(&str, "'apply'"),
-        after: default!(Option<&str>, "NULL"),
-        n: default!(i32, 0),
-        lane: default!(i32, 0),
-        lanes: default!(i32, 1),
-    ) -> TableIterator<
-        'static,
-        (name!(built, Option<i64>), name!(changed, Option<i64>), name!(deleted, Option<i64>), name!(last_key, Option<String>)),
-    > {
-        let (owner, function) = Spi::get_two_with_args::<pg_sys::Oid, String>(
-            "SELECT f.owner::oid, f.rebuild_fn::regproc::text FROM cde.feeds f WHERE f.name = $1",
-            &[feed.into()],
-        )
-        .unwrap_or_else(|e| error!("cde: {e}"));
-        let (Some(owner), Some(function)) = (owner, function) else {
+/// `cde._source(feed, mode, keys, after, n, lane, lanes) RETURNS TABLE (key text, doc jsonb, o
+/// bigint)` (declared in sql/rebuild.sql): a feed's source query in the shape `mode` needs
+/// (`cde._source_sql`), run as the feed's owner with the feed's search_path. Every path that runs
+/// a source query comes here: collect, full sync (count, chunks, deletion pass, dry runs), resync.
+/// Its rows go into the caller's tuplestore (a materialized set), so that the statement around it
+/// (cde._rebuild, which writes the feed table) runs as the extension's owner again.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_cde_source() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cde_source(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
+    unsafe {
+        let feed: String = pg_getarg::<&str>(fcinfo, 0).unwrap_or_else(|| error!("cde._source: feed is NULL")).to_string();
+        let mode: String = pg_getarg::<&str>(fcinfo, 1).unwrap_or_else(|| error!("cde._source: mode is NULL")).to_string();
+        let (owner, path, query) = Spi::connect(|c| {
+            let r = c
+                .select(
+                    "SELECT f.owner::oid, f.search_path, cde._source_sql(f, $2) FROM cde.feeds f WHERE f.name = $1",
+                    Some(1),
+                    &[feed.as_str().into(), mode.as_str().into()],
+                )?;
+            if r.is_empty() {
+                return Ok(None);
+            }
+            let r = r.first();
+            Ok::<_, pgrx::spi::SpiError>(Some((r.get::<pg_sys::Oid>(1)?, r.get::<String>(2)?, r.get::<String>(3)?)))
+        })
+        .unwrap_or_else(|e| error!("cde: {e}"))
+        .unwrap_or_else(|| {
             ereport!(ERROR, PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("cde: unknown feed {feed}"));
+        });
+        let (Some(owner), Some(path), Some(query)) = (owner, path, query) else {
+            error!("cde._source: feed {feed} has no owner, search_path or query for mode {mode}")
         };
         require_role(owner, &format!("feed {feed}"));
-        let row = as_role(owner, None, || {
-            Spi::connect_mut(|c| {
-                let q = format!("SELECT built, changed, deleted, last_key FROM {function}($1, $2, $3, $4, $5, $6)");
-                let r = c.update(&q, Some(1), &[keys.into(), mode.into(), after.into(), n.into(), lane.into(), lanes.into()])?.first();
-                Ok::<_, pgrx::spi::SpiError>((r.get::<i64>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?, r.get::<String>(4)?))
-            })
-            .unwrap_or_else(|e| error!("cde: {e}"))
+
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        let store = (*rsinfo).setResult;
+        // The query's parameters are the call's arguments after feed and mode, as they are.
+        let mut types = [pg_sys::TEXTARRAYOID, pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INT4OID, pg_sys::INT4OID];
+        let mut values = [pg_sys::Datum::from(0usize); 5];
+        let mut nulls = [b' ' as std::ffi::c_char; 5];
+        for i in 0..5 {
+            values[i] = pg_getarg_datum_raw(fcinfo, i + 2);
+            if pg_arg_is_null(fcinfo, i + 2) {
+                nulls[i] = b'n' as std::ffi::c_char;
+            }
+        }
+        let sql = CString::new(query).unwrap_or_else(|_| error!("cde: the source query of feed {feed} holds a NUL byte"));
+        as_role(owner, Some(&path), || {
+            if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+                error!("cde._source: SPI_connect failed");
+            }
+            let rc = pg_sys::SPI_execute_with_args(
+                sql.as_ptr(),
+                5,
+                types.as_mut_ptr(),
+                values.as_mut_ptr(),
+                nulls.as_ptr(),
+                false,
+                0,
+            );
+            if rc != pg_sys::SPI_OK_SELECT as i32 {
+                error!("cde._source: the source query of feed {feed} did not return rows (SPI code {rc})");
+            }
+            let table = pg_sys::SPI_tuptable;
+            for i in 0..pg_sys::SPI_processed as usize {
+                pg_sys::tuplestore_puttuple(store, *(*table).vals.add(i));
+            }
+            pg_sys::SPI_finish();
         });
-        TableIterator::once(row)
+        pg_sys::Datum::from(0usize)
     }
 }

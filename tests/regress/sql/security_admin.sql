@@ -59,7 +59,7 @@ SELECT rolsuper FROM pg_roles WHERE rolname = 'regress_admin';
 -- What the workers execute or interpolate cannot be changed by the admin.
 SET ROLE regress_admin;
 UPDATE cde.feeds SET source_query = 'SELECT 1 AS id' WHERE name = 'orders';
-UPDATE cde.feeds SET rebuild_fn = 'regress_evil.probe()'::regprocedure WHERE name = 'orders';
+UPDATE cde.feeds SET feed_table = 'regress_evil.seen'::regclass WHERE name = 'orders';
 INSERT INTO cde.queue (feed, keys) VALUES ('orders', '{1}');
 DELETE FROM cde.retries;
 SELECT count(*) FROM cde.tracks;
@@ -69,28 +69,29 @@ CREATE TRIGGER mine AFTER INSERT ON cde.feed_orders EXECUTE FUNCTION regress_evi
 CREATE INDEX ON cde.feed_orders ((regress_evil.probe()));
 CREATE RULE mine AS ON UPDATE TO cde.feed_orders DO ALSO SELECT 1;
 ALTER TABLE cde.feed_orders ENABLE ROW LEVEL SECURITY;
-CREATE OR REPLACE FUNCTION cde.rebuild_orders(keys text[], mode text, after text, n int, lane int, lanes int,
-                                              OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT last_key text)
-    LANGUAGE sql AS 'SELECT 0::bigint, 0::bigint, 0::bigint, NULL::text';
-ALTER FUNCTION cde.rebuild_orders(text[], text, text, int, int, int) SECURITY DEFINER;
+INSERT INTO cde.feed_orders (key, doc) VALUES ('3', '{}');
+CREATE OR REPLACE FUNCTION cde._source_sql(f cde.feeds, mode text) RETURNS text LANGUAGE sql AS 'SELECT 1';
+ALTER FUNCTION cde._rebuild(text, text[], text, text, int, int, int) SECURITY DEFINER;
 -- Nor call cde's internals.
 SELECT cde._rebuild('orders', NULL, 'count');
+SELECT cde._source('orders', 'count');
 SELECT cde._query_as('postgres'::regrole, 'public', 'SELECT 1');
 SELECT cde._enqueue('orders', '{1}');
 SELECT cde._collect('orders');
 SELECT cde._hold_iteration_lock();
-SELECT cde.rebuild_orders(NULL);
 -- Nor track cde's own tables, or a table on which it has no TRIGGER right.
 SELECT cde_track('orders', 'cde.queue');
 SELECT cde_track('orders', 'secrets');
 RESET ROLE;
 
--- Even a superuser cannot run a generated rebuild function but through cde._rebuild.
-SELECT * FROM cde.rebuild_orders(NULL, 'count');
-SELECT proname, prosecdef, proowner::regrole = (SELECT extowner::regrole FROM pg_extension WHERE extname = 'cde') AS owned_by_extension_owner
-  FROM pg_proc WHERE proname = 'rebuild_orders';
-SELECT relowner::regrole = (SELECT extowner::regrole FROM pg_extension WHERE extname = 'cde') AS feed_table_owned_by_extension_owner
-  FROM pg_class WHERE oid = 'cde.feed_orders'::regclass;
+-- Nothing is generated for the feed but its table, which the extension's owner owns and on
+-- which the admin has no right; its source query runs as the admin even for a superuser.
+SELECT count(*) AS generated_functions FROM pg_proc WHERE pronamespace = 'cde'::regnamespace AND proname LIKE '%orders%';
+SELECT relowner::regrole = (SELECT extowner::regrole FROM pg_extension WHERE extname = 'cde') AS feed_table_owned_by_extension_owner,
+       relacl FROM pg_class WHERE oid = 'cde.feed_orders'::regclass;
+TRUNCATE regress_evil.seen;
+SELECT o AS rows FROM cde._source('orders', 'count');
+SELECT DISTINCT who FROM regress_evil.seen;
 
 -- One admin's feed is not another's: it may not redefine, drop, track, sync or resend it.
 SET ROLE regress_other_admin;

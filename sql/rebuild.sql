@@ -1,0 +1,166 @@
+-- Rebuilding documents: a feed's source query, run as the role that registered it, turned into
+-- rows of its feed table by the extension's owner.
+--
+-- The two halves never mix rights (docs/security.md):
+--   cde._source_sql(f, mode)  the source query in the shape a mode needs: plain text that a
+--                             reader can print (tests/regress/sql/rebuild.sql does)
+--   cde._source(feed, mode, ...)
+--                             runs it as the feed's owner, with the feed's search_path, in a
+--                             security-restricted operation (src/trust.rs), and returns its rows
+--   cde._rebuild(feed, keys, mode, ...)
+--                             writes them into the feed table, as the extension's owner: no text
+--                             that a non-superuser wrote is part of its statements
+-- Nothing is generated per feed but the feed table. The source query's text is only ever placed
+-- inside "(...) AS s", on lines of its own (a trailing "--" comment ends at its line), and only in
+-- statements that run as its owner.
+
+CREATE FUNCTION cde._source(feed text, mode text, keys text[] DEFAULT NULL, after text DEFAULT NULL,
+                            n int DEFAULT 0, lane int DEFAULT 0, lanes int DEFAULT 1)
+RETURNS TABLE (key text, doc jsonb, o bigint)
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'cde_source';
+COMMENT ON FUNCTION cde._source(text, text, text[], text, int, int, int) IS
+    'A feed''s source query (cde._source_sql) run as the feed''s owner: key, document, order';
+
+-- The source query of a feed in the shape of a mode. Parameters: $1 keys (text[]), $2 after
+-- (text), $3 n (int), $4 lane (int), $5 lanes (int). Keys are compared in the key's own type, so
+-- that the planner uses the underlying table's index.
+--   keys    the documents of these keys (NULL: every key), in no order
+--   exists  which of these keys the source still has (no document built: naming none lets the
+--           planner skip building it)
+--   chunk   the next n keys after "after" in the key's own order, of lane $4 of $5 (the lane
+--           filter applies to the key alone, below the documents: other lanes' rows are scanned,
+--           not built), numbered in that order
+--   count   how many rows the source has, in "o"
+CREATE FUNCTION cde._source_sql(f cde.feeds, mode text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    k    text := format('s.%I', f.key_column);
+    typ  text := format_type(f.key_type, NULL);
+    doc  text := CASE WHEN f.doc_column THEN 's.doc::jsonb' ELSE 'to_jsonb(s)' END;
+    src  text := E'(\n' || f.source_query || E'\n) AS s';
+BEGIN
+    CASE mode
+    WHEN 'keys' THEN
+        RETURN format(E'SELECT (%1$s)::text AS key, %2$s AS doc, NULL::bigint AS o\n  FROM %3$s\n WHERE ($1 IS NULL OR %1$s = ANY ($1::%4$s[]))',
+                      k, doc, src, typ);
+    WHEN 'exists' THEN
+        RETURN format(E'SELECT (%1$s)::text AS key, NULL::jsonb AS doc, NULL::bigint AS o\n  FROM %2$s\n WHERE %1$s = ANY ($1::%3$s[])',
+                      k, src, typ);
+    WHEN 'chunk' THEN
+        RETURN format(E'SELECT (%1$s)::text AS key, %2$s AS doc, row_number() OVER () AS o\n  FROM (SELECT * FROM %3$s\n         WHERE ($2 IS NULL OR %1$s > $2::%4$s)\n           AND ($5 = 1 OR cde._in_lane((%1$s)::text, $4, $5))\n         ORDER BY %1$s LIMIT $3) AS s',
+                      k, doc, src, typ);
+    WHEN 'count' THEN
+        RETURN format(E'SELECT NULL::text AS key, NULL::jsonb AS doc, count(*) AS o\n  FROM %s', src);
+    ELSE
+        RAISE EXCEPTION 'cde._source_sql: unknown mode %', mode;
+    END CASE;
+END $$;
+
+-- Rebuild documents of a feed, as the extension's owner, from its source rows (cde._source).
+--   mode 'apply'     rebuild the keys (NULL: all): changed documents and deletions become pending
+--   mode 'gone'      the deletion pass of a full sync: of the next n keys of the feed table after
+--                    "after" (in its own order), mark as deleted those the source no longer
+--                    returns ('gone_dry': count them); last_key is the next chunk's "after"
+--   mode 'chunk'     apply to the next n source keys after "after", in the key's own order, of a
+--                    lane (a full sync's step: one range scan of the source rather than a probe
+--                    per key); failed items are sent again; last_key is the next chunk's "after"
+--   mode 'chunk_dry' the same counts, nothing written
+--   mode 'count'     how many rows the source has (a full sync's plan), in "built"
+-- A changed document (or a deleted key's return) becomes pending; an unchanged one keeps its
+-- state and is not sent again. JIT is off: each call plans anew for its keys, and compiling every
+-- such plan cost more than it saved (docs/benchmarks.md).
+CREATE FUNCTION cde._rebuild(feed text, keys text[], mode text DEFAULT 'apply', after text DEFAULT NULL,
+                             n int DEFAULT 0, lane int DEFAULT 0, lanes int DEFAULT 1,
+                             OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT last_key text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
+DECLARE
+    f      cde.feeds := cde._feed(feed);
+    tbl    text := f.feed_table::text;
+    upsert text := format($q$
+        INSERT INTO %s AS f (key, doc, hash)
+        SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL
+        ON CONFLICT (key) DO UPDATE
+           SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
+               http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+         WHERE f.hash IS DISTINCT FROM excluded.hash OR f.deleted$q$, tbl);
+    -- A key gone from the source: a pending deletion.
+    gone   text := $q$doc = NULL, hash = NULL, deleted = true, status = 'pending',
+                      http_status = NULL, error = NULL, attempts = 0, modified_at = now()$q$;
+BEGIN
+    CASE mode
+    WHEN 'apply' THEN
+        -- "gone": the keys the source did not return with a document. Given a list of keys, they
+        -- are found in the list itself (keys EXCEPT built keys), not by probing the feed table
+        -- for every key (docs/benchmarks.md).
+        EXECUTE format($q$
+            WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'keys', $2)
+            ), built AS (
+                %1$s
+                RETURNING 1
+            ), gone AS (
+                UPDATE %2$s AS f
+                   SET %3$s
+                 WHERE ($2 IS NULL OR f.key = ANY (ARRAY(SELECT unnest($2) EXCEPT SELECT src.key FROM src WHERE src.doc IS NOT NULL)))
+                   AND NOT f.deleted
+                   AND ($2 IS NOT NULL OR NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL))
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone)$q$,
+            upsert, tbl, gone)
+          INTO built, changed, deleted USING f.name, keys;
+    WHEN 'gone', 'gone_dry' THEN
+        -- Keys the source returns with a NULL document were made deletions when their chunk was
+        -- built; here only keys the source no longer has are left.
+        EXECUTE format($q$
+            WITH chunk AS MATERIALIZED (
+                SELECT f.key FROM %1$s AS f WHERE NOT f.deleted AND f.key > $2 ORDER BY f.key LIMIT $3
+            ), src AS MATERIALIZED (
+                SELECT * FROM cde._source($1, 'exists', (SELECT array_agg(chunk.key) FROM chunk))
+            ), missing AS (
+                SELECT chunk.key FROM chunk WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.key = chunk.key)
+            ), gone AS (
+                UPDATE %1$s AS f
+                   SET %2$s
+                  FROM missing WHERE NOT $4 AND f.key = missing.key
+                RETURNING 1
+            )
+            SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END,
+                   (SELECT max(key) FROM chunk)$q$,
+            tbl, gone)
+          INTO deleted, last_key USING f.name, after, n, mode = 'gone_dry';
+    WHEN 'chunk' THEN
+        -- Keys the source returns with a NULL document become deletions here; keys it no longer
+        -- has are the deletion pass's (mode 'gone'), which walks the feed table.
+        EXECUTE format($q$
+            WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5)
+            ), built AS (
+                %1$s
+                    OR f.status IN ('retrying', 'rejected', 'dead')
+                RETURNING 1
+            ), gone AS (
+                UPDATE %2$s AS f
+                   SET %3$s
+                  FROM src WHERE src.doc IS NULL AND f.key = src.key AND NOT f.deleted
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone),
+                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)$q$,
+            upsert, tbl, gone)
+          INTO built, changed, deleted, last_key USING f.name, after, n, lane, lanes;
+    WHEN 'chunk_dry' THEN
+        EXECUTE format($q$
+            WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5))
+            SELECT count(*),
+                   count(*) FILTER (WHERE src.doc IS NOT NULL AND (f.key IS NULL OR f.deleted OR f.hash IS DISTINCT FROM cde._doc_hash(src.doc)
+                                                                 OR f.status IN ('retrying', 'rejected', 'dead'))),
+                   count(*) FILTER (WHERE src.doc IS NULL AND f.key IS NOT NULL AND NOT f.deleted),
+                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)
+              FROM src LEFT JOIN %1$s AS f ON f.key = src.key$q$,
+            tbl)
+          INTO built, changed, deleted, last_key USING f.name, after, n, lane, lanes;
+    WHEN 'count' THEN
+        SELECT s.o INTO built FROM cde._source(f.name, 'count') AS s;
+    ELSE
+        RAISE EXCEPTION 'cde._rebuild: unknown mode %', mode;
+    END CASE;
+END $fn$;

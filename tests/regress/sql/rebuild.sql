@@ -1,0 +1,24 @@
+-- What runs when documents are built: a feed's source query in the shape of each mode
+-- (cde._source_sql), as cde._source runs it, as the feed's owner. Nothing is generated per feed
+-- but its table; the query text only ever sits inside "(...) AS s", on lines of its own.
+\i sql/fresh.inc
+BEGIN;
+CREATE TABLE products (id bigint PRIMARY KEY, name text, price numeric);
+INSERT INTO products VALUES (1, 'one', 10), (2, 'two', 20), (3, 'three', 30);
+SELECT cde_register_feed('products', $$SELECT id, jsonb_build_object('name', name, 'price', price) AS doc
+                                         FROM products -- a trailing comment$$);
+\pset format unaligned
+SELECT m.mode, cde._source_sql(f, m.mode) FROM cde.feeds f, unnest('{keys,exists,chunk,count}'::text[]) AS m(mode);
+\pset format aligned
+-- A query without a "doc" column: the whole row is the document.
+SELECT cde_register_feed('names', 'SELECT id, name FROM products');
+SELECT cde._source_sql(f, 'keys') FROM cde.feeds f WHERE name = 'names';
+-- Each shape, run.
+SELECT * FROM cde._source('products', 'keys', '{2,3}') ORDER BY key;
+SELECT key FROM cde._source('products', 'exists', '{1,4}');
+SELECT * FROM cde._source('products', 'chunk', NULL, '1', 5);
+SELECT o FROM cde._source('products', 'count');
+-- And written: cde._rebuild as the extension's owner.
+SELECT * FROM cde._rebuild('products', '{1,2,3,4}');
+SELECT key, doc, status FROM cde.feed_products ORDER BY key;
+ROLLBACK;
