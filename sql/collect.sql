@@ -19,13 +19,18 @@ CREATE FUNCTION cde._collect(
     OUT failed      bigint    -- keys whose document could not be built
 ) LANGUAGE plpgsql AS $$
 DECLARE
-    f        cde.feeds := cde._feed(p_feed);
+    f        cde.feeds;
     key_set  text[];
     everything boolean;
     res      record;
     chunk    int := cde._chunk_size();
 BEGIN
     failed := 0;
+    SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
+    IF NOT FOUND THEN   -- dropped since the worker listed the feeds: nothing to do
+        drained := 0; keys := 0; changed := 0; deleted := 0;
+        RETURN;
+    END IF;
     -- The oldest queue rows holding about max_keys keys (at least one row; rows hold at most
     -- cde._chunk_size() keys, see cde._enqueue), so that one call is a bounded amount of work
     -- and sending is never far behind collecting.
@@ -150,9 +155,13 @@ END $$;
 CREATE FUNCTION cde._retry_due(p_feed text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    f cde.feeds := cde._feed(p_feed);
+    f cde.feeds;
     n bigint;
 BEGIN
+    SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
+    IF NOT FOUND THEN   -- dropped meanwhile
+        RETURN 0;
+    END IF;
     EXECUTE format($q$
         WITH due AS (
             DELETE FROM cde.retries r WHERE r.feed = $1 AND r.next_attempt_at <= now()

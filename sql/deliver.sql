@@ -137,3 +137,31 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION cde_resync(text, text[]) IS 'Rebuild and resend these keys of a feed, even if unchanged';
+
+-- A destination answered as misconfigured: hold it (the worker sends nothing to it until then,
+-- but one request to see whether it was fixed). Returns whether it was not held for this reason
+-- already, so that the worker logs a hold once.
+CREATE FUNCTION cde._hold_destination(p_name text, p_status int, p_error text, p_for interval) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    fresh boolean;
+BEGIN
+    SELECT held_until IS NULL OR held_status IS DISTINCT FROM p_status
+           OR split_part(held_error, ':', 1) IS DISTINCT FROM split_part(p_error, ':', 1)
+      INTO fresh FROM cde.destinations WHERE name = p_name;
+    UPDATE cde.destinations
+       SET held_until = now() + p_for, held_status = p_status, held_error = p_error,
+           held_since = CASE WHEN fresh THEN now() ELSE held_since END
+     WHERE name = p_name;
+    RETURN coalesce(fresh, true);
+END $$;
+
+-- The destination took a request again, or its settings were reloaded. Returns whether it was held.
+CREATE FUNCTION cde._release_destination(p_name text) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH r AS (
+        UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
+         WHERE name = p_name AND held_until IS NOT NULL
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM r)
+$$;

@@ -53,6 +53,21 @@ CREATE TABLE cde.queue (
 CREATE INDEX queue_feed_id ON cde.queue (feed, id);
 COMMENT ON TABLE cde.queue IS 'Keys changed by committed writes, waiting to be collected into feed tables';
 
+-- Where feeds are sent, and whether it is held: a destination-level failure (a wrong key or URL,
+-- a TLS or DNS failure: docs/protocol.md, "Responses") is the destination's, not its items'.
+-- While held_until is ahead, nothing is sent to it but one request per cde.retry_interval to see
+-- whether it was fixed; a reload of the settings releases it at once. One destination today: the
+-- default one (cde.endpoint).
+CREATE TABLE cde.destinations (
+    name         text PRIMARY KEY,
+    held_until   timestamptz,
+    held_status  int,                      -- the HTTP status that held it (NULL: TLS, DNS)
+    held_error   text,                     -- e.g. 'unauthorized (HTTP 401): ...'
+    held_since   timestamptz
+);
+INSERT INTO cde.destinations (name) VALUES ('default');
+COMMENT ON TABLE cde.destinations IS 'Destinations and whether a misconfiguration (401, 404, TLS...) holds them';
+
 -- The retry table: items whose delivery failed and when they are due again.
 CREATE TABLE cde.retries (
     feed            text NOT NULL REFERENCES cde.feeds ON DELETE CASCADE,

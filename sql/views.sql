@@ -26,8 +26,10 @@ END $$;
 CREATE VIEW cde_worker_status AS
 SELECT w.running, w.pid, w.state, w.started_at, w.last_iteration_at, w.iterations,
        w.documents_sent, w.bytes_sent, w.requests, w.requests_failed, w.reloads,
-       current_setting('cde.database') AS database
-  FROM cde._worker_status() AS w;
+       current_setting('cde.database') AS database,
+       d.held_until AS destination_held_until, d.held_error AS destination_error
+  FROM cde._worker_status() AS w
+  LEFT JOIN cde.destinations d ON d.name = 'default';
 
 COMMENT ON VIEW cde_worker_status IS 'The cde background worker: whether it runs, what it has done';
 
@@ -55,9 +57,11 @@ SELECT f.name                                   AS feed,
             ELSE now() - least(q.oldest, c.oldest_unsent) END AS lag,
        f.last_error,
        f.last_error_at,
-       f.hold_until,
-       (SELECT w.running FROM cde._worker_status() w) AS worker_running
+       greatest(f.hold_until, d.held_until)     AS hold_until,
+       (SELECT w.running FROM cde._worker_status() w) AS worker_running,
+       d.held_error                             AS destination_error
   FROM cde.feeds f
+  LEFT JOIN cde.destinations d ON d.name = 'default'
   LEFT JOIN cde._feed_counts() c ON c.feed = f.name
   LEFT JOIN queued q ON q.feed = f.name
   LEFT JOIN tracked tr ON tr.feed = f.name

@@ -34,10 +34,25 @@ fn cde_sync_now(
     // again, until no run makes progress (a collect may also start a run, after a TRUNCATE).
     let advance = || sync::advance(&sync::step, Duration::from_secs(24 * 3600));
     advance();
+    // A misconfigured destination (401, 404, TLS...) stops sending for the rest of the call.
+    let mut may_send = true;
     loop {
         for (f, row) in feeds.iter().zip(rows.iter_mut()) {
-            let r =
-                engine::feed_iteration(&Inline, &mut transport, &settings, f, true, &mut counters, Duration::MAX, Duration::MAX);
+            let r = engine::feed_iteration(
+                &Inline,
+                &mut transport,
+                &settings,
+                f,
+                true,
+                may_send,
+                &mut counters,
+                Duration::MAX,
+                Duration::MAX,
+            );
+            if let Some((_, _, error)) = &r.misconfigured {
+                may_send = false;
+                pgrx::warning!("cde: {} the endpoint is misconfigured: {error}", cde_protocol::ItemOutcome::MISCONFIGURED_CODE);
+            }
             row.1 += r.collected;
             row.2 += r.sent;
             row.3 += r.failed;

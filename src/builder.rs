@@ -72,12 +72,18 @@ pub extern "C-unwind" fn cde_builder_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sigterm_received() || unsafe { pg_sys::ShutdownRequestPending } != 0 {
             break;
         }
-        let step = Own.run(|| {
-            let installed = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde')")
-                .ok()
-                .flatten()
-                .unwrap_or(false);
-            installed.then(|| sync::step_waiting(true))
+        let step = crate::worker::guarded(|| {
+            Own.run(|| {
+                let installed = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde')")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false);
+                installed.then(|| sync::step_waiting(true))
+            })
+        })
+        .unwrap_or_else(|e| {
+            warning!("cde: CDE-301 a sync builder's step failed and was rolled back; the worker takes it again: {e}");
+            None
         });
         // Busy: every lane left is another builder's; Waiting, Idle, Retry: nothing to build now.
         match step {

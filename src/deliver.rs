@@ -28,6 +28,8 @@ pub struct Sent {
     pub more: bool,
     /// The first failure of the pass, with its stable code, for the worker's WARNING line.
     pub first_error: Option<(&'static str, String)>,
+    /// The destination answered as misconfigured (401, 404, TLS...): (status, reason, error).
+    pub misconfigured: Option<(Option<u16>, &'static str, String)>,
 }
 
 pub struct Pending {
@@ -114,9 +116,10 @@ struct Posted {
     hold: Option<std::time::Duration>,
     requests: u64,
     failed_requests: u64,
-    /// The endpoint failed (retryable): nothing more goes out in this pass.
+    /// The endpoint failed (retryable, or misconfigured): nothing more goes out in this pass.
     unwell: bool,
     first_error: Option<(&'static str, String)>,
+    misconfigured: Option<(Option<u16>, &'static str, String)>,
 }
 
 impl Posted {
@@ -129,6 +132,7 @@ impl Posted {
             failed_requests: 0,
             unwell: false,
             first_error: None,
+            misconfigured: None,
             pending,
         }
     }
@@ -150,7 +154,8 @@ fn post_slice(
         let d = deliver_with_split(slice, &mut |items| transport.post(settings, endpoint, feed, items));
         p.requests += d.requests;
         p.failed_requests += d.failed_requests;
-        p.unwell = d.outcomes.iter().any(|o| matches!(o, Some(ItemOutcome::Retry { .. })));
+        p.unwell = d.outcomes.iter().any(|o| matches!(o, Some(ItemOutcome::Retry { .. }))) || d.misconfigured.is_some();
+        p.misconfigured = p.misconfigured.take().or(d.misconfigured);
         p.hold = p.hold.or(d.hold);
         if p.first_error.is_none() {
             p.first_error = d.outcomes.iter().flatten().find_map(|o| Some((o.error_code()?, o.error()?.to_string())));
@@ -253,6 +258,9 @@ pub fn send_pending(
             counters.requests_failed += posted.failed_requests;
             if total.first_error.is_none() {
                 total.first_error = posted.first_error.clone();
+            }
+            if total.misconfigured.is_none() {
+                total.misconfigured = posted.misconfigured.clone();
             }
             let r = tx.run(|| record(feed, &posted.pending, &posted.outcomes, posted.hold));
             total.sent += r.0;

@@ -53,6 +53,8 @@ pub struct FeedReport {
     pub build_failures: i64,
     /// The first delivery failure, with its code.
     pub first_error: Option<(&'static str, String)>,
+    /// The destination answered as misconfigured (401, 404, TLS...): (status, reason, error).
+    pub misconfigured: Option<(Option<u16>, &'static str, String)>,
 }
 
 pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128) -> Vec<FeedInfo> {
@@ -82,13 +84,16 @@ pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128) -> Vec<FeedInfo>
     .unwrap_or_else(|e| error!("cde: cannot read feeds: {e}"))
 }
 
-/// One iteration for one feed. `force_send` sends legacy feeds regardless of their pass.
+/// One iteration for one feed. `force_send` sends legacy feeds regardless of their pass;
+/// `may_send` is false while the destination is held (the feed still collects).
+#[allow(clippy::too_many_arguments)]
 pub fn feed_iteration(
     tx: &impl Txn,
     transport: &mut Transport,
     settings: &Settings,
     feed: &FeedInfo,
     force_send: bool,
+    may_send: bool,
     counters: &mut Counters,
     collect_budget: Duration,
     send_budget: Duration,
@@ -97,7 +102,7 @@ pub fn feed_iteration(
     let mut report = FeedReport { feed: feed.name.clone(), ..Default::default() };
 
     let send = !feed.legacy || feed.legacy_due || feed.full_sync_sending || force_send;
-    let sending = send && settings.endpoint.is_some();
+    let sending = send && may_send && settings.endpoint.is_some();
     let limit = deliver::read_limit(settings, feed);
     // Collect what is queued, put due retries back in line, and read the first pending slice, in
     // one transaction: for a quiet feed, that one transaction is the whole iteration.
@@ -126,6 +131,7 @@ pub fn feed_iteration(
         report.failed += s.failed;
         report.requests += s.requests;
         report.first_error = s.first_error;
+        report.misconfigured = s.misconfigured;
         if feed.legacy && (feed.legacy_due || force_send) {
             tx.run(|| {
                 Spi::run_with_args(

@@ -61,8 +61,28 @@ impl Transport {
                 let text = resp.body_mut().with_config().limit(1 << 20).read_to_string().unwrap_or_default();
                 classify(status, &text, retry_after.as_deref(), items.len(), SystemTime::now())
             }
-            Err(e) => Classified::Retryable { status: None, error: describe(&e), retry_after: None },
+            Err(e) => failure(&e),
         }
+    }
+}
+
+/// A request that got no answer. A TLS or DNS failure says the destination is misconfigured (a
+/// certificate, a host name): held, like a 401. Anything else (refused, reset, timeout) may pass.
+fn failure(e: &ureq::Error) -> Classified {
+    let text = e.to_string();
+    let lower = text.to_lowercase();
+    let dns = matches!(e, ureq::Error::HostNotFound)
+        || ["failed to lookup address", "name or service not known", "no address associated", "name resolution"]
+            .iter()
+            .any(|m| lower.contains(m));
+    let tls = matches!(e, ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) | ureq::Error::TlsRequired)
+        || ["certificate", "tls", "handshake"].iter().any(|m| lower.contains(m));
+    if dns {
+        Classified::Misconfigured { status: None, reason: "DNS failure", error: format!("DNS failure: {text}") }
+    } else if tls {
+        Classified::Misconfigured { status: None, reason: "TLS failure", error: format!("TLS failure: {text}") }
+    } else {
+        Classified::Retryable { status: None, error: describe(e), retry_after: None }
     }
 }
 

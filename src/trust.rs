@@ -14,7 +14,21 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CString;
 
-/// Run `f` as `role`, restricted, with `search_path` (if given) for its duration.
+/// The settings that a key's text form depends on, fixed for every source query and every
+/// tracking's keys: the writer's session (capture) and the worker's (rebuild) turn the same value
+/// into the same key, whatever DateStyle, TimeZone... either has. Documents are rendered under
+/// them too: a timestamp with time zone is sent in UTC.
+const KEY_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
+    (c"DateStyle", c"ISO, YMD"),
+    (c"TimeZone", c"UTC"),
+    (c"IntervalStyle", c"postgres"),
+    (c"extra_float_digits", c"1"),
+    (c"bytea_output", c"hex"),
+    (c"lc_monetary", c"C"),
+];
+
+/// Run `f` as `role`, restricted, with `search_path` (if given) and [`KEY_SETTINGS`] for its
+/// duration.
 pub fn as_role<R>(role: pg_sys::Oid, search_path: Option<&str>, f: impl FnOnce() -> R) -> R {
     let path = search_path.map(|p| CString::new(p).unwrap_or_else(|_| error!("cde: a search_path holds a NUL byte")));
     unsafe {
@@ -23,10 +37,10 @@ pub fn as_role<R>(role: pg_sys::Oid, search_path: Option<&str>, f: impl FnOnce()
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
         pg_sys::SetUserIdAndSecContext(role, saved_context | pg_sys::SECURITY_RESTRICTED_OPERATION as i32);
         let nest = pg_sys::NewGUCNestLevel();
-        if let Some(p) = &path {
+        let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
             pg_sys::set_config_option(
-                c"search_path".as_ptr(),
-                p.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr(),
                 pg_sys::GucContext::PGC_USERSET,
                 pg_sys::GucSource::PGC_S_SESSION,
                 pg_sys::GucAction::GUC_ACTION_SAVE,
@@ -34,6 +48,12 @@ pub fn as_role<R>(role: pg_sys::Oid, search_path: Option<&str>, f: impl FnOnce()
                 0,
                 false,
             );
+        };
+        if let Some(p) = &path {
+            set(c"search_path", p);
+        }
+        for (name, value) in KEY_SETTINGS {
+            set(name, value);
         }
         let r = f();
         pg_sys::AtEOXact_GUC(false, nest);

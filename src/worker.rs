@@ -8,6 +8,8 @@
 //! `leave`).
 
 use crate::builder::Builders;
+use std::collections::HashMap;
+use pgrx::pg_sys::panic::CaughtError;
 use crate::deliver::Counters;
 use crate::engine::{self, Txn};
 use crate::gucs::{self, Settings};
@@ -83,19 +85,18 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None); // FATAL if it does not exist
     shared.connecting.store(false, Ordering::Relaxed);
     announce(shared, shmem::WAITING_FOR_EXTENSION);
+    // However this process ends (an ERROR outside the boundaries, a FATAL, a signal), the status
+    // must not say it runs.
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0usize)) };
     session_settings();
     log!("cde: worker started in database {database}");
 
-    let mut settings = Settings::read();
-    let mut transport = Transport::new(&settings);
-    let mut counters = Counters::default();
-    let mut builders = Builders::default();
+    let mut w = Worker::new(Settings::read());
     let mut announced_waiting = false;
-    let mut last_progress_log = Instant::now();
     let mut more = true; // look for work at once after a (re)start
     let mut last_start = Instant::now();
     loop {
-        if !more && !BackgroundWorker::wait_latch(Some(settings.poll_interval)) {
+        if !more && !BackgroundWorker::wait_latch(Some(w.settings.poll_interval)) {
             break;
         }
         // Under a stream of commits the latch is set again before an iteration ends: leave a
@@ -113,48 +114,261 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
                 pg_sys::ConfigReloadPending = 0;
                 pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
             }
-            settings = Settings::read();
-            transport.refresh(&settings);
+            w.reload(Settings::read());
             shared.reloads.fetch_add(1, Ordering::Relaxed);
-            log!("cde: settings reloaded (endpoint {})", settings.endpoint.as_deref().unwrap_or("not set"));
+            log!("cde: settings reloaded (endpoint {})", w.settings.endpoint.as_deref().unwrap_or("not set"));
         }
         more = false;
-        if settings.pause {
+        if w.settings.pause {
             shared.state.store(shmem::PAUSED, Ordering::Relaxed);
             continue;
         }
         // One short transaction: is the extension there, and is no cde_sync_now() iterating?
-        let ready = Own.run(|| {
-            Spi::get_one_with_args::<bool>(
-                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde') THEN pg_try_advisory_lock($1) END",
-                &[ITERATION_LOCK.into()],
-            )
-            .ok()
-            .flatten()
+        let ready = guarded(|| {
+            Own.run(|| {
+                Spi::get_one_with_args::<bool>(
+                    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde') THEN pg_try_advisory_lock($1) END",
+                    &[ITERATION_LOCK.into()],
+                )
+                .ok()
+                .flatten()
+            })
         });
-        let Some(locked) = ready else {
-            if !announced_waiting {
-                log!("cde: waiting for CREATE EXTENSION cde in database {database}");
-                announced_waiting = true;
+        let locked = match ready {
+            Ok(Some(locked)) => locked,
+            Ok(None) => {
+                if !announced_waiting {
+                    log!("cde: waiting for CREATE EXTENSION cde in database {database}");
+                    announced_waiting = true;
+                }
+                shared.state.store(shmem::WAITING_FOR_EXTENSION, Ordering::Relaxed);
+                continue;
             }
-            shared.state.store(shmem::WAITING_FOR_EXTENSION, Ordering::Relaxed);
-            continue;
+            Err(e) => {
+                warning!("cde: {STEP_FAILED} the worker's check for the extension failed, taken again: {e}");
+                continue;
+            }
         };
         if !locked {
             continue; // cde_sync_now() is running an iteration; ours would find nothing to do
         }
         announced_waiting = false;
         shared.state.store(shmem::WORKING, Ordering::Relaxed);
-        more = iteration(&settings, &mut transport, &mut counters, &mut builders, &mut last_progress_log);
+        more = w.iteration();
         shared.iterations.fetch_add(1, Ordering::Relaxed);
         shared.last_iteration_at.store(now_micros(), Ordering::Relaxed);
-        shared.docs_sent.store(counters.docs_sent, Ordering::Relaxed);
-        shared.requests.store(counters.requests, Ordering::Relaxed);
-        shared.requests_failed.store(counters.requests_failed, Ordering::Relaxed);
-        shared.bytes_sent.store(transport.bytes_sent, Ordering::Relaxed);
+        shared.docs_sent.store(w.counters.docs_sent, Ordering::Relaxed);
+        shared.requests.store(w.counters.requests, Ordering::Relaxed);
+        shared.requests_failed.store(w.counters.requests_failed, Ordering::Relaxed);
+        shared.bytes_sent.store(w.transport.bytes_sent, Ordering::Relaxed);
         shared.state.store(shmem::IDLE, Ordering::Relaxed);
     }
     leave(shared);
+}
+
+/// The stable code of a worker step that raised an error (docs/operations.md, "Error codes").
+const STEP_FAILED: &str = "CDE-301";
+
+/// Run `f`, catching any ERROR it raises: the transaction it was in is rolled back (and with it
+/// the user id, the settings and the SPI state it had changed), and the error comes back as its
+/// message. The workers' error boundary: one failing step never ends the worker, and never stops
+/// the other feeds.
+pub fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
+        .catch_others(|e| {
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match &e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            })
+        })
+        .execute()
+}
+
+/// What the worker keeps from one iteration to the next.
+struct Worker {
+    settings: Settings,
+    transport: Transport,
+    counters: Counters,
+    builders: Builders,
+    last_progress_log: Instant,
+    /// The destination answered as misconfigured (401, 404, TLS...): nothing is sent until then,
+    /// when one request looks whether it was fixed. A reload releases it.
+    held_until: Option<Instant>,
+    /// Feeds whose iteration raised an error: how many times in a row, and when to try again.
+    failing: HashMap<String, (u32, Instant)>,
+}
+
+impl Worker {
+    fn new(settings: Settings) -> Worker {
+        // A hold outlives a restart: still at most one request per retry interval.
+        let held_until = guarded(|| {
+            Own.run(|| {
+                Spi::get_one::<f64>(
+                    "SELECT extract(epoch FROM held_until - now())::float8 FROM cde.destinations
+                      WHERE name = 'default' AND held_until > now()
+                        AND EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde')",
+                )
+                .ok()
+                .flatten()
+            })
+        })
+        .ok()
+        .flatten()
+        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+        Worker {
+            transport: Transport::new(&settings),
+            settings,
+            counters: Counters::default(),
+            builders: Builders::default(),
+            last_progress_log: Instant::now(),
+            held_until,
+            failing: HashMap::new(),
+        }
+    }
+
+    /// New settings: a held destination may have been fixed (a new key, a new URL), so it is
+    /// released and the next iteration sends again.
+    fn reload(&mut self, settings: Settings) {
+        self.transport.refresh(&settings);
+        self.settings = settings;
+        if self.held_until.take().is_some() {
+            log!("cde: settings reloaded: the held destination is tried again");
+        }
+        let _ = guarded(|| Own.run(|| Spi::run("SELECT cde._release_destination('default')")));
+    }
+
+    /// One iteration over all feeds, holding the iteration lock (released at the end); true when
+    /// there is more to do right away. Each step runs inside the error boundary.
+    fn iteration(&mut self) -> bool {
+        // Full sync first. While builders run, they take the steps (and wake us after each) and
+        // this iteration only sends. Otherwise one step; if there is building to do, builders
+        // take over, or without any this worker builds for a bounded time, so that partial sync
+        // keeps flowing meanwhile.
+        let mut more = false;
+        if !self.builders.alive() {
+            match guarded(|| Own.run(sync::step)) {
+                Ok(sync::Step::Progress) => {
+                    more = true;
+                    if !self.builders.start(self.settings.sync_builders) {
+                        let budget_step = || guarded(|| Own.run(sync::step)).unwrap_or(sync::Step::Retry);
+                        sync::advance(&budget_step, SYNC_BUDGET);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warning!("cde: {STEP_FAILED} a full sync step failed and was rolled back, taken again later: {e}"),
+            }
+        }
+        if self.last_progress_log.elapsed() >= PROGRESS_LOG_EVERY {
+            if let Ok(Some(line)) = guarded(|| Own.run(sync::progress_line)) {
+                log!("{line}");
+            }
+            self.last_progress_log = Instant::now();
+        }
+        let feeds = match guarded(|| Own.run(|| engine::load_feeds(None, self.settings.legacy_interval.as_millis()))) {
+            Ok(feeds) => feeds,
+            Err(e) => {
+                warning!("cde: {STEP_FAILED} reading the feeds failed, taken again: {e}");
+                Vec::new()
+            }
+        };
+        for feed in &feeds {
+            if self.failing.get(&feed.name).is_some_and(|(_, again)| Instant::now() < *again) {
+                continue; // backing off alone
+            }
+            let may_send = self.held_until.is_none_or(|until| Instant::now() >= until);
+            let (settings, transport, counters) = (&self.settings, &mut self.transport, &mut self.counters);
+            let r = guarded(|| {
+                engine::feed_iteration(&Own, transport, settings, feed, false, may_send, counters, COLLECT_BUDGET, SEND_BUDGET)
+            });
+            match r {
+                Ok(r) => {
+                    self.failing.remove(&feed.name);
+                    more |= r.more;
+                    self.destination_answered(&r);
+                    report(feed, &r);
+                }
+                Err(e) => self.feed_failed(&feed.name, &e),
+            }
+        }
+        let _ = guarded(|| Own.run(|| Spi::run_with_args("SELECT pg_advisory_unlock($1)", &[ITERATION_LOCK.into()])));
+        more
+    }
+
+    /// What a feed's send pass says of the destination: misconfigured (hold it, logged once per
+    /// reason), or taking requests again after a hold (release it).
+    fn destination_answered(&mut self, r: &engine::FeedReport) {
+        if let Some((status, _, error)) = &r.misconfigured {
+            let interval = self.settings.retry_interval;
+            self.held_until = Some(Instant::now() + interval);
+            let fresh = guarded(|| {
+                Own.run(|| {
+                    Spi::get_one_with_args::<bool>(
+                        "SELECT cde._hold_destination('default', $1, $2, make_interval(secs => $3))",
+                        &[status.map(i32::from).into(), error.as_str().into(), interval.as_secs_f64().into()],
+                    )
+                })
+            });
+            if matches!(fresh, Ok(Ok(Some(true))) | Err(_)) {
+                warning!(
+                    "cde: {} the endpoint is misconfigured: {error}; nothing is rejected, delivery is held and tried again every cde.retry_interval ({}s) or at the next reload",
+                    cde_protocol::ItemOutcome::MISCONFIGURED_CODE,
+                    interval.as_secs()
+                );
+            }
+        } else if r.requests > 0 && self.held_until.take().is_some() {
+            let _ = guarded(|| Own.run(|| Spi::run("SELECT cde._release_destination('default')")));
+            log!("cde: the endpoint takes requests again; delivery resumes");
+        }
+    }
+
+    /// A feed's iteration raised an error, rolled back: recorded on the feed and logged, and the
+    /// feed backs off alone (1 s, doubling, at most cde.retry_interval) while the others go on.
+    fn feed_failed(&mut self, feed: &str, error: &str) {
+        let failures = self.failing.get(feed).map_or(0, |f| f.0) + 1;
+        let backoff = Duration::from_secs(1u64 << (failures - 1).min(16)).min(self.settings.retry_interval.max(Duration::from_secs(1)));
+        self.failing.insert(feed.to_string(), (failures, Instant::now() + backoff));
+        warning!("cde: {STEP_FAILED} feed {feed}: a step failed and was rolled back ({failures} in a row), tried again in {}s: {error}", backoff.as_secs());
+        let _ = guarded(|| {
+            Own.run(|| {
+                Spi::run_with_args(
+                    "UPDATE cde.feeds SET last_error = $2, last_error_at = now() WHERE name = $1",
+                    &[feed.into(), format!("step failed: {error}").into()],
+                )
+            })
+        });
+    }
+}
+
+/// The log lines of one feed's iteration.
+fn report(feed: &engine::FeedInfo, r: &engine::FeedReport) {
+    if r.collected + r.sent + r.failed + r.retries_due > 0 || r.requests > 0 {
+        let op = if feed.full_sync_sending {
+            "full sync"
+        } else if feed.legacy && feed.legacy_due {
+            "legacy send"
+        } else if r.retries_due > 0 {
+            "retry"
+        } else {
+            "partial sync"
+        };
+        log!(
+            "cde: feed {} {op}: collected={} sent={} failed={} retries_due={} requests={} elapsed_ms={}",
+            r.feed,
+            r.collected,
+            r.sent,
+            r.failed,
+            r.retries_due,
+            r.requests,
+            r.elapsed_ms
+        );
+    }
+    if r.build_failures > 0 {
+        warning!("cde: CDE-101 feed {}: {} documents could not be built; see cde_failed_items", r.feed, r.build_failures);
+    }
+    if let Some((code, error)) = &r.first_error {
+        warning!("cde: {code} feed {}: {} items not delivered; first: {error}", r.feed, r.failed - r.build_failures);
+    }
 }
 
 /// Stop on SIGTERM, leaving in shared memory no latch to set and the state `stopped`. Never
@@ -245,6 +459,16 @@ const PINNED_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0;
     SET check_function_bodies = on; SET temp_tablespaces = '';
     SET synchronous_commit = off; SET jit = off";
 
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
+    if let Some(shared) = shmem::worker() {
+        if shared.pid.load(Ordering::Relaxed) == unsafe { pg_sys::MyProcPid } {
+            shared.latch.store(0, Ordering::Release);
+            shared.state.store(shmem::STOPPED, Ordering::Relaxed);
+        }
+    }
+}
+
 fn announce(shared: &shmem::WorkerShared, state: i32) {
     shared.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
     shared.started_at.store(now_micros(), Ordering::Relaxed);
@@ -272,66 +496,4 @@ fn wait_for_database(shared: &shmem::WorkerShared, database: &str) -> ! {
             leave(shared);
         }
     }
-}
-
-/// One iteration over all feeds, holding the iteration lock (released at the end); true when
-/// there is more to do right away.
-fn iteration(
-    settings: &Settings,
-    transport: &mut Transport,
-    counters: &mut Counters,
-    builders: &mut Builders,
-    last_progress_log: &mut Instant,
-) -> bool {
-    // Full sync first. While builders run, they take the steps (and wake us after each) and this
-    // iteration only sends. Otherwise one step; if there is building to do, builders take over,
-    // or without any this worker builds for a bounded time, so that partial sync keeps flowing
-    // meanwhile.
-    let mut more = false;
-    if !builders.alive() && matches!(Own.run(sync::step), sync::Step::Progress) {
-        more = true;
-        if !builders.start(settings.sync_builders) {
-            sync::advance(&|| Own.run(sync::step), SYNC_BUDGET);
-        }
-    }
-    if last_progress_log.elapsed() >= PROGRESS_LOG_EVERY {
-        if let Some(line) = Own.run(sync::progress_line) {
-            log!("{line}");
-        }
-        *last_progress_log = Instant::now();
-    }
-    let feeds = Own.run(|| engine::load_feeds(None, settings.legacy_interval.as_millis()));
-    for feed in &feeds {
-        let r = engine::feed_iteration(&Own, transport, settings, feed, false, counters, COLLECT_BUDGET, SEND_BUDGET);
-        more |= r.more;
-        if r.collected + r.sent + r.failed + r.retries_due > 0 || r.requests > 0 {
-            let op = if feed.full_sync_sending {
-                "full sync"
-            } else if feed.legacy && feed.legacy_due {
-                "legacy send"
-            } else if r.retries_due > 0 {
-                "retry"
-            } else {
-                "partial sync"
-            };
-            log!(
-                "cde: feed {} {op}: collected={} sent={} failed={} retries_due={} requests={} elapsed_ms={}",
-                r.feed,
-                r.collected,
-                r.sent,
-                r.failed,
-                r.retries_due,
-                r.requests,
-                r.elapsed_ms
-            );
-        }
-        if r.build_failures > 0 {
-            warning!("cde: CDE-101 feed {}: {} documents could not be built; see cde_failed_items", r.feed, r.build_failures);
-        }
-        if let Some((code, error)) = &r.first_error {
-            warning!("cde: {code} feed {}: {} items not delivered; first: {error}", r.feed, r.failed - r.build_failures);
-        }
-    }
-    Own.run(|| Spi::run_with_args("SELECT pg_advisory_unlock($1)", &[ITERATION_LOCK.into()])).ok();
-    more
 }

@@ -73,12 +73,14 @@ def test_gzip_authorization_and_idempotency_key(catalog, sink):
     wait_until("the update", lambda: name_at_sink(sink, 9) == "plain")
     assert sink.log("products")[-1]["gzip"] is False
 
-    # A wrong key is refused by the sink (401): the item is rejected, visible, not retried.
+    # A wrong key is refused by the sink (401): the destination is held, the item is not
+    # rejected (tests/e2e/test_destination_errors.py has the whole story).
     catalog.configure(api_key="wrong")
     catalog.run("UPDATE products SET name = 'nope' WHERE id = 9")
-    wait_until("the rejection", lambda: catalog.one("SELECT status FROM cde.feed_products WHERE key = '9'") == "rejected")
-    assert catalog.one("SELECT http_status FROM cde_failed_items WHERE key = '9'") == 401
-    assert "CDE-201 feed products" in SERVER_LOG.read_text()
+    wait_until("the hold", lambda: catalog.one("SELECT destination_error FROM cde_worker_status") or "")
+    assert catalog.one("SELECT destination_error LIKE 'unauthorized (HTTP 401)%%' FROM cde_worker_status")
+    assert catalog.one("SELECT status FROM cde.feed_products WHERE key = '9'") == "pending"
+    assert "CDE-207 the endpoint is misconfigured: unauthorized (HTTP 401)" in SERVER_LOG.read_text()
 
 
 def test_the_api_key_from_a_file_never_reaches_the_log(catalog, sink):

@@ -1,5 +1,6 @@
 """https endpoints are verified: a server whose certificate no trusted authority signed is refused
-(CDE-205), and nothing is lost: the items wait, retrying, and go once the endpoint is trusted."""
+(a TLS failure holds the destination, CDE-207), and nothing is lost: the items wait, pending, and
+go once the endpoint is trusted (a reload releases the hold)."""
 
 import http.server
 import ssl
@@ -34,12 +35,14 @@ def test_an_untrusted_certificate_is_refused(catalog, sink):
     try:
         catalog.configure(endpoint=f"https://127.0.0.1:{server.server_port}/ingest")
         catalog.run("UPDATE products SET name = 'over tls' WHERE id = 12")
-        wait_until("the certificate refused", lambda: catalog.one(
-            "SELECT status = 'retrying' AND error LIKE 'transport:%%' FROM cde.feed_products WHERE key = '12'"))
-        error = catalog.one("SELECT error FROM cde.feed_products WHERE key = '12'")
+        wait_until("the certificate refused", lambda: (catalog.one("SELECT destination_error FROM cde_worker_status") or "")
+                   .startswith("TLS failure"))
+        error = catalog.one("SELECT destination_error FROM cde_worker_status")
         assert "certificate" in error.lower() or "issuer" in error.lower(), error
+        # A destination-level failure: the item waits, pending, and is not counted as an attempt.
+        assert catalog.one("SELECT status FROM cde.feed_products WHERE key = '12'") == "pending"
         assert hits == [], "no request may reach an endpoint whose certificate failed verification"
     finally:
         server.shutdown()
-    catalog.configure(endpoint=None, retry_interval="200ms")
+    catalog.configure(endpoint=None)
     wait_until("delivery to the trusted endpoint", lambda: (sink.doc("products", 12) or {}).get("data", {}).get("name") == "over tls")

@@ -37,6 +37,9 @@ impl ItemOutcome {
         }
     }
 
+    /// The code logged when a destination is held as misconfigured (401, 404, TLS...).
+    pub const MISCONFIGURED_CODE: &'static str = "CDE-207";
+
     pub fn error(&self) -> Option<&str> {
         match self {
             ItemOutcome::Sent => None,
@@ -50,14 +53,19 @@ pub struct Delivery {
     pub outcomes: Vec<Option<ItemOutcome>>,
     /// `Retry-After` from the receiver: hold the whole feed back this long.
     pub hold: Option<Duration>,
+    /// The destination is misconfigured (401, 404, TLS...): (status, reason, error). The items
+    /// not delivered before it stay pending, none is rejected or counted as an attempt.
+    pub misconfigured: Option<(Option<u16>, &'static str, String)>,
     pub requests: u64,
     pub failed_requests: u64,
 }
 
 /// Deliver `items` as one batch through `send`, which performs one request for the items it is
-/// given. A refused batch (4xx) of more than one item is split in halves and each half is sent
-/// again; a refused single item is rejected. The first retryable failure stops all sending for
-/// this batch: the receiver is unwell, so every item not yet delivered is marked for retry.
+/// given. A refused batch (400, 409, 413, 422...) of more than one item is split in halves and
+/// each half is sent again; a refused single item is rejected. The first retryable failure stops
+/// all sending for this batch: the receiver is unwell, so every item not yet delivered is marked
+/// for retry. A misconfigured destination (401, 404...) stops it too, and leaves those items
+/// pending: splitting would cost twice the batch in requests for nothing.
 pub fn deliver_with_split(items: &[Item], send: &mut dyn FnMut(&[Item]) -> SendResult) -> Delivery {
     let mut d = Delivery { outcomes: vec![None; items.len()], ..Default::default() };
     let mut stop: Option<(Option<u16>, String)> = None;
@@ -78,7 +86,7 @@ fn deliver_range(
     d: &mut Delivery,
     stop: &mut Option<(Option<u16>, String)>,
 ) {
-    if stop.is_some() || start == end {
+    if stop.is_some() || d.misconfigured.is_some() || start == end {
         return;
     }
     d.requests += 1;
@@ -100,6 +108,10 @@ fn deliver_range(
                 deliver_range(items, start, mid, send, d, stop);
                 deliver_range(items, mid, end, send, d, stop);
             }
+        }
+        Classified::Misconfigured { status, reason, error } => {
+            d.failed_requests += 1;
+            d.misconfigured = Some((status, reason, error));
         }
         Classified::Retryable { status, error, retry_after } => {
             d.failed_requests += 1;
@@ -170,6 +182,19 @@ mod tests {
         // 8 -> 4 (ok) + 4 -> 2 + 1 (ok) + 1 (rejected) + 2 (ok): log2(n) levels, not n requests.
         assert_eq!(sizes, vec![8, 4, 4, 2, 1, 1, 2]);
         assert_eq!(d.requests, 7);
+    }
+
+    #[test]
+    fn a_misconfigured_destination_costs_one_request_and_rejects_nothing() {
+        let its = items(100);
+        let mut calls = 0;
+        let d = deliver_with_split(&its, &mut |_| {
+            calls += 1;
+            Classified::Misconfigured { status: Some(401), reason: "unauthorized", error: "unauthorized (HTTP 401): no".into() }
+        });
+        assert_eq!((calls, d.requests, d.failed_requests), (1, 1, 1));
+        assert!(d.outcomes.iter().all(Option::is_none), "every item stays pending");
+        assert_eq!(d.misconfigured.map(|m| (m.0, m.1)), Some((Some(401), "unauthorized")));
     }
 
     #[test]
