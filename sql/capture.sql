@@ -125,50 +125,183 @@ BEGIN
     END LOOP;
 END $$;
 
--- (Re)generate the capture triggers of one table from all its tracks: whatever the number of
--- feeds tracking the table, one trigger per operation for the column keys (cde._capture, its
--- arguments naming each feed and column) and, when some feed's keys are an expression or a
--- query, one more per operation for those (cde._capture_keys, its arguments naming the feeds).
--- With no track left, remove them.
-CREATE FUNCTION cde._install_capture(tbl oid) RETURNS void
+-- Partitions and inheritance children. A statement-level trigger fires only for the table a
+-- statement names: a write naming a partition (as ORMs and partition-aware jobs do) fires the
+-- partition's triggers, not its parent's, while a write naming the parent fires the parent's,
+-- whose transition tables hold the rows of every partition it touched. So every table under a
+-- tracked one (partitions, sub-partitions, inheritance children, recursively, those created or
+-- attached later too) gets the capture triggers of every tracked table above it, and each write
+-- is captured once, by the table it names.
+
+-- A table and every table above it: its partitions' parents, inheritance parents, recursively.
+CREATE FUNCTION cde._ancestry(tbl oid) RETURNS oid[]
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE up(relid) AS (
+        SELECT tbl
+        UNION
+        SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid)
+    SELECT array_agg(relid) FROM up
+$$;
+
+-- A table and every table under it.
+CREATE FUNCTION cde._subtree(tbl oid) RETURNS oid[]
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE down(relid) AS (
+        SELECT tbl
+        UNION
+        SELECT i.inhrelid FROM pg_inherits i JOIN down ON i.inhparent = down.relid)
+    SELECT array_agg(relid) FROM down
+$$;
+
+-- The capture triggers a table should have, from the tracks of the table and of every table
+-- above it: whatever the number of feeds, one trigger per operation for the column keys
+-- (cde._capture, its arguments naming each feed and column), one for TRUNCATE (every feed), and
+-- when some feed's keys are an expression or a query, one more per operation for those
+-- (cde._capture_keys, its arguments naming the feeds). "call" is the trigger's function call.
+CREATE FUNCTION cde._wanted_triggers(tbl oid, OUT tgname text, OUT call text, OUT feeds text[])
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    simple text;      -- cde._capture's arguments: 'feed', 'column', ...
+    every  text;      -- the TRUNCATE trigger's: every feed tracking the table
+    others text;      -- cde._capture_keys's: the feeds whose keys are not a plain column
+    names  text[];
+    op     text;
+BEGIN
+    WITH t AS (
+        SELECT DISTINCT t.feed, cde._key_column(f, tbl, t.keys) AS col
+          FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+         WHERE t.source_table = ANY (cde._ancestry(tbl)))
+    SELECT string_agg(format('%L, %L', t.feed, t.col), ', ' ORDER BY t.feed, t.col) FILTER (WHERE t.col IS NOT NULL),
+           (SELECT string_agg(format('%L, %L', x.feed, ''), ', ' ORDER BY x.feed) FROM (SELECT DISTINCT feed FROM t) x),
+           (SELECT string_agg(format('%L', x.feed), ', ' ORDER BY x.feed) FROM (SELECT DISTINCT feed FROM t WHERE col IS NULL) x),
+           (SELECT array_agg(DISTINCT feed ORDER BY feed) FROM t)
+      INTO simple, every, others, names
+      FROM t;
+    IF names IS NULL THEN
+        RETURN;
+    END IF;
+    feeds := names;
+    FOREACH op IN ARRAY ARRAY['ins', 'upd', 'del'] LOOP
+        IF simple IS NOT NULL THEN
+            tgname := 'cde_capture_' || op; call := format('cde._capture(%s)', simple); RETURN NEXT;
+        END IF;
+        IF others IS NOT NULL THEN
+            tgname := 'cde_capture_sql_' || op; call := format('cde._capture_keys(%s)', others); RETURN NEXT;
+        END IF;
+    END LOOP;
+    tgname := 'cde_capture_trn'; call := format('cde._capture(%s)', every); RETURN NEXT;
+END $$;
+
+-- The capture triggers a table has: name and function call, as cde._wanted_triggers spells them.
+CREATE FUNCTION cde._current_triggers(tbl oid, OUT tgname text, OUT call text)
+RETURNS SETOF record
+LANGUAGE sql STABLE AS $$
+    SELECT t.tgname::text,
+           format('%s(%s)', t.tgfoid::regproc,
+                  (SELECT string_agg(format('%L', a), ', ' ORDER BY n)
+                     FROM unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)))
+      FROM pg_trigger t
+     WHERE t.tgrelid = tbl AND t.tgname LIKE 'cde\_capture\_%'
+$$;
+
+-- Give one table the capture triggers it should have (none when no tracked table is at or
+-- above it), touching nothing when it has them already. Returns the feeds it captures for from
+-- now on that it did not before (gained), and those it no longer does (lost).
+CREATE FUNCTION cde._install_capture_on(tbl oid, OUT gained text[], OUT lost text[])
 LANGUAGE plpgsql AS $fn$
 DECLARE
     fn      text := format('cde.%I', 'capture_' || tbl);   -- 0.1.0 generated one per table
-    exists_ boolean := EXISTS (SELECT 1 FROM pg_class WHERE oid = tbl);
-    op      text;
-    simple  text;      -- cde._capture's arguments: 'feed', 'column', ...
-    every   text;      -- the TRUNCATE trigger's: every feed tracking the table
-    others  text;      -- cde._capture_keys's: the feeds whose keys are not a plain column
+    before  text[];
+    after   text[];
+    w       record;
+    op      record;
 BEGIN
-    FOR op IN SELECT tgname FROM pg_trigger WHERE tgrelid = tbl AND tgname LIKE 'cde\_capture\_%' LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', op, tbl::regclass);
-    END LOOP;
     IF to_regprocedure(fn || '()') IS NOT NULL THEN
-        EXECUTE format('DROP FUNCTION %s()', fn);
+        EXECUTE format('DROP FUNCTION %s() CASCADE', fn);
     END IF;
-    IF NOT exists_ OR NOT EXISTS (SELECT 1 FROM cde.tracks WHERE source_table = tbl) THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = tbl) THEN
         RETURN;
     END IF;
-
-    SELECT string_agg(format('%L, %L', t.feed, cde._key_column(f, tbl, t.keys)), ', ' ORDER BY t.feed)
-             FILTER (WHERE cde._key_column(f, tbl, t.keys) IS NOT NULL),
-           string_agg(format('%L, %L', t.feed, ''), ', ' ORDER BY t.feed),
-           string_agg(format('%L', t.feed), ', ' ORDER BY t.feed)
-             FILTER (WHERE cde._key_column(f, tbl, t.keys) IS NULL)
-      INTO simple, every, others
-      FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-     WHERE t.source_table = tbl;
-
-    IF simple IS NOT NULL THEN
-        PERFORM cde._create_capture_triggers(tbl, 'cde_capture', format('cde._capture(%s)', simple));
+    SELECT coalesce(array_agg(DISTINCT a ORDER BY a), '{}') INTO before
+      FROM pg_trigger t, unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)
+     WHERE t.tgrelid = tbl AND t.tgname = 'cde_capture_trn' AND n % 2 = 1;
+    SELECT coalesce((SELECT feeds FROM cde._wanted_triggers(tbl) LIMIT 1), '{}') INTO after;
+    gained := ARRAY(SELECT unnest(after) EXCEPT SELECT unnest(before));
+    lost := ARRAY(SELECT unnest(before) EXCEPT SELECT unnest(after));
+    IF NOT EXISTS ((SELECT wt.tgname, wt.call FROM cde._wanted_triggers(tbl) wt EXCEPT SELECT * FROM cde._current_triggers(tbl))
+                   UNION ALL
+                   (SELECT * FROM cde._current_triggers(tbl) EXCEPT SELECT wt.tgname, wt.call FROM cde._wanted_triggers(tbl) wt)) THEN
+        RETURN;   -- already as it should be
     END IF;
-    EXECUTE format('CREATE TRIGGER cde_capture_trn AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION cde._capture(%s)',
-                   tbl::regclass, every);
-
-    IF others IS NOT NULL THEN
-        PERFORM cde._create_capture_triggers(tbl, 'cde_capture_sql', format('cde._capture_keys(%s)', others));
+    IF after <> '{}' AND (SELECT relkind FROM pg_class WHERE oid = tbl) = 'f' THEN
+        RAISE EXCEPTION 'cde: % is a foreign table under a table that feeds % track: cde cannot capture its writes', tbl::regclass, array_to_string(after, ', ')
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Keep foreign tables out of tracked tables'' partitions or inheritance children, or cde_untrack the table above it.';
     END IF;
+    FOR op IN SELECT c.tgname FROM cde._current_triggers(tbl) c LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', op.tgname, tbl::regclass);
+    END LOOP;
+    FOR w IN SELECT * FROM cde._wanted_triggers(tbl) LOOP
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
+                       w.tgname,
+                       CASE split_part(w.tgname, '_', 3 + (w.tgname LIKE 'cde\_capture\_sql\_%')::int)
+                            WHEN 'ins' THEN 'INSERT' WHEN 'upd' THEN 'UPDATE' WHEN 'del' THEN 'DELETE' ELSE 'TRUNCATE' END,
+                       tbl::regclass,
+                       CASE split_part(w.tgname, '_', 3 + (w.tgname LIKE 'cde\_capture\_sql\_%')::int)
+                            WHEN 'ins' THEN 'REFERENCING NEW TABLE AS new_rows'
+                            WHEN 'upd' THEN 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
+                            WHEN 'del' THEN 'REFERENCING OLD TABLE AS old_rows' ELSE '' END,
+                       w.call);
+    END LOOP;
 END $fn$;
+
+-- (Re)generate the capture triggers of a table and of every table under it.
+CREATE FUNCTION cde._install_capture(tbl oid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r oid;
+BEGIN
+    FOREACH r IN ARRAY coalesce(cde._subtree(tbl), ARRAY[tbl]) LOOP
+        PERFORM cde._install_capture_on(r);
+    END LOOP;
+END $$;
+
+-- After DDL that may have moved tables into or out of a tracked tree (CREATE TABLE ... PARTITION
+-- OF / INHERITS, ATTACH / DETACH PARTITION, INHERIT / NO INHERIT): bring every table of the trees
+-- around "tbl", and every table left with capture triggers outside any tracked tree, to what it
+-- should have. Rows that came into a tree (an attached partition that has rows) or left it (a
+-- detached one) changed no row by DML: the feeds concerned get a full sync.
+CREATE FUNCTION cde._reconcile_capture(tbl oid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r        oid;
+    roots    oid[];
+    c        record;
+    has_rows boolean;
+    f        text;
+BEGIN
+    SELECT array_agg(DISTINCT a) INTO roots FROM unnest(cde._ancestry(tbl)) AS a
+     WHERE NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = a);
+    FOR r IN
+        SELECT s FROM unnest(roots) AS root, unnest(cde._subtree(root)) AS s
+        UNION
+        SELECT t.tgrelid FROM pg_trigger t WHERE t.tgname = 'cde_capture_trn'
+    LOOP
+        SELECT * INTO c FROM cde._install_capture_on(r);
+        IF c.gained <> '{}' OR c.lost <> '{}' THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', r::regclass) INTO has_rows;
+            IF has_rows THEN
+                FOREACH f IN ARRAY c.gained || c.lost LOOP
+                    INSERT INTO cde.queue (feed, all_keys) VALUES (f, true);
+                    RAISE NOTICE 'cde: the rows of % % feed %: it gets a full sync', r::regclass,
+                        CASE WHEN f = ANY (c.gained) THEN 'came into a table tracked by' ELSE 'left a table tracked by' END, f;
+                END LOOP;
+                PERFORM cde._changes_recorded();
+            END IF;
+        END IF;
+    END LOOP;
+END $$;
 
 CREATE FUNCTION cde._drop_capture(t cde.tracks) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -203,6 +336,7 @@ CREATE FUNCTION cde._on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t cde.tracks;
+    f text;
 BEGIN
     FOR t IN
         SELECT x.* FROM cde.tracks x
@@ -212,19 +346,46 @@ BEGIN
         PERFORM cde._drop_capture(t);
         RAISE NOTICE 'cde: table % was dropped; feed % no longer tracks it', t.table_name, t.feed;
     END LOOP;
+    -- A dropped partition or inheritance child of a tracked table took its rows with it, by no
+    -- DML. Which table it was under is gone from the catalog by now: every feed tracking a table
+    -- that still has partitions or children gets a full sync.
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d
+                 JOIN pg_event_trigger_dropped_objects() g
+                   ON g.object_type = 'trigger' AND g.object_identity = 'cde_capture_trn on ' || d.object_identity
+                WHERE d.object_type = 'table' AND d.classid = 'pg_class'::regclass
+                  AND NOT EXISTS (SELECT 1 FROM cde.tracks x WHERE x.source_table = d.objid)) THEN
+        FOR f IN SELECT DISTINCT x.feed FROM cde.tracks x JOIN pg_class c ON c.oid = x.source_table
+                  WHERE c.relkind = 'p' OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = x.source_table) LOOP
+            INSERT INTO cde.queue (feed, all_keys) VALUES (f, true);
+            RAISE NOTICE 'cde: a table under one that feed % tracks was dropped with its rows: it gets a full sync', f;
+        END LOOP;
+        PERFORM cde._changes_recorded();
+    END IF;
 END $$;
 
 CREATE EVENT TRIGGER cde_on_sql_drop ON sql_drop EXECUTE FUNCTION cde._on_sql_drop();
 
--- An ALTER TABLE that breaks a tracked table's keys (a column they use dropped, renamed or
--- retyped) is refused with a clear error: the alternative, a capture trigger failing on every
+-- Tables that come under a tracked table or leave it get their capture triggers or lose them
+-- (cde._reconcile_capture). An ALTER TABLE that breaks a tracked table's keys (a column they use
+-- dropped, renamed or retyped) is refused with a clear error: the alternative, a capture trigger failing on every
 -- later write, would break the application. Renaming the table itself is fine: triggers follow it.
 CREATE FUNCTION cde._on_ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t   cde.tracks;
     f   cde.feeds;
+    rel oid;
 BEGIN
+    -- A table created under a tracked one, attached, detached, inheriting or not: capture follows.
+    FOR rel IN
+        SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
+         WHERE c.classid = 'pg_class'::regclass AND c.object_type IN ('table', 'foreign table')
+    LOOP
+        IF EXISTS (SELECT 1 FROM cde.tracks x WHERE x.source_table = ANY (cde._ancestry(rel) || cde._subtree(rel)))
+           OR EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = rel AND g.tgname LIKE 'cde\_capture\_%') THEN
+            PERFORM cde._reconcile_capture(rel);
+        END IF;
+    END LOOP;
     FOR t IN
         SELECT DISTINCT x.* FROM cde.tracks x
           JOIN pg_event_trigger_ddl_commands() c ON c.objid = x.source_table AND c.classid = 'pg_class'::regclass
@@ -243,7 +404,7 @@ BEGIN
     END LOOP;
 END $$;
 
-CREATE EVENT TRIGGER cde_on_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+CREATE EVENT TRIGGER cde_on_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE')
     EXECUTE FUNCTION cde._on_ddl_command_end();
 
 -- DROP EXTENSION cde first waits for the worker's current iteration and the builder's current

@@ -92,12 +92,12 @@ mod cde {
             // The transition tables, by the names of the trigger's REFERENCING clause.
             unsafe { pg_sys::SPI_register_trigger_data(td as *const _ as *mut _) };
             let rows = c.select(
-                "SELECT t.feed, format('SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL',
+                "SELECT DISTINCT ON (t.feed, t.keys) t.feed, format('SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL',
                                                   cde._keys_query(f, t.keys, $2)),
                         f.owner::oid, f.search_path
                    FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-                  WHERE t.source_table = $1 AND t.feed = ANY ($3)
-                  ORDER BY t.feed",
+                  WHERE t.source_table = ANY (cde._ancestry($1)) AND t.feed = ANY ($3)
+                  ORDER BY t.feed, t.keys",
                 None,
                 &[relid.into(), sources.into(), feeds.into()],
             )?;
