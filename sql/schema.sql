@@ -110,6 +110,7 @@ CREATE TABLE cde.sync_phases (
     deleted    bigint NOT NULL DEFAULT 0,
     failed     bigint NOT NULL DEFAULT 0,
     started_at timestamptz,
+    built_at   timestamptz,                 -- every document built: the phase then waits for their delivery
     finished_at timestamptz,
     PRIMARY KEY (run_id, feed)
 );

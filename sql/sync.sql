@@ -276,15 +276,23 @@ BEGIN
             UPDATE cde.sync_phases SET status = 'finished', finished_at = now() WHERE run_id = r.id AND feed = ph.feed;
             INSERT INTO cde.sync_events (run_id, status, feed, message) VALUES (r.id, 'executing', ph.feed, 'phase finished (dry run)');
         ELSE
-            UPDATE cde.sync_phases SET status = 'sending' WHERE run_id = r.id AND feed = ph.feed;
+            UPDATE cde.sync_phases SET status = 'sending', built_at = now() WHERE run_id = r.id AND feed = ph.feed;
             INSERT INTO cde.sync_events (run_id, status, feed, message) VALUES (r.id, 'executing', ph.feed, 'built; sending');
         END IF;
         RETURN 'progress';
     END IF;
 
-    -- sending: done when the send pass has left nothing pending in the feed table.
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE status = ''pending'')', f.feed_table) INTO res;
+    -- sending: done when what the phase built has been delivered: no row is pending that was
+    -- made pending before the building ended (the pending index's order). Rows changed since are
+    -- the partial sync's: under a stream of writes the phase still ends.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE status = ''pending'' AND modified_at <= $1)', f.feed_table)
+       INTO res USING coalesce(ph.built_at, now());
     IF res.exists THEN
+        IF coalesce(current_setting('cde.endpoint', true), '') = ''
+           AND NOT EXISTS (SELECT 1 FROM cde.sync_events e WHERE e.run_id = r.id AND e.feed = ph.feed AND e.message LIKE 'waiting for an endpoint%') THEN
+            INSERT INTO cde.sync_events (run_id, status, feed, message)
+            VALUES (r.id, 'executing', ph.feed, 'waiting for an endpoint: cde.endpoint is empty, nothing is sent');
+        END IF;
         RETURN 'waiting';
     END IF;
     EXECUTE format($q$SELECT count(*) FILTER (WHERE status = 'sent' AND sent_at >= $1) AS sent_n,
@@ -332,7 +340,12 @@ SELECT r.id AS run_id, r.feeds, r.dry_run, r.status, r.current_phase,
        jsonb_object_agg(p.feed, jsonb_build_object(
            'status', p.status, 'planned', p.planned, 'processed', p.processed, 'sent', p.sent,
            'unchanged', p.unchanged, 'deleted', p.deleted, 'failed', p.failed)) AS phases,
-       r.started_at, r.finished_at, r.error
+       r.started_at, r.finished_at, r.error,
+       -- what an executing run is waiting for, when it waits for its current phase's delivery
+       CASE WHEN r.status = 'executing' AND bool_or(p.status = 'sending') THEN
+            CASE WHEN coalesce(current_setting('cde.endpoint', true), '') = '' THEN 'an endpoint: cde.endpoint is empty'
+                 ELSE 'the delivery of what it built' END
+       END AS waiting_for
   FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
  GROUP BY r.id
  ORDER BY r.id;

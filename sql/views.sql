@@ -104,18 +104,23 @@ LANGUAGE sql STABLE AS $$
                  '@extschema@.cde_track(text, regclass, text)', '@extschema@.cde_untrack(text, regclass)',
                  '@extschema@.cde_sync_now(text)', '@extschema@.cde_retry_failed(text)',
                  '@extschema@.cde_resync(text, text[])', '@extschema@.cde_full_sync(text, boolean)',
-                 '@extschema@.cde_cancel_sync(bigint)']::regprocedure[]
+                 '@extschema@.cde_cancel_sync(bigint)', '@extschema@.cde_deliver(text)']::regprocedure[]
 $$;
 REVOKE ALL ON FUNCTION cde._management_functions() FROM PUBLIC;
 
 ALTER FUNCTION cde_sync_now(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+-- CALL cde_deliver(): the worker's job in this session, committing after every step (src/api.rs).
+CREATE PROCEDURE cde_deliver(feed text DEFAULT NULL) LANGUAGE c AS 'MODULE_PATHNAME', 'cde_deliver';
+COMMENT ON PROCEDURE cde_deliver(text) IS
+    'Collect, send and advance full syncs in this session until nothing is left, committing after every step';
 
 DO $$
 DECLARE
     fn regprocedure;
 BEGIN
     FOREACH fn IN ARRAY cde._management_functions() LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', fn);
     END LOOP;
     FOREACH fn IN ARRAY ARRAY['cde._feed_counts()', 'cde._failed_items()', 'cde._worker_status()']::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', fn);
@@ -141,7 +146,7 @@ BEGIN
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA cde TO %s', admin);
     FOREACH fn IN ARRAY cde._management_functions() LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', fn, admin);
+        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', fn, admin);
     END LOOP;
     EXECUTE format('GRANT EXECUTE ON FUNCTION cde._feed_counts(), cde._failed_items(), cde._worker_status() TO %s', admin);
     EXECUTE format('GRANT SELECT ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status TO %s', admin);
@@ -161,7 +166,7 @@ BEGIN
         RAISE EXCEPTION 'cde_revoke_admin: admin is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     FOREACH fn IN ARRAY cde._management_functions() LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %s', fn, admin);
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM %s', fn, admin);
     END LOOP;
     EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM %s', admin);
     EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA cde FROM %s', admin);

@@ -2,7 +2,7 @@
 //! else in the SQL API is plain SQL in `sql/`.
 
 use crate::deliver::Counters;
-use crate::engine::{self, Inline};
+use crate::engine::{self, Inline, Txn};
 use crate::gucs::Settings;
 use crate::shmem;
 use crate::sync;
@@ -139,4 +139,107 @@ fn ts(micros: i64) -> Option<TimestampWithTimeZone> {
     // PostgreSQL timestamps count from 2000-01-01.
     const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
     TimestampWithTimeZone::try_from(micros - PG_EPOCH_OFFSET_MICROS).ok()
+}
+
+/// `CALL cde_deliver(feed text DEFAULT NULL)` (sql/views.sql): what the worker does, in the
+/// calling session, until nothing is left to do, committing after every step (a collect, a read, a
+/// record, a full sync step). No transaction spans two steps: what was delivered stays recorded
+/// whatever fails later, and every other session sees the progress as it is made. For pg_cron and
+/// setups without the worker. A procedure that commits may not be SECURITY DEFINER: each step runs
+/// as the extension's owner ([`crate::trust::as_extension_owner`]), for the feeds the caller may
+/// manage.
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_cde_deliver() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let ctx = (*fcinfo).context;
+        let nonatomic = !ctx.is_null()
+            && (*ctx).type_ == pg_sys::NodeTag::T_CallContext
+            && !(*(ctx as *mut pg_sys::CallContext)).atomic;
+        if !nonatomic {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_TERMINATION,
+                "cde_deliver() commits after every step: CALL it on its own, not inside a transaction block or a function",
+                "In a transaction, SELECT * FROM cde_sync_now() does one iteration inside it."
+            );
+        }
+        let feed: Option<String> = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0).map(String::from);
+        if pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32) != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("cde_deliver: SPI_connect failed");
+        }
+        let owner = Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'cde'")
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| error!("cde_deliver: the extension is not installed in this database"));
+        let tx = Committing { owner };
+        let settings = Settings::read();
+        let feeds = tx.run(|| {
+            if let Some(f) = &feed {
+                Spi::run_with_args("SELECT cde._managed_feed($1)", &[f.as_str().into()]).unwrap_or_else(|e| error!("{e}"));
+            }
+            engine::load_feeds(feed.as_deref(), settings.legacy_interval.as_millis())
+        });
+        let mut transport = Transport::new(&settings);
+        let mut counters = Counters::default();
+        let mut totals: Vec<(i64, i64, i64)> = vec![(0, 0, 0); feeds.len()];
+        let advance = || sync::advance(&|| tx.run(sync::step), Duration::from_secs(24 * 3600));
+        let mut may_send = true;
+        advance();
+        loop {
+            let mut more = false;
+            for (f, t) in feeds.iter().zip(totals.iter_mut()) {
+                let r = engine::feed_iteration(
+                    &tx,
+                    &mut transport,
+                    &settings,
+                    f,
+                    true,
+                    may_send,
+                    &mut counters,
+                    Duration::from_millis(300),
+                    Duration::from_secs(1),
+                );
+                more |= r.more;
+                t.0 += r.collected;
+                t.1 += r.sent;
+                t.2 += r.failed;
+                if let Some((_, _, error)) = &r.misconfigured {
+                    may_send = false;
+                    pgrx::warning!("cde: {} the endpoint is misconfigured: {error}", cde_protocol::ItemOutcome::MISCONFIGURED_CODE);
+                }
+            }
+            if !advance() && !more {
+                break;
+            }
+        }
+        for (f, t) in feeds.iter().zip(totals) {
+            pgrx::notice!("cde: feed {}: collected={} sent={} failed={}", f.name, t.0, t.1, t.2);
+        }
+        pg_sys::SPI_finish();
+        pg_sys::Datum::from(0usize)
+    }
+}
+
+/// A step in its own transaction, committed at its end, as the extension's owner, holding the
+/// iteration lock for its duration (the worker and this procedure then take turns by step).
+struct Committing {
+    owner: pg_sys::Oid,
+}
+
+impl engine::Txn for Committing {
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        let r = crate::trust::as_extension_owner(self.owner, || {
+            Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[ITERATION_LOCK.into()]).unwrap_or_else(|e| error!("{e}"));
+            f()
+        });
+        unsafe { pg_sys::SPI_commit() };
+        r
+    }
 }

@@ -62,6 +62,33 @@ pub fn as_role<R>(role: pg_sys::Oid, search_path: Option<&str>, f: impl FnOnce()
     }
 }
 
+/// Run `f` as the extension's owner, with a fixed search_path: what a SECURITY DEFINER function
+/// of the SQL API does, for `CALL cde_deliver()` (src/api.rs), a procedure that commits and so may
+/// not be SECURITY DEFINER. SET ROLE is refused meanwhile.
+pub fn as_extension_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut saved_user = pg_sys::Oid::INVALID;
+        let mut saved_context = 0;
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(owner, saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let r = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+        r
+    }
+}
+
 /// Is this role still there? A feed outlives nothing: its owner may have been dropped.
 fn role_exists(role: pg_sys::Oid) -> bool {
     Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE oid = $1)", &[role.into()])

@@ -18,6 +18,7 @@ SECONDS = float(os.environ.get("CDE_SOAK_SECONDS", "20"))
 PRODUCTS = 2000
 # Items whose SKU contains this are rejected by the sink: they must end up exactly the rejected ones.
 POISON = "POISON"
+LEDGER = 300
 
 
 class Writer(threading.Thread):
@@ -45,7 +46,12 @@ class Writer(threading.Thread):
         kind = r.random()
         with conn.transaction() as tx:
             cur = conn.cursor()
-            if kind < 0.35:
+            if r.random() < 0.15:
+                # The partitioned ledger, naming the parent or the row's partition.
+                lid = r.randint(1, LEDGER)
+                table = r.choice(["ledger", f"ledger_{lid % 3}"])
+                cur.execute(f"UPDATE {table} SET amount = %s WHERE id = %s", (round(r.uniform(1, 99), 2), lid))
+            elif kind < 0.35:
                 cur.execute("UPDATE products SET name = %s WHERE id = %s", (f"w{self.n}-{r.random():.6f}", pid))
             elif kind < 0.45:
                 lo = r.randint(1, PRODUCTS)
@@ -91,9 +97,12 @@ def inject_faults(db_holder, sink, stop, stats, rng):
         {"status": 502, "count": 1, "body": "<html>bad gateway"},
     ]
     # The worker is killed at a third of the run and PostgreSQL restarted at two thirds (and, in a
-    # long soak, every five minutes after); the rest of the time the sink fails or the endpoint moves.
+    # long soak, every five minutes after); at half, the sink asks for a key the worker does not
+    # have (401: the destination is held, nothing rejected) for a second; the rest of the time the
+    # sink fails or the endpoint moves.
     next_kill = SECONDS / 3
     next_restart = 2 * SECONDS / 3
+    next_unauthorized = SECONDS / 2
     while not stop.is_set():
         time.sleep(0.5)
         elapsed = time.monotonic() - stats["t0"]
@@ -102,6 +111,12 @@ def inject_faults(db_holder, sink, stop, stats, rng):
                 db_holder[0] = Db(kill_worker(db_holder[0]).__enter__())
                 stats["worker_kills"] += 1
                 next_kill += 300
+            elif elapsed >= next_unauthorized:
+                sink.call("POST", "/_sink/api-key", b"rotated")
+                time.sleep(1.0)
+                sink.call("POST", "/_sink/api-key", b"")
+                stats["unauthorized_phases"] += 1
+                next_unauthorized += 300
             elif elapsed >= next_restart:
                 restart_postgres("immediate")
                 db_holder[0] = Db(reconnect())
@@ -121,12 +136,20 @@ def inject_faults(db_holder, sink, stop, stats, rng):
 
 def test_the_sink_converges_to_the_database(db, sink):
     fresh_catalog(db, products=PRODUCTS)
+    db.run("DROP TABLE IF EXISTS ledger CASCADE")
+    db.run("CREATE TABLE ledger (id int, part int, amount numeric, PRIMARY KEY (id, part)) PARTITION BY LIST (part)")
+    for p in range(3):
+        db.run(f"CREATE TABLE ledger_{p} PARTITION OF ledger FOR VALUES IN ({p})")
+    db.run("INSERT INTO ledger SELECT g, g %% 3, g FROM generate_series(1, %s) g", LEDGER)
+    db.run("SELECT cde_register_feed('ledger', 'SELECT id, part, amount FROM ledger')")
+    db.run("SELECT cde_track('ledger', 'ledger')")
     db.configure(http_timeout="1s", retry_interval="500ms", batch_size=100)
     full_sync_and_wait(db)
     sink.fault(reject={"contains": POISON, "error": "poisoned sku"})
     base_requests = sink.stats()["requests"]
 
-    stats = {"writes": 0, "faults": 0, "worker_kills": 0, "postgres_restarts": 0, "endpoint_switches": 0, "t0": time.monotonic()}
+    stats = {"writes": 0, "faults": 0, "worker_kills": 0, "postgres_restarts": 0, "endpoint_switches": 0,
+             "unauthorized_phases": 0, "t0": time.monotonic()}
     stop = threading.Event()
     writers = [Writer(n, stop, stats) for n in range(4)]
     holder = [db]
@@ -180,8 +203,9 @@ def test_the_sink_converges_to_the_database(db, sink):
     print(f"\nconvergence: {SECONDS:.0f}s of writes; writes committed {stats['writes']}; "
           f"faults injected {stats['faults']} ({s['faults_injected']} at the sink, {stats['worker_kills']} worker kills, "
           f"{stats['postgres_restarts']} immediate PostgreSQL restarts, "
-          f"{stats['endpoint_switches']} endpoint switches); requests {s['requests'] - base_requests}; "
+          f"{stats['endpoint_switches']} endpoint switches, {stats['unauthorized_phases']} 401 phases); requests {s['requests'] - base_requests}; "
           f"items delivered {s['items_received']}; duplicate requests {s['duplicate_requests']}; "
           f"keys checked {checked}; rejected as expected {rejected_ok}; items lost {lost}")
     assert stats["writes"] > 100
+    assert stats["unauthorized_phases"] >= 1
     assert lost == 0
