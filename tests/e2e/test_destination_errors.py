@@ -4,7 +4,7 @@ feeds keep arriving and the worker never exits. Against the real worker and sink
 
 import time
 
-from conftest import SERVER_LOG, wait_until
+from conftest import SERVER_LOG, connect, wait_until
 
 
 def name_at_sink(sink, key, feed="products"):
@@ -120,4 +120,32 @@ def test_a_feed_dropped_mid_iteration(catalog, sink):
     db.run("SELECT cde_drop_feed('extra')")
     db.run("UPDATE products SET name = 'after the drop' WHERE id = 8")
     wait_until("delivery goes on", lambda: name_at_sink(sink, 8) == "after the drop", timeout=10)
+    assert db.worker_pid() == pid
+
+
+def test_a_deadlock_on_the_record_path_stays_with_its_feed(catalog, sink):
+    """The worker's record of a products delivery deadlocks with another session (which holds the
+    feed's row in cde.feeds, then wants the item's row the record has updated). The worker is the
+    deadlock's victim: its step is rolled back and caught, the item goes again, the worker lives."""
+    db = catalog
+    pid = db.worker_pid()
+    with connect() as other:
+        other.autocommit = False
+        other.execute("SET LOCAL deadlock_timeout = '30s'")   # the worker detects it first (1 s)
+        other.execute("SELECT 1 FROM cde.feeds WHERE name = 'products' FOR UPDATE")
+        db.run("UPDATE products SET name = 'deadlocked' WHERE id = 7")
+        wait_until("the worker's record waiting for the feed's row", lambda: db.one(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", pid), timeout=10)
+        # Now the cycle: the item's row, which the waiting record has updated.
+        other.execute("UPDATE cde.feed_products SET error = error WHERE key = '7'")
+        other.rollback()
+    wait_until("the deadlock reported", lambda: "deadlock detected" in SERVER_LOG.read_text(), timeout=10)
+    t0 = time.monotonic()
+    db.run("UPDATE categories SET name = 'after the deadlock' WHERE id = 4")
+    wait_until("another feed", lambda: (sink.doc("categories", 4) or {}).get("data", {}).get("name") == "after the deadlock",
+               timeout=5)
+    assert time.monotonic() - t0 < 1.5
+    wait_until("the deadlocked item delivered", lambda: db.one("SELECT status FROM cde.feed_products WHERE key = '7'") == "sent",
+               timeout=30)
+    assert name_at_sink(sink, 7) == "deadlocked"
     assert db.worker_pid() == pid

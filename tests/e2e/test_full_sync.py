@@ -1,7 +1,10 @@
 """Full sync, run by the background worker: phase order at the sink, resume after the worker is
 killed mid-run, and writes made during a run all delivered."""
 
-from conftest import Db, fresh_catalog, full_sync_and_wait, kill_worker, wait_until
+import threading
+import time
+
+from conftest import Db, connect, fresh_catalog, full_sync_and_wait, kill_worker, wait_until
 
 
 def test_phases_arrive_in_dependency_order(db, sink):
@@ -114,3 +117,26 @@ def test_without_builders_the_worker_builds(db, sink):
     assert seen == {0}
     assert len(sink.docs("products")) == 12000
     assert db.rows("SELECT lane, lanes, done FROM cde.sync_lanes WHERE run_id = %s", run) == [(0, 1, True)]
+
+
+def test_a_full_sync_ends_while_writers_keep_writing(db, sink):
+    """A phase ends when what it built is delivered: rows that writers keep changing meanwhile are
+    the partial sync's, and do not keep the run going."""
+    fresh_catalog(db, products=3000)
+    stop = threading.Event()
+
+    def write():
+        with connect() as conn:
+            i = 0
+            while not stop.is_set():
+                conn.execute("UPDATE products SET name = %s WHERE id = %s", (f"busy {i}", 1 + i % 3000))
+                i += 1
+                time.sleep(0.01)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        full_sync_and_wait(db, timeout=60)
+    finally:
+        stop.set()
+        writer.join(timeout=10)
