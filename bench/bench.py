@@ -344,7 +344,7 @@ def main():
             register(db)
         if only is None or only - {"single_row"}:
             one(db, "SELECT cde_full_sync()")
-            wait("the initial full sync", lambda: one(db, "SELECT count(*) FROM cde_sync_runs WHERE status IN ('preparing', 'planned', 'executing')") == 0, 7200)
+            wait("the initial full sync", lambda: one(db, "SELECT count(*) FROM cde_sync_runs WHERE finished_at IS NULL") == 0, 7200)
             for name, bench in [("bulk", bench_bulk), ("full_sync", bench_full_sync), ("latency", bench_latency),
                                 ("throughput", bench_throughput)]:
                 if only is None or name in only:

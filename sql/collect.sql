@@ -64,7 +64,7 @@ BEGIN
         -- A TRUNCATE, or a new definition: every key may have changed. That is a full sync's
         -- job (chunked, resumable); if one already runs for this feed, rebuild in place.
         IF NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-                        WHERE p.feed = f.name AND r.status IN ('preparing', 'planned', 'executing')) THEN
+                        WHERE p.feed = f.name AND cde._active(r.status)) THEN
             PERFORM @extschema@.cde_full_sync(f.name);
             keys := 0; changed := 0; deleted := 0;
             RETURN;
@@ -136,7 +136,7 @@ BEGIN
         VALUES ($1, NULL, NULL, 'retrying', $2, 1)
         ON CONFLICT (key) DO UPDATE
            SET hash = NULL, error = $2, attempts = t.attempts + 1, http_status = NULL,
-               status = CASE WHEN $3 > 0 AND t.attempts + 1 >= $3 THEN 'dead' ELSE 'retrying' END
+               status = cde._failed_status(t.attempts + 1)
         RETURNING status$q$, f.feed_table)
       INTO new_status USING k, 'build failed: ' || err, max_attempts;
     IF new_status = 'retrying' THEN

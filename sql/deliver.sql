@@ -12,7 +12,7 @@ CREATE FUNCTION cde._record(
     p_keys      text[],
     p_tids      tid[],     -- where each item's row was read
     p_hashes    text[],
-    p_outcomes  text[],    -- 'sent' | 'rejected' | 'retry'
+    p_outcomes  cde.outcome[],
     p_http      int[],
     p_errors    text[],
     p_hold      interval,  -- Retry-After: hold the whole feed back this long
@@ -31,14 +31,14 @@ BEGIN
     END IF;
     EXECUTE format($q$
         WITH o AS (
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $9::tid[])
+            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[])
                        AS o(key, hash, outcome, http_status, error, tid)
         ), done AS (
             UPDATE %s AS t SET
                 status = CASE o.outcome
                              WHEN 'sent' THEN 'sent'
                              WHEN 'rejected' THEN 'rejected'
-                             ELSE CASE WHEN $6 > 0 AND t.attempts + 1 >= $6 THEN 'dead' ELSE 'retrying' END
+                             ELSE cde._failed_status(t.attempts + 1)
                          END,
                 attempts    = CASE WHEN o.outcome = 'sent' THEN 0 ELSE t.attempts + 1 END,
                 http_status = o.http_status,

@@ -92,6 +92,22 @@ CREATE TABLE cde.sync_runs (
     error        text
 );
 
+-- Is a run with this status still going (its workers may take steps of it)? The one place that
+-- says which statuses are active.
+CREATE FUNCTION cde._active(status text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('preparing', 'planned', 'executing') $$;
+
+-- What a failed attempt makes of an item that has now failed "attempts" times: dead once
+-- cde.max_attempts (when set) is reached, else retrying. The one place of that rule.
+CREATE FUNCTION cde._failed_status(attempts int) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN current_setting('cde.max_attempts')::int > 0 AND attempts >= current_setting('cde.max_attempts')::int
+                THEN 'dead' ELSE 'retrying' END
+$$;
+
+-- What the endpoint made of an item, as the worker records it (cde._record).
+CREATE TYPE cde.outcome AS ENUM ('sent', 'rejected', 'retry');
+
 CREATE TABLE cde.sync_phases (
     run_id     bigint NOT NULL REFERENCES cde.sync_runs ON DELETE CASCADE,
     feed       text NOT NULL,

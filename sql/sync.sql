@@ -48,7 +48,7 @@ BEGIN
     LOCK TABLE cde.sync_runs IN SHARE ROW EXCLUSIVE MODE;
     SELECT r.id, r.status, p.feed INTO busy
       FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-     WHERE r.status IN ('preparing', 'planned', 'executing') AND p.feed = ANY (names)
+     WHERE cde._active(r.status) AND p.feed = ANY (names)
      ORDER BY r.id LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'cde_full_sync: feed % is already in full sync run % (%)', busy.feed, busy.id, busy.status
@@ -83,7 +83,7 @@ BEGIN
             PERFORM cde._managed_feed(n);   -- a run of feeds the caller may not manage is not its to cancel
         END IF;
     END LOOP;
-    IF r.status NOT IN ('preparing', 'planned', 'executing') THEN
+    IF NOT cde._active(r.status) THEN
         RAISE EXCEPTION 'cde_cancel_sync: run % has already ended (%)', run_id, r.status
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
@@ -95,26 +95,26 @@ END $$;
 
 COMMENT ON FUNCTION cde_cancel_sync(bigint) IS 'Cancel a full sync run; what it already made pending is still delivered';
 
--- The advisory lock between full sync steps and everything that must not overlap them. Steps
--- take it shared: the sync builders (src/builder.rs), the worker and cde_sync_now() build lanes
--- side by side. Collecting takes it exclusively (sql/collect.sql): a step builds documents from
--- its own snapshot, and a collect committed in the middle of a step could otherwise see its newer
--- document overwritten by the step's older one. DROP EXTENSION waits for it as well
--- (sql/capture.sql).
-CREATE FUNCTION cde._sync_step_lock() RETURNS bigint
-LANGUAGE sql IMMUTABLE AS 'SELECT 1667523841';
+-- The advisory locks (their keys: cde._sync_step_lock(), cde._sync_state_lock(), src/locks.rs).
+-- Full sync steps take the step lock shared: the sync builders (src/builder.rs), the worker and
+-- cde_sync_now() build lanes side by side. Collecting takes it exclusively (sql/collect.sql): a
+-- step builds documents from its own snapshot, and a collect committed in the middle of a step
+-- could otherwise see its newer document overwritten by the step's older one. DROP EXTENSION
+-- waits for it as well (sql/capture.sql). Steps that change a run's state (count the plan, start
+-- or close a phase, the deletion pass) also take the state lock: one such step at a time, beside
+-- the lanes' chunks. docs/architecture.md, "Locks", has them all.
 
--- The lock taken by steps that change a run's state (count the plan, start or close a phase, the
--- deletion pass): one such step at a time, beside the lanes' chunks.
-CREATE FUNCTION cde._sync_state_lock() RETURNS bigint
-LANGUAGE sql IMMUTABLE AS 'SELECT 1667523842';
+-- What a step did. NULL: no run is active.
+CREATE TYPE cde.step AS ENUM (
+    'progress',   -- it did work
+    'waiting',    -- the active run waits for the send pass to deliver its current phase
+    'busy',       -- others hold what the step needs (every lane left is being built; a lock)
+    'retry'       -- a transient error rolled the step back: take it again later
+);
 
--- One step of the oldest active run. Returns 'progress' when it did work, 'waiting' when the
--- run waits for the send pass, NULL when no run is active, 'busy' when others hold what the step
--- needs (every lane left is being built; the step lock; another state step) unless "wait": then
--- it waits for the locks, as a builder does; and 'retry' when a transient error rolled the step
--- back.
-CREATE FUNCTION cde._sync_step(wait boolean DEFAULT false) RETURNS text
+-- One step of the oldest active run (cde.step says what came of it). With "wait", it waits for
+-- the locks rather than answer 'busy', as a builder does.
+CREATE FUNCTION cde._sync_step(wait boolean DEFAULT false) RETURNS cde.step
 LANGUAGE plpgsql AS $$
 DECLARE
     r     cde.sync_runs;
@@ -134,7 +134,7 @@ BEGIN
 
     -- The oldest active run (runs go one after the other). If its phase is building: the next
     -- chunk of a lane no other step is building.
-    SELECT * INTO r FROM cde.sync_runs WHERE status IN ('preparing', 'planned', 'executing') ORDER BY id LIMIT 1;
+    SELECT * INTO r FROM cde.sync_runs WHERE cde._active(status) ORDER BY id LIMIT 1;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -179,7 +179,7 @@ BEGIN
     ELSIF NOT pg_try_advisory_xact_lock(cde._sync_state_lock()) THEN
         RETURN 'busy';
     END IF;
-    SELECT * INTO r FROM cde.sync_runs WHERE status IN ('preparing', 'planned', 'executing')
+    SELECT * INTO r FROM cde.sync_runs WHERE cde._active(status)
      ORDER BY id LIMIT 1 FOR UPDATE;   -- again: another step may have changed it meanwhile
     IF NOT FOUND THEN
         RETURN NULL;
@@ -310,7 +310,7 @@ END $$;
 -- deadlock: a chunk's upsert and the worker's record can take the same rows in other orders; a
 -- serialization failure; a lock timeout) leaves the run going, and the caller takes the step
 -- again later (the worker: at its next iteration): 'retry'. Any other fails the run.
-CREATE FUNCTION cde._sync_step_failed(r cde.sync_runs, feed text, state text, err text) RETURNS text
+CREATE FUNCTION cde._sync_step_failed(r cde.sync_runs, feed text, state text, err text) RETURNS cde.step
 LANGUAGE plpgsql AS $$
 BEGIN
     IF state IN ('40P01', '40001', '55P03') THEN   -- deadlock_detected, serialization_failure, lock_not_available

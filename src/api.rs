@@ -7,7 +7,7 @@ use crate::gucs::Settings;
 use crate::shmem;
 use crate::sync;
 use crate::transport::Transport;
-use crate::worker::ITERATION_LOCK;
+use crate::locks::ITERATION as ITERATION_LOCK;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -326,7 +326,7 @@ fn record(feed: &FeedInfo, p: &Pending, outcomes: &[Option<ItemOutcome>], hold: 
     Spi::connect_mut(|c| {
         let row = c
             .update(
-                "SELECT sent, rejected + retrying + dead FROM cde._record($1, $2, $3::tid[], $4, $5, $6, $7, $8::interval)",
+                "SELECT sent, rejected + retrying + dead FROM cde._record($1, $2, $3::tid[], $4, $5::cde.outcome[], $6, $7, $8::interval)",
                 None,
                 &[
                     feed.name.as_str().into(),

@@ -12,6 +12,7 @@
 //! - builder  a second worker taking full sync steps while the worker sends
 //! - api      SQL functions written in Rust
 //! - trust    running what a non-superuser wrote with that role's rights (docs/security.md)
+//! - locks    the advisory locks' keys
 //! - gucs     settings;  shmem: the worker's latch and counters
 
 use pgrx::prelude::*;
@@ -34,6 +35,7 @@ mod collect;
 mod deliver;
 mod engine;
 mod gucs;
+mod locks;
 mod queue;
 mod shmem;
 mod sync;

@@ -40,11 +40,15 @@ pub enum Step {
 
 /// One step; `wait`: wait for the step lock rather than answer Busy (the builder does).
 pub fn step_waiting(wait: bool) -> Step {
-    match Spi::get_one_with_args::<String>("SELECT cde._sync_step($1)", &[wait.into()]) {
-        Ok(Some(s)) if s == "progress" => Step::Progress,
-        Ok(Some(s)) if s == "busy" => Step::Busy,
-        Ok(Some(s)) if s == "retry" => Step::Retry,
-        Ok(Some(_)) => Step::Waiting,
+    // cde.step, an enum: the SQL side cannot answer anything else.
+    match Spi::get_one_with_args::<String>("SELECT cde._sync_step($1)::text", &[wait.into()]) {
+        Ok(Some(s)) => match s.as_str() {
+            "progress" => Step::Progress,
+            "waiting" => Step::Waiting,
+            "busy" => Step::Busy,
+            "retry" => Step::Retry,
+            other => error!("cde: full sync step answered {other}, which cde.step does not have"),
+        },
         Ok(None) => Step::Idle,
         Err(e) => error!("cde: full sync step failed: {e}"),
     }
@@ -76,7 +80,7 @@ pub fn progress_line() -> Option<String> {
                        r.id, r.status, CASE WHEN r.dry_run THEN ' (dry run)' ELSE '' END, coalesce(r.current_phase, '-'),
                        sum(p.processed), sum(p.planned), sum(p.unchanged), sum(p.deleted), sum(p.sent))
            FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-          WHERE r.status IN ('preparing', 'planned', 'executing')
+          WHERE cde._active(r.status)
           GROUP BY r.id ORDER BY r.id LIMIT 1",
     )
     .ok()

@@ -21,8 +21,7 @@ use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Key of the advisory lock that makes one iteration at a time run (worker or cde_sync_now).
-pub const ITERATION_LOCK: i64 = 0x6364_6500;
+use crate::locks::ITERATION as ITERATION_LOCK;
 
 /// How long one feed may collect per iteration before it sends what it has and the worker moves
 /// on to the next feed (and comes straight back): under a flood of changes, delivery keeps pace
