@@ -42,8 +42,8 @@ BEGIN
     ), taken AS (
         -- The slice is the feed's oldest rows, up to an id: one range of the queue's (feed, id)
         -- index, in this statement's snapshot (a row committed since is not in it, and stays).
-        -- Deleting them by a join on the id alone found no index and read the whole queue on
-        -- every call: a backlog of 1.8M rows took minutes to drain, at 10,000 keys a call.
+        -- Deleting them by a join on the id alone finds no index and reads the whole queue on
+        -- every call (docs/benchmarks.md, "Decisions and their measurements").
         DELETE FROM cde.queue q
          WHERE q.feed = f.name AND q.id <= (SELECT max(slice.id) FROM slice)
         RETURNING q.keys, q.all_keys
@@ -150,30 +150,47 @@ BEGIN
      WHERE name = f.name;
 END $$;
 
--- Retries that are due: items whose sending failed go back to pending (the send pass takes
--- them with their newest document); keys whose build failed are queued to be rebuilt.
+-- Put failed items back in line, the one way both a due retry (cde._retry_due) and
+-- cde_retry_failed() do it: the keys with a document go pending again (the next send pass takes
+-- them, with their newest document), those whose document could not be built are queued to be
+-- rebuilt. Returns how many.
+CREATE FUNCTION cde._resend(f cde.feeds, send_keys text[], build_keys text[], reset_attempts boolean) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint := 0;
+BEGIN
+    IF cardinality(send_keys) > 0 THEN
+        EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = CASE WHEN $2 THEN 0 ELSE attempts END
+                           WHERE key = ANY ($1) AND status IN ('retrying', 'rejected', 'dead')$q$, f.feed_table)
+           USING send_keys, reset_attempts;
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    IF cardinality(build_keys) > 0 THEN
+        n := n + cde._enqueue(f.name, build_keys);
+    END IF;
+    RETURN n;
+END $$;
+
+-- Retries that are due (cde.retry_interval after the failure) go back in line.
 CREATE FUNCTION cde._retry_due(p_feed text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    f cde.feeds;
-    n bigint;
+    f     cde.feeds;
+    send  text[];
+    build text[];
 BEGIN
     SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
     IF NOT FOUND THEN   -- dropped meanwhile
         RETURN 0;
     END IF;
-    EXECUTE format($q$
-        WITH due AS (
-            DELETE FROM cde.retries r WHERE r.feed = $1 AND r.next_attempt_at <= now()
-            RETURNING r.key, r.reason
-        ), resend AS (
-            UPDATE %s AS t SET status = 'pending'
-              FROM due WHERE t.key = due.key AND due.reason = 'send' AND t.status = 'retrying'
-            RETURNING 1
-        ), rebuild AS (
-            SELECT cde._enqueue($1, array_agg(key)) AS n FROM due WHERE reason = 'build' HAVING count(*) > 0
-        )
-        SELECT (SELECT count(*) FROM resend) + coalesce((SELECT sum(n) FROM rebuild), 0)$q$, f.feed_table)
-      INTO n USING f.name;
-    RETURN n;
+    WITH due AS (
+        DELETE FROM cde.retries r WHERE r.feed = p_feed AND r.next_attempt_at <= now()
+        RETURNING r.key, r.reason
+    )
+    SELECT array_agg(key) FILTER (WHERE reason = 'send'), array_agg(key) FILTER (WHERE reason = 'build')
+      INTO send, build FROM due;
+    IF send IS NULL AND build IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN cde._resend(f, coalesce(send, '{}'), coalesce(build, '{}'), false);
 END $$;

@@ -79,8 +79,9 @@ END $$;
 CREATE FUNCTION cde_retry_failed(feed text DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds;
-    n bigint;
+    f     cde.feeds;
+    send  text[];
+    build text[];
     total bigint := 0;
 BEGIN
     IF feed IS NOT NULL THEN
@@ -88,22 +89,13 @@ BEGIN
     END IF;
     FOR f IN SELECT * FROM cde.feeds x
               WHERE (cde_retry_failed.feed IS NULL OR x.name = cde_retry_failed.feed) AND cde._manages(x.owner) LOOP
-        EXECUTE format($q$
-            WITH failed AS (
-                SELECT key, hash IS NULL AND NOT deleted AS unbuilt FROM %1$s
-                 WHERE status IN ('retrying', 'rejected', 'dead')
-            ), resend AS (
-                UPDATE %1$s AS t SET status = 'pending', attempts = 0
-                  FROM failed WHERE t.key = failed.key AND NOT failed.unbuilt
-                RETURNING 1
-            ), rebuild AS (
-                SELECT cde._enqueue($1, array_agg(key)) AS n FROM failed WHERE unbuilt HAVING count(*) > 0
-            ), forget AS (
-                DELETE FROM cde.retries r WHERE r.feed = $1
-            )
-            SELECT (SELECT count(*) FROM resend) + coalesce((SELECT sum(n) FROM rebuild), 0)$q$, f.feed_table)
-          INTO n USING f.name;
-        total := total + n;
+        -- Every failed item: those whose document could not be built are rebuilt first.
+        EXECUTE format($q$SELECT array_agg(key) FILTER (WHERE NOT (hash IS NULL AND NOT deleted)),
+                                 array_agg(key) FILTER (WHERE hash IS NULL AND NOT deleted)
+                            FROM %s WHERE status IN ('retrying', 'rejected', 'dead')$q$, f.feed_table)
+           INTO send, build;
+        DELETE FROM cde.retries r WHERE r.feed = f.name;
+        total := total + cde._resend(f, coalesce(send, '{}'), coalesce(build, '{}'), true);
     END LOOP;
     IF total > 0 THEN
         PERFORM cde._changes_recorded();

@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 /// How many keys one rebuild statement takes (collect and full sync alike): large enough to
 /// amortise planning, small enough that memory and transactions stay small. A queue row holds
 /// at most this many keys (src/queue.rs, cde._enqueue), so that a bulk write's million keys are
-/// collected a slice at a time, with deliveries in between, not in one 20-second transaction.
+/// collected a slice at a time, with deliveries in between, not in one long transaction.
 pub const CHUNK_KEYS: usize = 5000;
 
 #[pg_schema]
@@ -20,7 +20,8 @@ mod cde {
     }
 
     /// The hash of a document, over its binary form (see cde_protocol::document_hash): no text is
-    /// rendered, unlike md5(doc::text), which cost a full sync about two microseconds a document.
+    /// rendered, unlike md5(doc::text), which a full sync paid for on every document
+    /// (docs/benchmarks.md, "Decisions and their measurements").
     /// Takes anyelement only to receive the jsonb datum as it is; anything else is refused.
     #[pg_extern(immutable, parallel_safe, strict)]
     fn _doc_hash(doc: pgrx::AnyElement) -> String {

@@ -57,8 +57,7 @@ pub fn register() {
 /// second; PostgreSQL keeps the rest pending): a backend does it in its main loop, a background
 /// worker must do it itself. Without it the worker's updates of feed tables and its deletes from
 /// the queue were never counted, so autovacuum never saw their dead rows: a feed table only
-/// delivering changes was never vacuumed (found in pg_stat_user_tables: n_tup_upd = 0 for a feed
-/// table after 2M updates by the worker).
+/// delivering changes was never vacuumed (docs/benchmarks.md, "Decisions and their measurements").
 pub struct Own;
 impl Txn for Own {
     fn run<R>(&self, f: impl FnOnce() -> R) -> R {

@@ -18,6 +18,10 @@ SELECT * FROM cde._source('products', 'keys', '{2,3}') ORDER BY key;
 SELECT key FROM cde._source('products', 'exists', '{1,4}');
 SELECT * FROM cde._source('products', 'chunk', NULL, '1', 5);
 SELECT o FROM cde._source('products', 'count');
+-- What capture runs: the triggers cde_track installed (no function is generated for them).
+SELECT cde_track('products', 'products');
+SELECT cde_track('names', 'products', 'SELECT id FROM changed WHERE name IS NOT NULL');
+SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'products'::regclass AND NOT tgisinternal ORDER BY tgname;
 -- And written: cde._rebuild as the extension's owner.
 SELECT * FROM cde._rebuild('products', '{1,2,3,4}');
 SELECT key, doc, status FROM cde.feed_products ORDER BY key;
