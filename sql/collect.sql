@@ -161,7 +161,7 @@ DECLARE
 BEGIN
     IF cardinality(send_keys) > 0 THEN
         EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = CASE WHEN $2 THEN 0 ELSE attempts END
-                           WHERE key = ANY ($1) AND status IN ('retrying', 'rejected', 'dead')$q$, f.feed_table)
+                           WHERE key = ANY ($1) AND cde._failed(status)$q$, f.feed_table)
            USING send_keys, reset_attempts;
         GET DIAGNOSTICS n = ROW_COUNT;
     END IF;

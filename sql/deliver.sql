@@ -92,7 +92,7 @@ BEGIN
         -- Every failed item: those whose document could not be built are rebuilt first.
         EXECUTE format($q$SELECT array_agg(key) FILTER (WHERE NOT (hash IS NULL AND NOT deleted)),
                                  array_agg(key) FILTER (WHERE hash IS NULL AND NOT deleted)
-                            FROM %s WHERE status IN ('retrying', 'rejected', 'dead')$q$, f.feed_table)
+                            FROM %s WHERE cde._failed(status)$q$, f.feed_table)
            INTO send, build;
         DELETE FROM cde.retries r WHERE r.feed = f.name;
         total := total + cde._resend(f, coalesce(send, '{}'), coalesce(build, '{}'), true);

@@ -135,7 +135,7 @@ BEGIN
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5)
             ), built AS (
                 %1$s
-                    OR f.status IN ('retrying', 'rejected', 'dead')
+                    OR cde._failed(f.status)
                 RETURNING 1
             ), gone AS (
                 UPDATE %2$s AS f
@@ -152,7 +152,7 @@ BEGIN
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5))
             SELECT count(*),
                    count(*) FILTER (WHERE src.doc IS NOT NULL AND (f.key IS NULL OR f.deleted OR f.hash IS DISTINCT FROM cde._doc_hash(src.doc)
-                                                                 OR f.status IN ('retrying', 'rejected', 'dead'))),
+                                                                 OR cde._failed(f.status))),
                    count(*) FILTER (WHERE src.doc IS NULL AND f.key IS NOT NULL AND NOT f.deleted),
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1)
               FROM src LEFT JOIN %1$s AS f ON f.key = src.key$q$,

@@ -97,6 +97,11 @@ CREATE TABLE cde.sync_runs (
 CREATE FUNCTION cde._active(status text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('preparing', 'planned', 'executing') $$;
 
+-- Has an item failed (retrying, rejected or dead)? The one place that says which statuses are
+-- failures; a feed table's status column has these and 'pending', 'sent' (sql/feeds.sql).
+CREATE FUNCTION cde._failed(status text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('retrying', 'rejected', 'dead') $$;
+
 -- What a failed attempt makes of an item that has now failed "attempts" times: dead once
 -- cde.max_attempts (when set) is reached, else retrying. The one place of that rule.
 CREATE FUNCTION cde._failed_status(attempts int) RETURNS text

@@ -296,7 +296,7 @@ BEGIN
         RETURN 'waiting';
     END IF;
     EXECUTE format($q$SELECT count(*) FILTER (WHERE status = 'sent' AND sent_at >= $1) AS sent_n,
-                             count(*) FILTER (WHERE status IN ('retrying', 'rejected', 'dead')) AS failed_n
+                             count(*) FILTER (WHERE cde._failed(status)) AS failed_n
                         FROM %s$q$, f.feed_table)
        INTO res USING ph.started_at;
     UPDATE cde.sync_phases SET status = 'finished', finished_at = now(), sent = res.sent_n, failed = res.failed_n

@@ -79,7 +79,7 @@ BEGIN
         RETURN QUERY EXECUTE format($q$
             SELECT %L::text, t.key, t.status, t.http_status, t.error, t.attempts, r.next_attempt_at
               FROM %s t LEFT JOIN cde.retries r ON r.feed = %L AND r.key = t.key
-             WHERE t.status IN ('retrying', 'rejected', 'dead')
+             WHERE cde._failed(t.status)
              ORDER BY t.key$q$, f.name, f.feed_table, f.name);
     END LOOP;
 END $$;
