@@ -8,10 +8,20 @@ PGRX_VERSION=0.18.0
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # Cluster state lives in the project (.cde/), unless user postgres cannot reach the project
-# (a checkout under /root, say): then in /tmp, under a name derived from the project path.
+# (a checkout under /root, say): then in /tmp, under a name derived from the project path. Decided
+# from the directories' permissions alone (postgres is not in root's groups, so it gets "other"
+# rights): on a new machine neither user postgres nor sudo exists yet when this is sourced, and
+# every script of one run must agree on the folder.
+reachable_by_others() {
+    local d="$1"
+    while [ "$d" != "/" ] && [ -n "$d" ]; do
+        [ $(( $(stat -c %a "$d") % 10 & 1 )) -eq 1 ] || return 1
+        d="$(dirname "$d")"
+    done
+}
 state_dir() {
     local d="$ROOT/.cde"
-    if [ "$(id -u)" = 0 ] && ! sudo -u postgres test -x "$ROOT" 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && ! reachable_by_others "$ROOT"; then
         d="/tmp/cde-state-$(printf %s "$ROOT" | md5sum | cut -c1-8)"
     fi
     printf %s "$d"
