@@ -82,7 +82,7 @@ BEGIN
     END;
 
     INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys)
-    VALUES (f.name, source_table::oid, source_table::text, keys)
+    VALUES (f.name, source_table, source_table::text, keys)
     ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE SET keys = excluded.keys, table_name = excluded.table_name;
     PERFORM cde._install_capture(source_table::oid);
 END $fn$;
@@ -316,7 +316,7 @@ DECLARE
     f cde.feeds := cde._managed_feed(feed);
     t cde.tracks;
 BEGIN
-    SELECT * INTO t FROM cde.tracks x WHERE x.feed = f.name AND x.source_table = cde_untrack.source_table::oid;
+    SELECT * INTO t FROM cde.tracks x WHERE x.feed = f.name AND x.source_table = cde_untrack.source_table;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'cde_untrack: feed % does not track %', f.name, source_table
             USING ERRCODE = 'undefined_object';
@@ -377,9 +377,13 @@ DECLARE
     rel oid;
 BEGIN
     -- A table created under a tracked one, attached, detached, inheriting or not: capture follows.
+    -- Only for the commands that move tables between trees (event triggers do not see ALTER
+    -- TABLE's subcommands, the statement's text does): restoring a dump adds constraints to
+    -- tracked tables before it recreates their triggers, and must not find them made already.
     FOR rel IN
         SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
          WHERE c.classid = 'pg_class'::regclass AND c.object_type IN ('table', 'foreign table')
+           AND current_query() ~* '\m(attach|detach)\s+partition\M|\mpartition\s+of\M|\minherits?\M'
     LOOP
         IF EXISTS (SELECT 1 FROM cde.tracks x WHERE x.source_table = ANY (cde._ancestry(rel) || cde._subtree(rel)))
            OR EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = rel AND g.tgname LIKE 'cde\_capture\_%') THEN

@@ -32,7 +32,7 @@ COMMENT ON TABLE cde.feeds IS 'Registered feeds (cde_register_feed)';
 -- Which tables a feed tracks, and how a change there maps to the feed's keys.
 CREATE TABLE cde.tracks (
     feed          text NOT NULL REFERENCES cde.feeds ON DELETE CASCADE,
-    source_table  oid NOT NULL,            -- pg_class oid; the name is kept for messages
+    source_table  regclass NOT NULL,       -- a name in a dump, so that a restored copy tracks its own tables
     table_name    text NOT NULL,
     keys          text,                    -- NULL, an expression over the changed row, or a SELECT over "changed"
     PRIMARY KEY (feed, source_table)
@@ -163,3 +163,17 @@ LANGUAGE sql AS $$
         RETURNING cardinality(keys) AS n)
     SELECT coalesce(sum(n), 0)::bigint FROM queued
 $$;
+
+-- A dump of the database keeps cde's configuration and state with it (feed tables, which are
+-- not members of the extension, are dumped as ordinary tables): docs/operations.md, "Dump and
+-- restore". The default destination's row is the extension's own.
+SELECT pg_catalog.pg_extension_config_dump('cde.feeds', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.tracks', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.queue', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.queue_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.retries', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.destinations', $$WHERE name <> 'default'$$);
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');

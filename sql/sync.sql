@@ -21,6 +21,7 @@ CREATE TABLE cde.sync_events (
 );
 CREATE INDEX ON cde.sync_events (run_id, at);
 COMMENT ON TABLE cde.sync_events IS 'History of each full sync run: every status and phase change';
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
 
 CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -95,7 +95,23 @@ mod cde {
             name!(reloads, i64),
         ),
     > {
+        // A standby in recovery writes nothing: no worker runs there until it is promoted.
+        let standby = unsafe { pg_sys::RecoveryInProgress() };
         let row = match shmem::worker() {
+            Some(_) if standby => (
+                false,
+                None,
+                "standby: this server is a replica in recovery; the primary's worker delivers, this one starts at promotion"
+                    .to_string(),
+                None,
+                None,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ),
             None => (
                 false,
                 None,

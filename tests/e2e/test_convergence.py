@@ -35,6 +35,10 @@ class Writer(threading.Thread):
         while not self.stop.is_set():
             try:
                 with psycopg.connect(**_conninfo()) as conn:
+                    # The test cluster runs with synchronous_commit = off (CDE_CLUSTER_FAST): an
+                    # immediate restart can then undo a writer's commit that cde had already
+                    # delivered (docs/nothing-lost.md). The shop's writers commit durably.
+                    conn.execute("SET synchronous_commit = on")
                     while not self.stop.is_set():
                         self.one_transaction(conn)
             except psycopg.Error:
@@ -191,11 +195,15 @@ def test_the_sink_converges_to_the_database(db, sink):
                 got = have.get(k)
                 if got is None or got["deleted"] or got["data"] != d:
                     lost += 1
+                    print(f"\nlost: feed {feed} key {k}: the database has {d}, the sink {got}; feed table:",
+                          db.rows(f"SELECT status, http_status, error, attempts, modified_at, sent_at FROM cde.feed_{feed} WHERE key = %s", k))
             for k, got in have.items():
                 if k not in want:
                     checked += 1
                     if not got["deleted"] and k not in rejected:
                         lost += 1  # the source no longer returns it: the sink must have it deleted
+                        print(f"\nlost: feed {feed} key {k}: gone from the database, not deleted at the sink; feed table:",
+                              db.rows(f"SELECT status, deleted, http_status, error, attempts, modified_at, sent_at FROM cde.feed_{feed} WHERE key = %s", k))
         assert db.one("SELECT count(*) FROM cde.queue") == 0
         assert db.one("SELECT coalesce(sum(dead), 0) FROM cde_feed_status") == 0
 
