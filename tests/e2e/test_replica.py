@@ -32,7 +32,7 @@ def replica(db):
     shutil.chown(d, "postgres", "postgres")
     data, sock = d / "data", d / "run"
     as_postgres("mkdir", "-p", sock)
-    as_postgres(BIN / "pg_basebackup", "-h", SOCKET, "-p", PORT, "-U", "postgres", "-D", data, "-R", "-X", "stream")
+    as_postgres(BIN / "pg_basebackup", "-h", SOCKET, "-p", PORT, "-U", "postgres", "-D", data, "-R", "-X", "stream", "--checkpoint=fast")
     as_postgres("sh", "-c", f"printf \"port = {REPLICA_PORT}\\nunix_socket_directories = '{sock}'\\n\" >> {data}/postgresql.auto.conf")
     as_postgres(BIN / "pg_ctl", "-D", data, "-l", d / "postgres.log", "-w", "-t", "60", "start")
     yield {"data": data, "sock": str(sock), "log": d / "postgres.log"}
