@@ -26,42 +26,56 @@ fn cde_sync_now(
     // Wait for the worker's iteration, if one runs, rather than racing it on the same rows.
     cde::_hold_iteration_lock();
     let settings = Settings::read();
-    let mut transport = Transport::new(&settings);
-    let mut counters = Counters::default();
     let feeds = engine::load_feeds(feed, settings.legacy_interval.as_millis());
-    let mut rows: Vec<(String, i64, i64, i64)> = feeds.iter().map(|f| (f.name.clone(), 0, 0, 0)).collect();
-    // Full sync runs advance here too when no worker does: build what can be built, send it, and
-    // again, until no run makes progress (a collect may also start a run, after a TRUNCATE).
-    let advance = || sync::advance(&sync::step, Duration::from_secs(24 * 3600));
-    advance();
-    // A misconfigured destination (401, 404, TLS...) stops sending for the rest of the call.
+    let totals = until_done(&Inline, &settings, &feeds, Duration::MAX, Duration::MAX);
+    let rows: Vec<(String, i64, i64, i64)> = feeds.iter().zip(totals).map(|(f, t)| (f.name.clone(), t.0, t.1, t.2)).collect();
+    TableIterator::new(rows)
+}
+
+/// The worker's job in this session, through `tx`, until nothing is left: collect, due retries,
+/// send (legacy feeds too), and advance full sync runs (a collect may also start one, after a
+/// TRUNCATE); again while any of it made progress. A misconfigured destination (401, 404, TLS...)
+/// stops sending for the rest of the call. Returns (collected, sent, failed) per feed.
+fn until_done(
+    tx: &impl Txn,
+    settings: &Settings,
+    feeds: &[engine::FeedInfo],
+    collect_budget: Duration,
+    send_budget: Duration,
+) -> Vec<(i64, i64, i64)> {
+    let mut transport = Transport::new(settings);
+    let mut counters = Counters::default();
+    let mut totals = vec![(0, 0, 0); feeds.len()];
+    let advance = || sync::advance(&|| tx.run(sync::step), Duration::from_secs(24 * 3600));
     let mut may_send = true;
+    advance();
     loop {
-        for (f, row) in feeds.iter().zip(rows.iter_mut()) {
+        let mut more = false;
+        for (f, t) in feeds.iter().zip(totals.iter_mut()) {
             let r = engine::feed_iteration(
-                &Inline,
+                tx,
                 &mut transport,
-                &settings,
+                settings,
                 f,
                 true,
                 may_send,
                 &mut counters,
-                Duration::MAX,
-                Duration::MAX,
+                collect_budget,
+                send_budget,
             );
+            more |= r.more;
+            t.0 += r.collected;
+            t.1 += r.sent;
+            t.2 += r.failed;
             if let Some((_, _, error)) = &r.misconfigured {
                 may_send = false;
                 pgrx::warning!("cde: {} the endpoint is misconfigured: {error}", cde_protocol::ItemOutcome::MISCONFIGURED_CODE);
             }
-            row.1 += r.collected;
-            row.2 += r.sent;
-            row.3 += r.failed;
         }
-        if !advance() {
-            break;
+        if !advance() && !more {
+            break totals;
         }
     }
-    TableIterator::new(rows)
 }
 
 #[pg_schema]
@@ -202,39 +216,7 @@ pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) ->
             }
             engine::load_feeds(feed.as_deref(), settings.legacy_interval.as_millis())
         });
-        let mut transport = Transport::new(&settings);
-        let mut counters = Counters::default();
-        let mut totals: Vec<(i64, i64, i64)> = vec![(0, 0, 0); feeds.len()];
-        let advance = || sync::advance(&|| tx.run(sync::step), Duration::from_secs(24 * 3600));
-        let mut may_send = true;
-        advance();
-        loop {
-            let mut more = false;
-            for (f, t) in feeds.iter().zip(totals.iter_mut()) {
-                let r = engine::feed_iteration(
-                    &tx,
-                    &mut transport,
-                    &settings,
-                    f,
-                    true,
-                    may_send,
-                    &mut counters,
-                    Duration::from_millis(300),
-                    Duration::from_secs(1),
-                );
-                more |= r.more;
-                t.0 += r.collected;
-                t.1 += r.sent;
-                t.2 += r.failed;
-                if let Some((_, _, error)) = &r.misconfigured {
-                    may_send = false;
-                    pgrx::warning!("cde: {} the endpoint is misconfigured: {error}", cde_protocol::ItemOutcome::MISCONFIGURED_CODE);
-                }
-            }
-            if !advance() && !more {
-                break;
-            }
-        }
+        let totals = until_done(&tx, &settings, &feeds, Duration::from_millis(300), Duration::from_secs(1));
         for (f, t) in feeds.iter().zip(totals) {
             pgrx::notice!("cde: feed {}: collected={} sent={} failed={}", f.name, t.0, t.1, t.2);
         }

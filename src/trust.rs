@@ -37,23 +37,11 @@ pub fn as_role<R>(role: pg_sys::Oid, search_path: Option<&str>, f: impl FnOnce()
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
         pg_sys::SetUserIdAndSecContext(role, saved_context | pg_sys::SECURITY_RESTRICTED_OPERATION as i32);
         let nest = pg_sys::NewGUCNestLevel();
-        let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        };
         if let Some(p) = &path {
-            set(c"search_path", p);
+            set_for_now(c"search_path", p);
         }
         for (name, value) in KEY_SETTINGS {
-            set(name, value);
+            set_for_now(name, value);
         }
         let r = f();
         pg_sys::AtEOXact_GUC(false, nest);
@@ -72,9 +60,21 @@ pub fn as_extension_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
         pg_sys::SetUserIdAndSecContext(owner, saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
         let nest = pg_sys::NewGUCNestLevel();
+        set_for_now(c"search_path", c"pg_catalog, pg_temp");
+        let r = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+        r
+    }
+}
+
+/// Set a setting until the GUC nesting level in force is left (GUC_ACTION_SAVE, as a function's
+/// SET clause does).
+fn set_for_now(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    unsafe {
         pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
+            name.as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_SAVE,
@@ -82,10 +82,6 @@ pub fn as_extension_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
             0,
             false,
         );
-        let r = f();
-        pg_sys::AtEOXact_GUC(true, nest);
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
-        r
     }
 }
 
