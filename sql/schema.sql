@@ -1,4 +1,6 @@
--- cde's own tables. Everything internal lives in schema "cde", which PUBLIC cannot use: the
+-- cde's own tables, and nothing else (functions and types are in the other files): an upgrade
+-- script changes these in place and recreates everything else (docs/contributing.md). Everything
+-- internal lives in schema "cde", which PUBLIC cannot use: the
 -- application roles that write tracked tables reach it only through the SECURITY DEFINER capture
 -- triggers. The public API (cde_* functions and views) lives in the extension's schema.
 
@@ -92,27 +94,6 @@ CREATE TABLE cde.sync_runs (
     error        text
 );
 
--- Is a run with this status still going (its workers may take steps of it)? The one place that
--- says which statuses are active.
-CREATE FUNCTION cde._active(status text) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('preparing', 'planned', 'executing') $$;
-
--- Has an item failed (retrying, rejected or dead)? The one place that says which statuses are
--- failures; a feed table's status column has these and 'pending', 'sent' (sql/feeds.sql).
-CREATE FUNCTION cde._failed(status text) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('retrying', 'rejected', 'dead') $$;
-
--- What a failed attempt makes of an item that has now failed "attempts" times: dead once
--- cde.max_attempts (when set) is reached, else retrying. The one place of that rule.
-CREATE FUNCTION cde._failed_status(attempts int) RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN current_setting('cde.max_attempts')::int > 0 AND attempts >= current_setting('cde.max_attempts')::int
-                THEN 'dead' ELSE 'retrying' END
-$$;
-
--- What the endpoint made of an item, as the worker records it (cde._record).
-CREATE TYPE cde.outcome AS ENUM ('sent', 'rejected', 'retry');
-
 CREATE TABLE cde.sync_phases (
     run_id     bigint NOT NULL REFERENCES cde.sync_runs ON DELETE CASCADE,
     feed       text NOT NULL,
@@ -131,10 +112,20 @@ CREATE TABLE cde.sync_phases (
     deleted    bigint NOT NULL DEFAULT 0,
     failed     bigint NOT NULL DEFAULT 0,
     started_at timestamptz,
-    built_at   timestamptz,                 -- every document built: the phase then waits for their delivery
     finished_at timestamptz,
+    built_at   timestamptz,                 -- every document built: the phase then waits for their delivery
     PRIMARY KEY (run_id, feed)
 );
+
+CREATE TABLE cde.sync_events (
+    run_id  bigint NOT NULL REFERENCES cde.sync_runs ON DELETE CASCADE,
+    at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    status  text NOT NULL,
+    feed    text,
+    message text
+);
+CREATE INDEX ON cde.sync_events (run_id, at);
+COMMENT ON TABLE cde.sync_events IS 'History of each full sync run: every status and phase change';
 
 -- A phase's building, split into lanes by a hash of the key (cde._lane), so that several sync
 -- builders (cde.sync_builders) build one phase at once: a step takes a lane no other step holds
@@ -150,20 +141,6 @@ CREATE TABLE cde.sync_lanes (
     FOREIGN KEY (run_id, feed) REFERENCES cde.sync_phases ON DELETE CASCADE
 );
 
--- Queue keys for a feed, in rows of at most cde._chunk_size() keys (src/collect.rs): however
--- many keys one write or one retry pass queues, one collect call takes a bounded slice of them.
--- The capture trigger for column keys splits its rows the same way (src/queue.rs). Returns how
--- many keys were queued.
-CREATE FUNCTION cde._enqueue(p_feed text, p_keys text[]) RETURNS bigint
-LANGUAGE sql AS $$
-    WITH queued AS (
-        INSERT INTO cde.queue (feed, keys)
-        SELECT p_feed, p_keys[i : i + cde._chunk_size() - 1]
-          FROM generate_series(1, cardinality(p_keys), cde._chunk_size()) AS i
-        RETURNING cardinality(keys) AS n)
-    SELECT coalesce(sum(n), 0)::bigint FROM queued
-$$;
-
 -- A dump of the database keeps cde's configuration and state with it (feed tables, which are
 -- not members of the extension, are dumped as ordinary tables): docs/operations.md, "Dump and
 -- restore". The default destination's row is the extension's own.
@@ -177,3 +154,4 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');

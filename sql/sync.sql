@@ -12,16 +12,7 @@
 -- The worker advances runs (cde._sync_step, one step per call, one transaction per step);
 -- cde_sync_now() advances them when no worker runs.
 
-CREATE TABLE cde.sync_events (
-    run_id  bigint NOT NULL REFERENCES cde.sync_runs ON DELETE CASCADE,
-    at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-    status  text NOT NULL,
-    feed    text,
-    message text
-);
-CREATE INDEX ON cde.sync_events (run_id, at);
-COMMENT ON TABLE cde.sync_events IS 'History of each full sync run: every status and phase change';
-SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
+
 
 CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -12,7 +12,8 @@ pub struct WorkerShared {
     /// Address of the worker's `MyLatch` (PGPROC latches live in shared memory, at the same address
     /// in every backend), or 0 while no worker runs.
     pub latch: AtomicU64,
-    /// 0 stopped, 1 waiting for the extension, 2 idle, 3 working, 4 paused, 5 waiting for the database.
+    /// 0 stopped, 1 waiting for the extension, 2 idle, 3 working, 4 paused, 5 waiting for the
+    /// database, 6 waiting for ALTER EXTENSION cde UPDATE.
     pub state: AtomicI32,
     pub started_at: AtomicI64,
     pub last_iteration_at: AtomicI64,
@@ -39,6 +40,7 @@ pub const IDLE: i32 = 2;
 pub const WORKING: i32 = 3;
 pub const PAUSED: i32 = 4;
 pub const WAITING_FOR_DATABASE: i32 = 5;
+pub const WAITING_FOR_UPDATE: i32 = 6;
 
 /// Called from `_PG_init` while shared_preload_libraries is processed.
 pub fn init() {
@@ -57,6 +59,7 @@ pub fn state_name(state: i32) -> &'static str {
         WORKING => "working",
         PAUSED => "paused (cde.pause)",
         WAITING_FOR_DATABASE => "waiting for database (cde.database does not exist)",
+        WAITING_FOR_UPDATE => "waiting for ALTER EXTENSION cde UPDATE (the database has an older version than the library)",
         _ => "stopped",
     }
 }

@@ -121,17 +121,34 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
             shared.state.store(shmem::PAUSED, Ordering::Relaxed);
             continue;
         }
-        // One short transaction: is the extension there, and is no cde_sync_now() iterating?
+        // One short transaction: is the extension there, at this library's version (a database
+        // still on an older schema waits for ALTER EXTENSION cde UPDATE, untouched), and is no
+        // cde_sync_now() iterating?
         let ready = guarded(|| {
             Own.run(|| {
-                Spi::get_one_with_args::<bool>(
-                    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde') THEN pg_try_advisory_lock($1) END",
-                    &[ITERATION_LOCK.into()],
+                Spi::get_two_with_args::<bool, String>(
+                    "SELECT CASE WHEN extversion = $2 THEN pg_try_advisory_lock($1) ELSE false END, extversion
+                       FROM pg_extension WHERE extname = 'cde'",
+                    &[ITERATION_LOCK.into(), env!("CARGO_PKG_VERSION").into()],
                 )
                 .ok()
-                .flatten()
             })
         });
+        let ready = match ready {
+            Ok(Some((locked, Some(version)))) if version != env!("CARGO_PKG_VERSION") => {
+                if shared.state.swap(shmem::WAITING_FOR_UPDATE, Ordering::Relaxed) != shmem::WAITING_FOR_UPDATE {
+                    warning!(
+                        "cde: database {database} has cde {version} and the library is {}: the worker waits for ALTER EXTENSION cde UPDATE",
+                        env!("CARGO_PKG_VERSION")
+                    );
+                }
+                let _ = locked;
+                continue;
+            }
+            Ok(Some((locked, Some(_)))) => Ok(locked),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
+        };
         let locked = match ready {
             Ok(Some(locked)) => locked,
             Ok(None) => {

@@ -1,0 +1,36 @@
+-- Rules that several parts of cde share, each in one place.
+
+-- Is a run with this status still going (its workers may take steps of it)? The one place that
+-- says which statuses are active.
+CREATE FUNCTION cde._active(status text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('preparing', 'planned', 'executing') $$;
+
+-- Has an item failed (retrying, rejected or dead)? The one place that says which statuses are
+-- failures; a feed table's status column has these and 'pending', 'sent' (sql/feeds.sql).
+CREATE FUNCTION cde._failed(status text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('retrying', 'rejected', 'dead') $$;
+
+-- What a failed attempt makes of an item that has now failed "attempts" times: dead once
+-- cde.max_attempts (when set) is reached, else retrying. The one place of that rule.
+CREATE FUNCTION cde._failed_status(attempts int) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN current_setting('cde.max_attempts')::int > 0 AND attempts >= current_setting('cde.max_attempts')::int
+                THEN 'dead' ELSE 'retrying' END
+$$;
+
+-- What the endpoint made of an item, as the worker records it (cde._record).
+CREATE TYPE cde.outcome AS ENUM ('sent', 'rejected', 'retry');
+
+-- Queue keys for a feed, in rows of at most cde._chunk_size() keys (src/collect.rs): however
+-- many keys one write or one retry pass queues, one collect call takes a bounded slice of them.
+-- The capture trigger for column keys splits its rows the same way (src/queue.rs). Returns how
+-- many keys were queued.
+CREATE FUNCTION cde._enqueue(p_feed text, p_keys text[]) RETURNS bigint
+LANGUAGE sql AS $$
+    WITH queued AS (
+        INSERT INTO cde.queue (feed, keys)
+        SELECT p_feed, p_keys[i : i + cde._chunk_size() - 1]
+          FROM generate_series(1, cardinality(p_keys), cde._chunk_size()) AS i
+        RETURNING cardinality(keys) AS n)
+    SELECT coalesce(sum(n), 0)::bigint FROM queued
+$$;

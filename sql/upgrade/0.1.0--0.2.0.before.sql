@@ -1,0 +1,89 @@
+-- cde 0.1.0 -> 0.2.0, first part: what changes in place (tables), and what goes to be created
+-- anew. scripts/upgrade-script assembles sql/cde--0.1.0--0.2.0.sql from this file, every object of
+-- the 0.2.0 install script but its tables (sql/schema.sql), and the .after.sql part. The upgrade
+-- test (scripts/upgrade-test) compares the result with a fresh 0.2.0 install, object by object.
+
+-- The delegated admins of 0.1.0 (EXECUTE on cde_register_feed): their grants are redone after.
+CREATE TABLE cde.upgrade_admins AS
+SELECT DISTINCT a.grantee::regrole AS admin
+  FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+ WHERE p.oid = 'cde_register_feed(text, text, text, text, text[], int)'::regprocedure
+   AND a.grantee <> 0 AND a.grantee <> p.proowner
+   AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = a.grantee);
+
+-- Capture triggers (0.1.0's call generated functions cde.capture_<oid>()) and the generated
+-- functions (cde.rebuild_<feed>, cde.capture_<oid>): all recreated, or no longer needed.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT t.tgname, t.tgrelid::regclass AS tbl FROM pg_catalog.pg_trigger t WHERE t.tgname LIKE 'cde\_capture\_%' LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.tgname, r.tbl);
+    END LOOP;
+    FOR r IN SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'cde'::regnamespace AND (p.proname LIKE 'capture\_%' OR p.proname LIKE 'rebuild\_%')
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e') LOOP
+        EXECUTE pg_catalog.format('DROP FUNCTION %s', r.fn);
+    END LOOP;
+END $$;
+
+-- Every object of the extension but its schema and tables: event triggers, views, functions. No
+-- CASCADE: an object of yours that depends on one of them (a view over cde_feed_status, say)
+-- stops the upgrade with PostgreSQL's error naming it; drop it, upgrade, create it again.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT d.classid, d.objid,
+               CASE d.classid WHEN 'pg_event_trigger'::regclass THEN 1 WHEN 'pg_class'::regclass THEN 2 ELSE 3 END AS ord
+          FROM pg_catalog.pg_depend d
+         WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+           AND d.refobjid = (SELECT e.oid FROM pg_catalog.pg_extension e WHERE e.extname = 'cde')
+           AND (d.classid IN ('pg_event_trigger'::regclass, 'pg_proc'::regclass)
+                OR (d.classid = 'pg_class'::regclass AND (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = d.objid) = 'v'))
+         ORDER BY 3
+    LOOP
+        CASE r.classid
+        WHEN 'pg_event_trigger'::regclass THEN
+            EXECUTE pg_catalog.format('DROP EVENT TRIGGER %I', (SELECT e.evtname FROM pg_catalog.pg_event_trigger e WHERE e.oid = r.objid));
+        WHEN 'pg_class'::regclass THEN
+            EXECUTE pg_catalog.format('DROP VIEW %s', r.objid::regclass);
+        ELSE
+            EXECUTE pg_catalog.format('DROP %s %s',
+                CASE (SELECT p.prokind FROM pg_catalog.pg_proc p WHERE p.oid = r.objid) WHEN 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END,
+                r.objid::regprocedure);
+        END CASE;
+    END LOOP;
+END $$;
+
+-- Tables.
+ALTER TABLE cde.feeds DROP COLUMN rebuild_fn;   -- nothing is generated per feed but its table
+-- Tracks name their tables (a dump keeps names, not OIDs), with their schema.
+ALTER TABLE cde.tracks ALTER COLUMN source_table TYPE regclass USING source_table::regclass;
+UPDATE cde.tracks t SET table_name = pg_catalog.format('%I.%I', n.nspname, c.relname)
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = t.source_table;
+ALTER TABLE cde.sync_phases ADD COLUMN built_at timestamptz;
+CREATE TABLE cde.destinations (
+    name         text PRIMARY KEY,
+    held_until   timestamptz,
+    held_status  int,
+    held_error   text,
+    held_since   timestamptz
+);
+INSERT INTO cde.destinations (name) VALUES ('default');
+COMMENT ON TABLE cde.destinations IS 'Destinations and whether a misconfiguration (401, 404, TLS...) holds them';
+SELECT pg_catalog.pg_extension_config_dump('cde.feeds', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.tracks', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.queue', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.queue_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.retries', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.destinations', $$WHERE name <> 'default'$$);
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
+
+-- The 0.2.0 objects follow.
