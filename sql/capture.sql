@@ -43,10 +43,12 @@ BEGIN
                source_table, cde._keys_query(f, keys, ARRAY['probe'])));
 END $$;
 
-CREATE FUNCTION cde_track(feed text, source_table regclass, keys text DEFAULT NULL) RETURNS void
+CREATE FUNCTION cde_track(feed text, source_table regclass, keys text DEFAULT NULL,
+                          ticket bigint DEFAULT cde._ticket()) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    f        cde.feeds := cde._managed_feed(feed);
+    caller   regrole := cde._redeem(ticket);
+    f        cde.feeds := cde._managed_feed(feed, caller);
     relkind  "char";
     nsp      name;
 BEGIN
@@ -65,7 +67,7 @@ BEGIN
     END IF;
     -- Capture triggers are created by the extension's owner: the caller must be one who could
     -- create a trigger on the table itself.
-    IF NOT pg_catalog.has_table_privilege(cde._caller(), source_table, 'TRIGGER') THEN
+    IF NOT pg_catalog.has_table_privilege(caller::oid, source_table, 'TRIGGER') THEN
         RAISE EXCEPTION 'cde_track: permission denied for table %', source_table
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Tracking a table needs the TRIGGER privilege on it (or owning it).';
@@ -87,7 +89,7 @@ BEGIN
     PERFORM cde._install_capture(source_table::oid);
 END $fn$;
 
-COMMENT ON FUNCTION cde_track(text, regclass, text) IS
+COMMENT ON FUNCTION cde_track(text, regclass, text, bigint) IS
     'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
 
 -- The Rust capture triggers run with the rights of the extension's owner (see above).
@@ -203,6 +205,7 @@ LANGUAGE sql STABLE AS $$
                      FROM unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)))
       FROM pg_trigger t
      WHERE t.tgrelid = tbl AND t.tgname LIKE 'cde\_capture\_%'
+       AND t.tgfoid IN ('cde._capture()'::regprocedure, 'cde._capture_keys()'::regprocedure)
 $$;
 
 -- Give one table the capture triggers it should have (none when no tracked table is at or
@@ -225,7 +228,7 @@ BEGIN
     END IF;
     SELECT coalesce(array_agg(DISTINCT a ORDER BY a), '{}') INTO before
       FROM pg_trigger t, unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)
-     WHERE t.tgrelid = tbl AND t.tgname = 'cde_capture_trn' AND n % 2 = 1;
+     WHERE t.tgrelid = tbl AND t.tgname = 'cde_capture_trn' AND t.tgfoid = 'cde._capture()'::regprocedure AND n % 2 = 1;
     SELECT coalesce((SELECT feeds FROM cde._wanted_triggers(tbl) LIMIT 1), '{}') INTO after;
     gained := ARRAY(SELECT unnest(after) EXCEPT SELECT unnest(before));
     lost := ARRAY(SELECT unnest(before) EXCEPT SELECT unnest(after));
@@ -286,11 +289,15 @@ BEGIN
     FOR r IN
         SELECT s FROM unnest(roots) AS root, unnest(cde._subtree(root)) AS s
         UNION
-        SELECT t.tgrelid FROM pg_trigger t WHERE t.tgname = 'cde_capture_trn'
+        -- Only cde's own triggers (nobody else may create one calling cde._capture).
+        SELECT t.tgrelid FROM pg_trigger t WHERE t.tgname = 'cde_capture_trn' AND t.tgfoid = 'cde._capture()'::regprocedure
     LOOP
         SELECT * INTO c FROM cde._install_capture_on(r);
-        IF c.gained <> '{}' OR c.lost <> '{}' THEN
-            EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', r::regclass) INTO has_rows;
+        IF (c.gained <> '{}' OR c.lost <> '{}') AND (SELECT relkind FROM pg_class WHERE oid = r) = 'r' THEN
+            -- Whether it has rows, asked as the table's owner (restricted): reading a table of
+            -- another role as the extension's owner could run its code (row security policies).
+            has_rows := cde._query_as((SELECT relowner FROM pg_class WHERE oid = r), 'pg_catalog, pg_temp',
+                                      format('SELECT EXISTS (SELECT 1 FROM ONLY %s)::text', r::regclass))::boolean;
             IF has_rows THEN
                 FOREACH f IN ARRAY c.gained || c.lost LOOP
                     INSERT INTO cde.queue (feed, all_keys) VALUES (f, true);
@@ -310,10 +317,11 @@ BEGIN
     PERFORM cde._install_capture(t.source_table);
 END $$;
 
-CREATE FUNCTION cde_untrack(feed text, source_table regclass) RETURNS void
+CREATE FUNCTION cde_untrack(feed text, source_table regclass, ticket bigint DEFAULT cde._ticket()) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds := cde._managed_feed(feed);
+    caller regrole := cde._redeem(ticket);
+    f cde.feeds := cde._managed_feed(feed, caller);
     t cde.tracks;
 BEGIN
     SELECT * INTO t FROM cde.tracks x WHERE x.feed = f.name AND x.source_table = cde_untrack.source_table;
@@ -324,7 +332,7 @@ BEGIN
     PERFORM cde._drop_capture(t);
 END $$;
 
-COMMENT ON FUNCTION cde_untrack(text, regclass) IS 'Stop capturing changes of a table for a feed';
+COMMENT ON FUNCTION cde_untrack(text, regclass, bigint) IS 'Stop capturing changes of a table for a feed';
 
 -- The event triggers below run for every role's DDL, in that role's session: SECURITY DEFINER
 -- (the role needs no right on cde's tables: installing cde takes no DDL away from anyone) with a

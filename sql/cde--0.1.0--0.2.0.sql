@@ -14,6 +14,44 @@ SELECT DISTINCT a.grantee::regrole AS admin
    AND a.grantee <> 0 AND a.grantee <> p.proowner
    AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = a.grantee);
 
+-- 0.1.0 let delegated admins write cde's tables, create objects in schema cde, and own their feed
+-- tables: nothing of that is trusted. A feed belongs to the role that owned its 0.1.0 feed table
+-- (cde_register_feed created it as the registering role, and only a superuser could give it to
+-- another); its table is cde.feed_<name>, rebuilt below from its fixed definition.
+DO $$
+DECLARE
+    f record;
+    strays text;
+BEGIN
+    FOR f IN SELECT x.name, c.oid AS tbl, c.relkind, c.relowner::regrole AS relowner, x.owner
+               FROM cde.feeds x LEFT JOIN pg_catalog.pg_class c
+                 ON c.relnamespace = 'cde'::regnamespace AND c.relname = 'feed_' || x.name LOOP
+        IF f.tbl IS NULL OR f.relkind <> 'r' THEN
+            RAISE EXCEPTION 'cde 0.2.0: feed %''s table cde.feed_% is missing or no longer a table', f.name, f.name
+                USING HINT = 'Drop the feed with 0.1.0 (cde_drop_feed) or restore its table, then update.';
+        END IF;
+        UPDATE cde.feeds SET feed_table = f.tbl::regclass, owner = f.relowner WHERE name = f.name;
+        IF f.owner <> f.relowner THEN
+            RAISE WARNING 'cde 0.2.0: feed % said it belonged to %, its table to %: it belongs to % now', f.name, f.owner, f.relowner, f.relowner;
+        END IF;
+    END LOOP;
+    -- Anything else in schema cde that is not the extension's or a feed table's (an admin's).
+    SELECT pg_catalog.string_agg(pg_catalog.pg_describe_object(o.classid, o.objid, 0), ', ') INTO strays
+      FROM (SELECT 'pg_class'::regclass AS classid, c.oid AS objid FROM pg_catalog.pg_class c
+             WHERE c.relnamespace = 'cde'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+               AND NOT EXISTS (SELECT 1 FROM cde.feeds x WHERE x.feed_table = c.oid)
+               AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i')))
+            UNION ALL
+            SELECT 'pg_proc'::regclass, p.oid FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace = 'cde'::regnamespace AND p.proname NOT LIKE 'capture\_%' AND p.proname NOT LIKE 'rebuild\_%') AS o
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                        WHERE d.classid = o.classid AND d.objid = o.objid AND d.deptype = 'e');
+    IF strays IS NOT NULL THEN
+        RAISE EXCEPTION 'cde 0.2.0: schema cde holds objects that are not cde''s: %', strays
+            USING HINT = 'Schema cde is cde''s alone from 0.2.0 on: move or drop them, then update.';
+    END IF;
+END $$;
+
 -- Capture triggers (0.1.0's call generated functions cde.capture_<oid>()) and the generated
 -- functions (cde.rebuild_<feed>, cde.capture_<oid>): all recreated, or no longer needed.
 DO $$
@@ -134,57 +172,6 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:19
--- cde::api::cde_sync_now
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL /* Option < & str > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:81
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:95
--- cde::api::cde::_worker_status
-CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
-	"running" bool,  /* bool */
-	"pid" INT,  /* Option < i32 > */
-	"state" TEXT,  /* String */
-	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"iterations" bigint,  /* i64 */
-	"documents_sent" bigint,  /* i64 */
-	"bytes_sent" bigint,  /* i64 */
-	"requests" bigint,  /* i64 */
-	"requests_failed" bigint,  /* i64 */
-	"reloads" bigint  /* i64 */
-)
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_worker_status_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:89
--- cde::api::cde::_hold_iteration_lock
-CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/collect.rs:12
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
 /* </end connected objects> */
@@ -210,6 +197,38 @@ AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/capture.rs:25
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:31
+-- cde::capture::cde::_changes_recorded
+CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:79
+-- cde::capture::cde::_capture_keys
+CREATE FUNCTION cde."_capture_keys"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:40
+-- cde::capture::cde::_capture
+CREATE FUNCTION cde."_capture"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/locks.rs:15
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
 /* </end connected objects> */
@@ -224,6 +243,15 @@ AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/locks.rs:26
 -- cde::locks::cde::_sync_step_lock
 CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
@@ -233,12 +261,38 @@ AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
+-- src/api.rs:87
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:101
+-- cde::api::cde::_worker_status
+CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
+	"running" bool,  /* bool */
+	"pid" INT,  /* Option < i32 > */
+	"state" TEXT,  /* String */
+	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"iterations" bigint,  /* i64 */
+	"documents_sent" bigint,  /* i64 */
+	"bytes_sent" bigint,  /* i64 */
+	"requests" bigint,  /* i64 */
+	"requests_failed" bigint,  /* i64 */
+	"reloads" bigint  /* i64 */
+)
+STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+AS 'MODULE_PATHNAME', '_worker_status_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:95
+-- cde::api::cde::_hold_iteration_lock
+CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -272,12 +326,52 @@ AS 'MODULE_PATHNAME', '_lane_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:107
+-- src/trust.rs:125
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:120
+-- src/trust.rs:151
+-- cde::trust::cde::_redeem
+CREATE  FUNCTION cde."_redeem"(
+	"ticket" bigint /* Option < i64 > */
+) RETURNS oid /* pg_sys :: Oid */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_redeem_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:132
+-- cde::trust::cde::_ticket
+CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_ticket_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:19
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:168
 -- cde::trust::cde::_query_as
 CREATE  FUNCTION cde."_query_as"(
 	"role" oid, /* pg_sys :: Oid */
@@ -290,19 +384,11 @@ AS 'MODULE_PATHNAME', '_query_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:113
--- cde::trust::cde::_caller
-CREATE  FUNCTION cde."_caller"() RETURNS oid /* pg_sys :: Oid */
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_caller_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:24
 -- requires:
 --   rules
---   trust::cde::_caller
+--   trust::cde::_ticket
+--   trust::cde::_redeem
 --   trust::cde::_query_as
 
 -- Feeds: registration, the generated feed table and rebuild function, and dropping.
@@ -324,13 +410,15 @@ BEGIN
     END IF;
 END $$;
 
--- May the calling role (cde._caller(): the one that called the SECURITY DEFINER function asking)
--- manage a feed of this owner? A superuser, the owner, or a role with the owner's privileges.
-CREATE FUNCTION cde._manages(owner regrole) RETURNS boolean
+-- May the calling role (the management function's caller, from its ticket: src/trust.rs) manage
+-- a feed of this owner? A superuser, the owner, or a role with the owner's privileges. NULL: cde
+-- itself (the worker).
+CREATE FUNCTION cde._manages(owner regrole, caller regrole) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = cde._caller()), false)
+    SELECT caller IS NULL
+        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = caller), false)
         OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = owner)
-            AND pg_catalog.pg_has_role(cde._caller(), owner::oid, 'USAGE'))
+            AND pg_catalog.pg_has_role(caller::oid, owner::oid, 'USAGE'))
 $$;
 
 CREATE FUNCTION cde._feed(feed text) RETURNS cde.feeds
@@ -348,12 +436,12 @@ BEGIN
 END $$;
 
 -- A feed the caller may manage (cde._manages), or an error that says whose it is.
-CREATE FUNCTION cde._managed_feed(feed text) RETURNS cde.feeds
+CREATE FUNCTION cde._managed_feed(feed text, caller regrole) RETURNS cde.feeds
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     f cde.feeds := cde._feed(feed);
 BEGIN
-    IF NOT cde._manages(f.owner) THEN
+    IF NOT cde._manages(f.owner, caller) THEN
         RAISE EXCEPTION 'cde: permission denied for feed %', f.name
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = format('Feed %s belongs to role %s.', f.name, f.owner),
@@ -375,6 +463,33 @@ LANGUAGE sql STABLE AS $$
     SELECT name, max(depth)::int FROM walk GROUP BY name ORDER BY max(depth), name
 $$;
 
+-- A feed's table, from its one definition (registration, and the upgrade from 0.1.0, which
+-- rebuilds every feed table): the extension owner's, with no right for anyone else.
+CREATE FUNCTION cde._create_feed_table(feed text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET default_tablespace = '' SET default_table_access_method = heap AS $$   -- not the caller's
+DECLARE
+    tbl text := format('cde.%I', 'feed_' || feed);
+BEGIN
+    EXECUTE format($t$
+        CREATE TABLE %s (
+            key          text COLLATE "C" PRIMARY KEY,  -- "C": byte order, no strcoll on every probe
+            doc          jsonb,
+            hash         text,
+            deleted      boolean NOT NULL DEFAULT false,
+            status       text NOT NULL DEFAULT 'pending'
+                         CHECK (status IN ('pending', 'sent', 'retrying', 'rejected', 'dead')),
+            http_status  int,
+            error        text,
+            attempts     int NOT NULL DEFAULT 0,
+            modified_at  timestamptz NOT NULL DEFAULT now(),
+            sent_at      timestamptz
+        )$t$, tbl);
+    EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
+    EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
+    EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', tbl);
+END $$;
+
 CREATE FUNCTION cde_register_feed(
     feed         text,
     source_query text,
@@ -384,12 +499,14 @@ CREATE FUNCTION cde_register_feed(
     batch_size   int     DEFAULT NULL,
     -- Where the source query's names resolve: the caller's search_path as it is now (a default
     -- is evaluated in the caller's session, before this function pins its own).
-    search_path  name[]  DEFAULT pg_catalog.current_schemas(false)
+    search_path  name[]  DEFAULT pg_catalog.current_schemas(false),
+    ticket       bigint  DEFAULT cde._ticket()   -- who calls (src/trust.rs): never pass it
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
+    caller     regrole := cde._redeem(ticket);
     query      text := regexp_replace(coalesce(source_query, ''), '[\s;]+$', '');
-    owner      regrole := cde._caller();     -- the source query runs with this role's rights
+    owner      regrole := caller;     -- the source query runs with this role's rights
     path       text := cde._fixed_search_path(cde_register_feed.search_path);
     key_type   regtype;
     doc_type   regtype;
@@ -400,8 +517,8 @@ DECLARE
 BEGIN
     PERFORM cde._check_feed_name(feed);
     SELECT * INTO old FROM cde.feeds f WHERE f.name = feed;
-    IF old.name IS NOT NULL AND NOT cde._manages(old.owner) THEN
-        PERFORM cde._managed_feed(feed);   -- raises: another role's feed
+    IF old.name IS NOT NULL AND NOT cde._manages(old.owner, caller) THEN
+        PERFORM cde._managed_feed(feed, caller);   -- raises: another role's feed
     END IF;
     tbl := format('cde.%I', 'feed_' || feed);
     IF mode IS NULL OR mode NOT IN ('immediate', 'legacy') THEN
@@ -480,23 +597,10 @@ BEGIN
     END IF;
 
     IF to_regclass(tbl) IS NULL THEN
-        EXECUTE format($t$
-            CREATE TABLE %s (
-                key          text COLLATE "C" PRIMARY KEY,  -- "C": byte order, no strcoll on every probe
-                doc          jsonb,
-                hash         text,
-                deleted      boolean NOT NULL DEFAULT false,
-                status       text NOT NULL DEFAULT 'pending'
-                             CHECK (status IN ('pending', 'sent', 'retrying', 'rejected', 'dead')),
-                http_status  int,
-                error        text,
-                attempts     int NOT NULL DEFAULT 0,
-                modified_at  timestamptz NOT NULL DEFAULT now(),
-                sent_at      timestamptz
-            )$t$, tbl);
-        EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''',
-                       'feed_' || feed || '_pending', tbl);
-        EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
+        PERFORM cde._create_feed_table(feed);
+    ELSIF old.name IS NULL THEN
+        RAISE EXCEPTION 'cde: a table % exists that is no feed''s', tbl
+            USING ERRCODE = 'duplicate_table', HINT = 'A superuser drops or renames it; schema cde is cde''s alone.';
     END IF;
     -- The extension's owner owns the feed table, and nobody else has any right on it: the workers
     -- write it, and an owner could add triggers, rules, policies or expression indexes, which
@@ -531,22 +635,24 @@ BEGIN
     END IF;
 END $fn$;
 
-COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[]) IS
+COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[], bigint) IS
     'Register (or redefine) a feed: one source query yielding one JSON document per entity key';
 
--- A search_path of these schemas (the registering session's, resolved), with pg_temp last so
--- that temporary objects can never shadow what generated code refers to.
+-- A search_path of these schemas (the registering session's, resolved), with pg_catalog first
+-- (nothing of the registrant's may stand for the types, casts and operators cde's own SQL around
+-- the query uses) and pg_temp last (temporary objects never shadow anything).
 CREATE FUNCTION cde._fixed_search_path(schemas name[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(string_agg(quote_ident(s), ', ' ORDER BY o) || ', ', '') || 'pg_temp'
+    SELECT 'pg_catalog, ' || coalesce(string_agg(quote_ident(s), ', ' ORDER BY o) || ', ', '') || 'pg_temp'
       FROM unnest(schemas) WITH ORDINALITY AS t(s, o)
-     WHERE s NOT LIKE 'pg\_temp%'
+     WHERE s NOT LIKE 'pg\_temp%' AND s <> 'pg_catalog'
 $$;
 
-CREATE FUNCTION cde_drop_feed(feed text) RETURNS void
+CREATE FUNCTION cde_drop_feed(feed text, ticket bigint DEFAULT cde._ticket()) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds := cde._managed_feed(feed);
+    caller regrole := cde._redeem(ticket);
+    f cde.feeds := cde._managed_feed(feed, caller);
     t cde.tracks;
     dependents text;
 BEGIN
@@ -568,7 +674,452 @@ BEGIN
     EXECUTE format('DROP TABLE IF EXISTS %s', f.feed_table);
 END $$;
 
-COMMENT ON FUNCTION cde_drop_feed(text) IS 'Drop a feed: its capture triggers, feed table, queue and retries';
+COMMENT ON FUNCTION cde_drop_feed(text, bigint) IS 'Drop a feed: its capture triggers, feed table, queue and retries';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:26
+-- requires:
+--   feeds
+--   capture::cde::_capture
+--   capture::cde::_capture_keys
+
+-- Change capture: cde_track installs statement-level triggers with transition tables on a table.
+--
+-- Once per writing statement, for every feed tracking the table, the keys the changed rows touch
+-- are appended to cde.queue, one row per feed. Nothing else happens in the writer's transaction:
+-- no document is built and no lock is taken beyond that insert, so writers pay little and never
+-- wait on each other; a rollback takes the queue rows with it.
+--
+-- Two trigger functions do it, both in Rust (src/capture.rs; cde._install_capture installs them):
+--   cde_capture_ins/_upd/_del/_trn  cde._capture(feed, column, ...), for feeds whose keys are a
+--                                   column of the changed row, and for TRUNCATE of every feed;
+--   cde_capture_sql_ins/_upd/_del   cde._capture_keys(feed, ...), for feeds whose keys are an
+--                                   expression or a query over "changed".
+-- Both are SECURITY DEFINER: an application role that may only write the table needs no right on
+-- cde's objects, and its search_path changes nothing (cde._capture resolves no name at all,
+-- cde._capture_keys has its own). The keys' SQL was written by the feed's owner and runs as that
+-- role (src/trust.rs), with the feed's search_path: never with the writer's rights, nor the
+-- extension owner's.
+
+-- What "keys" means: a query yielding one text column, the touched keys, over the transition
+-- tables named in "sources". Expressions read the tables directly (a cheap UNION ALL, no
+-- deduplication: the collector does that once for many statements); a SELECT sees them as the
+-- relation "changed".
+CREATE FUNCTION cde._keys_query(f cde.feeds, keys text, sources text[]) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN keys ~* '^\s*(select|with)\s' THEN
+            format('WITH changed AS (%s) SELECT (k)::text FROM (%s) AS x(k)',
+                   (SELECT string_agg(format('SELECT * FROM %I', s), ' UNION ALL ') FROM unnest(sources) AS s), keys)
+        ELSE
+            (SELECT string_agg(format('SELECT (%s)::text FROM %I', coalesce(keys, quote_ident(f.key_column)), s), ' UNION ALL ')
+               FROM unnest(sources) AS s)
+    END
+$$;
+
+-- Does this keys definition fit this table? Runs it over no rows, as the feed's owner (the row
+-- type stands for the transition tables: no right on the table itself is needed, as in the
+-- trigger); raises if not.
+CREATE FUNCTION cde._check_keys(f cde.feeds, source_table regclass, keys text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM cde._query_as(f.owner, f.search_path,
+        format('WITH probe AS (SELECT (NULL::%s).* LIMIT 0) SELECT count(*)::text FROM (%s) AS c',
+               source_table, cde._keys_query(f, keys, ARRAY['probe'])));
+END $$;
+
+CREATE FUNCTION cde_track(feed text, source_table regclass, keys text DEFAULT NULL,
+                          ticket bigint DEFAULT cde._ticket()) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    caller   regrole := cde._redeem(ticket);
+    f        cde.feeds := cde._managed_feed(feed, caller);
+    relkind  "char";
+    nsp      name;
+BEGIN
+    IF source_table IS NULL THEN
+        RAISE EXCEPTION 'cde_track: source_table is NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT c.relkind, n.nspname INTO relkind, nsp
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source_table;
+    IF relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'cde_track: % is not a table', source_table
+            USING ERRCODE = 'wrong_object_type', HINT = 'Track the tables under a view, not the view.';
+    END IF;
+    IF nsp IN ('cde', 'pg_catalog', 'information_schema') OR nsp LIKE 'pg\_toast%' THEN
+        RAISE EXCEPTION 'cde_track: % is a table of %, which cannot be tracked', source_table, nsp
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- Capture triggers are created by the extension's owner: the caller must be one who could
+    -- create a trigger on the table itself.
+    IF NOT pg_catalog.has_table_privilege(caller::oid, source_table, 'TRIGGER') THEN
+        RAISE EXCEPTION 'cde_track: permission denied for table %', source_table
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Tracking a table needs the TRIGGER privilege on it (or owning it).';
+    END IF;
+
+    -- The keys must make sense for this table: run them over an empty "changed".
+    BEGIN
+        PERFORM cde._check_keys(f, source_table, keys);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'cde_track: keys % do not fit table % for feed %: %',
+            coalesce(quote_literal(keys), 'NULL (the key column ' || quote_ident(f.key_column) || ')'), source_table, f.name, SQLERRM
+            USING ERRCODE = SQLSTATE,
+                  HINT = 'keys is NULL (the feed''s key column of the changed row), an expression over the changed row, or a SELECT over the relation "changed".';
+    END;
+
+    INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys)
+    VALUES (f.name, source_table, source_table::text, keys)
+    ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE SET keys = excluded.keys, table_name = excluded.table_name;
+    PERFORM cde._install_capture(source_table::oid);
+END $fn$;
+
+COMMENT ON FUNCTION cde_track(text, regclass, text, bigint) IS
+    'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
+
+-- The Rust capture triggers run with the rights of the extension's owner (see above).
+ALTER FUNCTION cde._capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION cde._capture_keys() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION cde._capture(), cde._capture_keys() FROM PUBLIC;
+
+-- The column a feed's keys are, when they are a plain column of the table whose text form is
+-- its output (NULL keys: the feed's key column). Such feeds are captured by cde._capture(), in
+-- Rust; any other keys by a generated PL/pgSQL function. The types listed render the same
+-- through their output function as through a cast to text, which the rest of cde uses.
+CREATE FUNCTION cde._key_column(f cde.feeds, tbl oid, keys text) RETURNS name
+LANGUAGE sql STABLE AS $$
+    SELECT a.attname FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname = coalesce(btrim(keys), f.key_column)
+       AND (keys IS NULL OR keys ~ '^\s*[a-z_][a-z0-9_]*\s*$')
+       AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'text'::regtype,
+                          'varchar'::regtype, 'uuid'::regtype, 'numeric'::regtype)
+$$;
+
+-- The INSERT, UPDATE and DELETE triggers <prefix>_ins/_upd/_del of a table, statement level,
+-- with the transition tables each operation has, all executing the same function call.
+CREATE FUNCTION cde._create_capture_triggers(tbl oid, prefix text, call text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    op record;
+BEGIN
+    FOR op IN VALUES ('ins', 'INSERT', 'NEW TABLE AS new_rows'),
+                     ('upd', 'UPDATE', 'OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                     ('del', 'DELETE', 'OLD TABLE AS old_rows')
+    LOOP
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
+                       prefix || '_' || op.column1, op.column2, tbl::regclass, op.column3, call);
+    END LOOP;
+END $$;
+
+-- Partitions and inheritance children. A statement-level trigger fires only for the table a
+-- statement names: a write naming a partition (as ORMs and partition-aware jobs do) fires the
+-- partition's triggers, not its parent's, while a write naming the parent fires the parent's,
+-- whose transition tables hold the rows of every partition it touched. So every table under a
+-- tracked one (partitions, sub-partitions, inheritance children, recursively, those created or
+-- attached later too) gets the capture triggers of every tracked table above it, and each write
+-- is captured once, by the table it names.
+
+-- A table and every table above it: its partitions' parents, inheritance parents, recursively.
+CREATE FUNCTION cde._ancestry(tbl oid) RETURNS oid[]
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE up(relid) AS (
+        SELECT tbl
+        UNION
+        SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid)
+    SELECT array_agg(relid) FROM up
+$$;
+
+-- A table and every table under it.
+CREATE FUNCTION cde._subtree(tbl oid) RETURNS oid[]
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE down(relid) AS (
+        SELECT tbl
+        UNION
+        SELECT i.inhrelid FROM pg_inherits i JOIN down ON i.inhparent = down.relid)
+    SELECT array_agg(relid) FROM down
+$$;
+
+-- The capture triggers a table should have, from the tracks of the table and of every table
+-- above it: whatever the number of feeds, one trigger per operation for the column keys
+-- (cde._capture, its arguments naming each feed and column), one for TRUNCATE (every feed), and
+-- when some feed's keys are an expression or a query, one more per operation for those
+-- (cde._capture_keys, its arguments naming the feeds). "call" is the trigger's function call.
+CREATE FUNCTION cde._wanted_triggers(tbl oid, OUT tgname text, OUT call text, OUT feeds text[])
+RETURNS SETOF record
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    simple text;      -- cde._capture's arguments: 'feed', 'column', ...
+    every  text;      -- the TRUNCATE trigger's: every feed tracking the table
+    others text;      -- cde._capture_keys's: the feeds whose keys are not a plain column
+    names  text[];
+    op     text;
+BEGIN
+    WITH t AS (
+        SELECT DISTINCT t.feed, cde._key_column(f, tbl, t.keys) AS col
+          FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+         WHERE t.source_table = ANY (cde._ancestry(tbl)))
+    SELECT string_agg(format('%L, %L', t.feed, t.col), ', ' ORDER BY t.feed, t.col) FILTER (WHERE t.col IS NOT NULL),
+           (SELECT string_agg(format('%L, %L', x.feed, ''), ', ' ORDER BY x.feed) FROM (SELECT DISTINCT feed FROM t) x),
+           (SELECT string_agg(format('%L', x.feed), ', ' ORDER BY x.feed) FROM (SELECT DISTINCT feed FROM t WHERE col IS NULL) x),
+           (SELECT array_agg(DISTINCT feed ORDER BY feed) FROM t)
+      INTO simple, every, others, names
+      FROM t;
+    IF names IS NULL THEN
+        RETURN;
+    END IF;
+    feeds := names;
+    FOREACH op IN ARRAY ARRAY['ins', 'upd', 'del'] LOOP
+        IF simple IS NOT NULL THEN
+            tgname := 'cde_capture_' || op; call := format('cde._capture(%s)', simple); RETURN NEXT;
+        END IF;
+        IF others IS NOT NULL THEN
+            tgname := 'cde_capture_sql_' || op; call := format('cde._capture_keys(%s)', others); RETURN NEXT;
+        END IF;
+    END LOOP;
+    tgname := 'cde_capture_trn'; call := format('cde._capture(%s)', every); RETURN NEXT;
+END $$;
+
+-- The capture triggers a table has: name and function call, as cde._wanted_triggers spells them.
+CREATE FUNCTION cde._current_triggers(tbl oid, OUT tgname text, OUT call text)
+RETURNS SETOF record
+LANGUAGE sql STABLE AS $$
+    SELECT t.tgname::text,
+           format('%s(%s)', t.tgfoid::regproc,
+                  (SELECT string_agg(format('%L', a), ', ' ORDER BY n)
+                     FROM unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)))
+      FROM pg_trigger t
+     WHERE t.tgrelid = tbl AND t.tgname LIKE 'cde\_capture\_%'
+       AND t.tgfoid IN ('cde._capture()'::regprocedure, 'cde._capture_keys()'::regprocedure)
+$$;
+
+-- Give one table the capture triggers it should have (none when no tracked table is at or
+-- above it), touching nothing when it has them already. Returns the feeds it captures for from
+-- now on that it did not before (gained), and those it no longer does (lost).
+CREATE FUNCTION cde._install_capture_on(tbl oid, OUT gained text[], OUT lost text[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    fn      text := format('cde.%I', 'capture_' || tbl);   -- 0.1.0 generated one per table
+    before  text[];
+    after   text[];
+    w       record;
+    op      record;
+BEGIN
+    IF to_regprocedure(fn || '()') IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION %s() CASCADE', fn);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = tbl) THEN
+        RETURN;
+    END IF;
+    SELECT coalesce(array_agg(DISTINCT a ORDER BY a), '{}') INTO before
+      FROM pg_trigger t, unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)
+     WHERE t.tgrelid = tbl AND t.tgname = 'cde_capture_trn' AND t.tgfoid = 'cde._capture()'::regprocedure AND n % 2 = 1;
+    SELECT coalesce((SELECT feeds FROM cde._wanted_triggers(tbl) LIMIT 1), '{}') INTO after;
+    gained := ARRAY(SELECT unnest(after) EXCEPT SELECT unnest(before));
+    lost := ARRAY(SELECT unnest(before) EXCEPT SELECT unnest(after));
+    IF NOT EXISTS ((SELECT wt.tgname, wt.call FROM cde._wanted_triggers(tbl) wt EXCEPT SELECT * FROM cde._current_triggers(tbl))
+                   UNION ALL
+                   (SELECT * FROM cde._current_triggers(tbl) EXCEPT SELECT wt.tgname, wt.call FROM cde._wanted_triggers(tbl) wt)) THEN
+        RETURN;   -- already as it should be
+    END IF;
+    IF after <> '{}' AND (SELECT relkind FROM pg_class WHERE oid = tbl) = 'f' THEN
+        RAISE EXCEPTION 'cde: % is a foreign table under a table that feeds % track: cde cannot capture its writes', tbl::regclass, array_to_string(after, ', ')
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Keep foreign tables out of tracked tables'' partitions or inheritance children, or cde_untrack the table above it.';
+    END IF;
+    FOR op IN SELECT c.tgname FROM cde._current_triggers(tbl) c LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', op.tgname, tbl::regclass);
+    END LOOP;
+    FOR w IN SELECT * FROM cde._wanted_triggers(tbl) LOOP
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
+                       w.tgname,
+                       CASE split_part(w.tgname, '_', 3 + (w.tgname LIKE 'cde\_capture\_sql\_%')::int)
+                            WHEN 'ins' THEN 'INSERT' WHEN 'upd' THEN 'UPDATE' WHEN 'del' THEN 'DELETE' ELSE 'TRUNCATE' END,
+                       tbl::regclass,
+                       CASE split_part(w.tgname, '_', 3 + (w.tgname LIKE 'cde\_capture\_sql\_%')::int)
+                            WHEN 'ins' THEN 'REFERENCING NEW TABLE AS new_rows'
+                            WHEN 'upd' THEN 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
+                            WHEN 'del' THEN 'REFERENCING OLD TABLE AS old_rows' ELSE '' END,
+                       w.call);
+    END LOOP;
+END $fn$;
+
+-- (Re)generate the capture triggers of a table and of every table under it.
+CREATE FUNCTION cde._install_capture(tbl oid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r oid;
+BEGIN
+    FOREACH r IN ARRAY coalesce(cde._subtree(tbl), ARRAY[tbl]) LOOP
+        PERFORM cde._install_capture_on(r);
+    END LOOP;
+END $$;
+
+-- After DDL that may have moved tables into or out of a tracked tree (CREATE TABLE ... PARTITION
+-- OF / INHERITS, ATTACH / DETACH PARTITION, INHERIT / NO INHERIT): bring every table of the trees
+-- around "tbl", and every table left with capture triggers outside any tracked tree, to what it
+-- should have. Rows that came into a tree (an attached partition that has rows) or left it (a
+-- detached one) changed no row by DML: the feeds concerned get a full sync.
+CREATE FUNCTION cde._reconcile_capture(tbl oid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r        oid;
+    roots    oid[];
+    c        record;
+    has_rows boolean;
+    f        text;
+BEGIN
+    SELECT array_agg(DISTINCT a) INTO roots FROM unnest(cde._ancestry(tbl)) AS a
+     WHERE NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = a);
+    FOR r IN
+        SELECT s FROM unnest(roots) AS root, unnest(cde._subtree(root)) AS s
+        UNION
+        -- Only cde's own triggers (nobody else may create one calling cde._capture).
+        SELECT t.tgrelid FROM pg_trigger t WHERE t.tgname = 'cde_capture_trn' AND t.tgfoid = 'cde._capture()'::regprocedure
+    LOOP
+        SELECT * INTO c FROM cde._install_capture_on(r);
+        IF (c.gained <> '{}' OR c.lost <> '{}') AND (SELECT relkind FROM pg_class WHERE oid = r) = 'r' THEN
+            -- Whether it has rows, asked as the table's owner (restricted): reading a table of
+            -- another role as the extension's owner could run its code (row security policies).
+            has_rows := cde._query_as((SELECT relowner FROM pg_class WHERE oid = r), 'pg_catalog, pg_temp',
+                                      format('SELECT EXISTS (SELECT 1 FROM ONLY %s)::text', r::regclass))::boolean;
+            IF has_rows THEN
+                FOREACH f IN ARRAY c.gained || c.lost LOOP
+                    INSERT INTO cde.queue (feed, all_keys) VALUES (f, true);
+                    RAISE NOTICE 'cde: the rows of % % feed %: it gets a full sync', r::regclass,
+                        CASE WHEN f = ANY (c.gained) THEN 'came into a table tracked by' ELSE 'left a table tracked by' END, f;
+                END LOOP;
+                PERFORM cde._changes_recorded();
+            END IF;
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE FUNCTION cde._drop_capture(t cde.tracks) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM cde.tracks x WHERE x.feed = t.feed AND x.source_table = t.source_table;
+    PERFORM cde._install_capture(t.source_table);
+END $$;
+
+CREATE FUNCTION cde_untrack(feed text, source_table regclass, ticket bigint DEFAULT cde._ticket()) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    caller regrole := cde._redeem(ticket);
+    f cde.feeds := cde._managed_feed(feed, caller);
+    t cde.tracks;
+BEGIN
+    SELECT * INTO t FROM cde.tracks x WHERE x.feed = f.name AND x.source_table = cde_untrack.source_table;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cde_untrack: feed % does not track %', f.name, source_table
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM cde._drop_capture(t);
+END $$;
+
+COMMENT ON FUNCTION cde_untrack(text, regclass, bigint) IS 'Stop capturing changes of a table for a feed';
+
+-- The event triggers below run for every role's DDL, in that role's session: SECURITY DEFINER
+-- (the role needs no right on cde's tables: installing cde takes no DDL away from anyone) with a
+-- fixed search_path (the session's own, which a database owner may set, cannot reach them).
+
+-- A tracked table that is dropped takes its triggers with it; forget the tracking too, so that
+-- cde.tracks never names a table that is gone.
+CREATE FUNCTION cde._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t cde.tracks;
+    f text;
+BEGIN
+    FOR t IN
+        SELECT x.* FROM cde.tracks x
+          JOIN pg_event_trigger_dropped_objects() d ON d.objid = x.source_table AND d.classid = 'pg_class'::regclass
+         WHERE d.object_type = 'table'
+    LOOP
+        PERFORM cde._drop_capture(t);
+        RAISE NOTICE 'cde: table % was dropped; feed % no longer tracks it', t.table_name, t.feed;
+    END LOOP;
+    -- A dropped partition or inheritance child of a tracked table took its rows with it, by no
+    -- DML. Which table it was under is gone from the catalog by now: every feed tracking a table
+    -- that still has partitions or children gets a full sync.
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d
+                 JOIN pg_event_trigger_dropped_objects() g
+                   ON g.object_type = 'trigger' AND g.object_identity = 'cde_capture_trn on ' || d.object_identity
+                WHERE d.object_type = 'table' AND d.classid = 'pg_class'::regclass
+                  AND NOT EXISTS (SELECT 1 FROM cde.tracks x WHERE x.source_table = d.objid)) THEN
+        FOR f IN SELECT DISTINCT x.feed FROM cde.tracks x JOIN pg_class c ON c.oid = x.source_table
+                  WHERE c.relkind = 'p' OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = x.source_table) LOOP
+            INSERT INTO cde.queue (feed, all_keys) VALUES (f, true);
+            RAISE NOTICE 'cde: a table under one that feed % tracks was dropped with its rows: it gets a full sync', f;
+        END LOOP;
+        PERFORM cde._changes_recorded();
+    END IF;
+END $$;
+
+CREATE EVENT TRIGGER cde_on_sql_drop ON sql_drop EXECUTE FUNCTION cde._on_sql_drop();
+
+-- Tables that come under a tracked table or leave it get their capture triggers or lose them
+-- (cde._reconcile_capture). An ALTER TABLE that breaks a tracked table's keys (a column they use
+-- dropped, renamed or retyped) is refused with a clear error: the alternative, a capture trigger failing on every
+-- later write, would break the application. Renaming the table itself is fine: triggers follow it.
+CREATE FUNCTION cde._on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t   cde.tracks;
+    f   cde.feeds;
+    rel oid;
+BEGIN
+    -- A table created under a tracked one, attached, detached, inheriting or not: capture follows.
+    -- Only for the commands that move tables between trees (event triggers do not see ALTER
+    -- TABLE's subcommands, the statement's text does): restoring a dump adds constraints to
+    -- tracked tables before it recreates their triggers, and must not find them made already.
+    FOR rel IN
+        SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
+         WHERE c.classid = 'pg_class'::regclass AND c.object_type IN ('table', 'foreign table')
+           AND current_query() ~* '\m(attach|detach)\s+partition\M|\mpartition\s+of\M|\minherits?\M'
+    LOOP
+        IF EXISTS (SELECT 1 FROM cde.tracks x WHERE x.source_table = ANY (cde._ancestry(rel) || cde._subtree(rel)))
+           OR EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = rel AND g.tgname LIKE 'cde\_capture\_%') THEN
+            PERFORM cde._reconcile_capture(rel);
+        END IF;
+    END LOOP;
+    FOR t IN
+        SELECT DISTINCT x.* FROM cde.tracks x
+          JOIN pg_event_trigger_ddl_commands() c ON c.objid = x.source_table AND c.classid = 'pg_class'::regclass
+         WHERE c.command_tag = 'ALTER TABLE'
+    LOOP
+        SELECT * INTO f FROM cde.feeds WHERE name = t.feed;
+        UPDATE cde.tracks SET table_name = t.source_table::regclass::text
+         WHERE feed = t.feed AND source_table = t.source_table;
+        BEGIN
+            PERFORM cde._check_keys(f, t.source_table::regclass, t.keys);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'cde: this ALTER TABLE breaks the tracking of % for feed %: %', t.source_table::regclass, t.feed, SQLERRM
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = format('Run cde_untrack(%L, %L) first, or cde_track it again with keys that fit.', t.feed, t.source_table::regclass::text);
+        END;
+    END LOOP;
+END $$;
+
+CREATE EVENT TRIGGER cde_on_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE')
+    EXECUTE FUNCTION cde._on_ddl_command_end();
+
+-- DROP EXTENSION cde first waits for the worker's current iteration and the builder's current
+-- full sync step to end, and keeps them from starting others: dropping locks cde's tables in
+-- another order than they do, and they could deadlock (the DROP would then fail). Other
+-- extensions' DROPs do not wait.
+CREATE FUNCTION cde._on_drop_extension() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_query() ~* '\mcde\M' THEN
+        PERFORM cde._hold_iteration_lock();
+        PERFORM pg_advisory_xact_lock(cde._sync_step_lock());
+    END IF;
+END $$;
+
+CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION cde._on_drop_extension();
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1030,19 +1581,20 @@ END $$;
 
 -- Send again, now, the items that failed: retrying, rejected and dead ones. Items whose document
 -- could not be built are rebuilt first. Returns how many items were scheduled.
-CREATE FUNCTION cde_retry_failed(feed text DEFAULT NULL) RETURNS bigint
+CREATE FUNCTION cde_retry_failed(feed text DEFAULT NULL, ticket bigint DEFAULT cde._ticket()) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    caller regrole := cde._redeem(ticket);
     f     cde.feeds;
     send  text[];
     build text[];
     total bigint := 0;
 BEGIN
     IF feed IS NOT NULL THEN
-        PERFORM cde._managed_feed(feed);
+        PERFORM cde._managed_feed(feed, caller);
     END IF;
     FOR f IN SELECT * FROM cde.feeds x
-              WHERE (cde_retry_failed.feed IS NULL OR x.name = cde_retry_failed.feed) AND cde._manages(x.owner) LOOP
+              WHERE (cde_retry_failed.feed IS NULL OR x.name = cde_retry_failed.feed) AND cde._manages(x.owner, caller) LOOP
         -- Every failed item: those whose document could not be built are rebuilt first.
         EXECUTE format($q$SELECT array_agg(key) FILTER (WHERE NOT (hash IS NULL AND NOT deleted)),
                                  array_agg(key) FILTER (WHERE hash IS NULL AND NOT deleted)
@@ -1057,13 +1609,14 @@ BEGIN
     RETURN total;
 END $$;
 
-COMMENT ON FUNCTION cde_retry_failed(text) IS 'Schedule failed, rejected and dead items to be sent again now';
+COMMENT ON FUNCTION cde_retry_failed(text, bigint) IS 'Schedule failed, rejected and dead items to be sent again now';
 
 -- Rebuild these keys now and send them again, even when their document did not change.
-CREATE FUNCTION cde_resync(feed text, keys text[]) RETURNS bigint
+CREATE FUNCTION cde_resync(feed text, keys text[], ticket bigint DEFAULT cde._ticket()) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds := cde._managed_feed(feed);
+    caller regrole := cde._redeem(ticket);
+    f cde.feeds := cde._managed_feed(feed, caller);
     n bigint;
 BEGIN
     IF keys IS NULL THEN
@@ -1082,7 +1635,7 @@ BEGIN
     RETURN n;
 END $$;
 
-COMMENT ON FUNCTION cde_resync(text, text[]) IS 'Rebuild and resend these keys of a feed, even if unchanged';
+COMMENT ON FUNCTION cde_resync(text, text[], bigint) IS 'Rebuild and resend these keys of a feed, even if unchanged';
 
 -- A destination answered as misconfigured: hold it (the worker sends nothing to it until then,
 -- but one request to see whether it was fixed). Returns whether it was not held for this reason
@@ -1134,20 +1687,22 @@ $$;
 
 
 
-CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false) RETURNS bigint
+CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false,
+                              ticket bigint DEFAULT cde._ticket()) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    caller regrole := cde._redeem(ticket);
     run_id bigint;
     names text[];
     busy record;
 BEGIN
     IF feed IS NOT NULL THEN
-        PERFORM cde._managed_feed(feed);
+        PERFORM cde._managed_feed(feed, caller);
         names := ARRAY[feed];
     ELSE
         -- Every feed the caller may manage (a superuser: every feed).
         SELECT array_agg(o.name ORDER BY o.depth, o.name) INTO names
-          FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name) WHERE cde._manages(f.owner);
+          FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name) WHERE cde._manages(f.owner, caller);
         IF names IS NULL THEN
             RAISE EXCEPTION 'cde_full_sync: no feed is registered that you may manage' USING HINT = 'cde_register_feed(...) first.';
         END IF;
@@ -1177,12 +1732,13 @@ BEGIN
     RETURN run_id;
 END $$;
 
-COMMENT ON FUNCTION cde_full_sync(text, boolean) IS
+COMMENT ON FUNCTION cde_full_sync(text, boolean, bigint) IS
     'Start a full (re)sync of one feed or all feeds, in dependency order; returns the run id (see cde_sync_runs)';
 
-CREATE FUNCTION cde_cancel_sync(run_id bigint) RETURNS void
+CREATE FUNCTION cde_cancel_sync(run_id bigint, ticket bigint DEFAULT cde._ticket()) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    caller regrole := cde._redeem(ticket);
     r cde.sync_runs;
     n text;
 BEGIN
@@ -1192,7 +1748,7 @@ BEGIN
     END IF;
     FOREACH n IN ARRAY r.feeds LOOP
         IF EXISTS (SELECT 1 FROM cde.feeds f WHERE f.name = n) THEN
-            PERFORM cde._managed_feed(n);   -- a run of feeds the caller may not manage is not its to cancel
+            PERFORM cde._managed_feed(n, caller);   -- a run of feeds the caller may not manage is not its to cancel
         END IF;
     END LOOP;
     IF NOT cde._active(r.status) THEN
@@ -1205,7 +1761,7 @@ BEGIN
     INSERT INTO cde.sync_events (run_id, status, message) VALUES (r.id, 'cancelled', 'cancelled by ' || current_user);
 END $$;
 
-COMMENT ON FUNCTION cde_cancel_sync(bigint) IS 'Cancel a full sync run; what it already made pending is still delivered';
+COMMENT ON FUNCTION cde_cancel_sync(bigint, bigint) IS 'Cancel a full sync run; what it already made pending is still delivered';
 
 -- The advisory locks (their keys: cde._sync_step_lock(), cde._sync_state_lock(), src/locks.rs).
 -- Full sync steps take the step lock shared: the sync builders (src/builder.rs), the worker and
@@ -1305,7 +1861,11 @@ BEGIN
                 PERFORM cde._sync_fail(r, ph.feed, 'feed ' || ph.feed || ' was dropped');
                 RETURN 'progress';
             END IF;
-            SELECT built INTO n FROM cde._rebuild(f.name, NULL, 'count');   -- as the feed's owner
+            BEGIN
+                SELECT built INTO n FROM cde._rebuild(f.name, NULL, 'count');   -- as the feed's owner
+            EXCEPTION WHEN OTHERS THEN
+                RETURN cde._sync_step_failed(r, ph.feed, SQLSTATE, SQLERRM);   -- the source query fails: so does the run
+            END;
             UPDATE cde.sync_phases SET planned = n WHERE run_id = r.id AND feed = ph.feed;
         END LOOP;
         UPDATE cde.sync_runs SET status = 'planned' WHERE id = r.id;
@@ -1466,475 +2026,6 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/capture.rs:25
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:31
--- cde::capture::cde::_changes_recorded
-CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:79
--- cde::capture::cde::_capture_keys
-CREATE FUNCTION cde."_capture_keys"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:40
--- cde::capture::cde::_capture
-CREATE FUNCTION cde."_capture"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:26
--- requires:
---   feeds
---   capture::cde::_capture
---   capture::cde::_capture_keys
-
--- Change capture: cde_track installs statement-level triggers with transition tables on a table.
---
--- Once per writing statement, for every feed tracking the table, the keys the changed rows touch
--- are appended to cde.queue, one row per feed. Nothing else happens in the writer's transaction:
--- no document is built and no lock is taken beyond that insert, so writers pay little and never
--- wait on each other; a rollback takes the queue rows with it.
---
--- Two trigger functions do it, both in Rust (src/capture.rs; cde._install_capture installs them):
---   cde_capture_ins/_upd/_del/_trn  cde._capture(feed, column, ...), for feeds whose keys are a
---                                   column of the changed row, and for TRUNCATE of every feed;
---   cde_capture_sql_ins/_upd/_del   cde._capture_keys(feed, ...), for feeds whose keys are an
---                                   expression or a query over "changed".
--- Both are SECURITY DEFINER: an application role that may only write the table needs no right on
--- cde's objects, and its search_path changes nothing (cde._capture resolves no name at all,
--- cde._capture_keys has its own). The keys' SQL was written by the feed's owner and runs as that
--- role (src/trust.rs), with the feed's search_path: never with the writer's rights, nor the
--- extension owner's.
-
--- What "keys" means: a query yielding one text column, the touched keys, over the transition
--- tables named in "sources". Expressions read the tables directly (a cheap UNION ALL, no
--- deduplication: the collector does that once for many statements); a SELECT sees them as the
--- relation "changed".
-CREATE FUNCTION cde._keys_query(f cde.feeds, keys text, sources text[]) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE
-        WHEN keys ~* '^\s*(select|with)\s' THEN
-            format('WITH changed AS (%s) SELECT (k)::text FROM (%s) AS x(k)',
-                   (SELECT string_agg(format('SELECT * FROM %I', s), ' UNION ALL ') FROM unnest(sources) AS s), keys)
-        ELSE
-            (SELECT string_agg(format('SELECT (%s)::text FROM %I', coalesce(keys, quote_ident(f.key_column)), s), ' UNION ALL ')
-               FROM unnest(sources) AS s)
-    END
-$$;
-
--- Does this keys definition fit this table? Runs it over no rows, as the feed's owner (the row
--- type stands for the transition tables: no right on the table itself is needed, as in the
--- trigger); raises if not.
-CREATE FUNCTION cde._check_keys(f cde.feeds, source_table regclass, keys text) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM cde._query_as(f.owner, f.search_path,
-        format('WITH probe AS (SELECT (NULL::%s).* LIMIT 0) SELECT count(*)::text FROM (%s) AS c',
-               source_table, cde._keys_query(f, keys, ARRAY['probe'])));
-END $$;
-
-CREATE FUNCTION cde_track(feed text, source_table regclass, keys text DEFAULT NULL) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    f        cde.feeds := cde._managed_feed(feed);
-    relkind  "char";
-    nsp      name;
-BEGIN
-    IF source_table IS NULL THEN
-        RAISE EXCEPTION 'cde_track: source_table is NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    SELECT c.relkind, n.nspname INTO relkind, nsp
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source_table;
-    IF relkind NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION 'cde_track: % is not a table', source_table
-            USING ERRCODE = 'wrong_object_type', HINT = 'Track the tables under a view, not the view.';
-    END IF;
-    IF nsp IN ('cde', 'pg_catalog', 'information_schema') OR nsp LIKE 'pg\_toast%' THEN
-        RAISE EXCEPTION 'cde_track: % is a table of %, which cannot be tracked', source_table, nsp
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    -- Capture triggers are created by the extension's owner: the caller must be one who could
-    -- create a trigger on the table itself.
-    IF NOT pg_catalog.has_table_privilege(cde._caller(), source_table, 'TRIGGER') THEN
-        RAISE EXCEPTION 'cde_track: permission denied for table %', source_table
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Tracking a table needs the TRIGGER privilege on it (or owning it).';
-    END IF;
-
-    -- The keys must make sense for this table: run them over an empty "changed".
-    BEGIN
-        PERFORM cde._check_keys(f, source_table, keys);
-    EXCEPTION WHEN OTHERS THEN
-        RAISE EXCEPTION 'cde_track: keys % do not fit table % for feed %: %',
-            coalesce(quote_literal(keys), 'NULL (the key column ' || quote_ident(f.key_column) || ')'), source_table, f.name, SQLERRM
-            USING ERRCODE = SQLSTATE,
-                  HINT = 'keys is NULL (the feed''s key column of the changed row), an expression over the changed row, or a SELECT over the relation "changed".';
-    END;
-
-    INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys)
-    VALUES (f.name, source_table, source_table::text, keys)
-    ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE SET keys = excluded.keys, table_name = excluded.table_name;
-    PERFORM cde._install_capture(source_table::oid);
-END $fn$;
-
-COMMENT ON FUNCTION cde_track(text, regclass, text) IS
-    'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
-
--- The Rust capture triggers run with the rights of the extension's owner (see above).
-ALTER FUNCTION cde._capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION cde._capture_keys() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-REVOKE ALL ON FUNCTION cde._capture(), cde._capture_keys() FROM PUBLIC;
-
--- The column a feed's keys are, when they are a plain column of the table whose text form is
--- its output (NULL keys: the feed's key column). Such feeds are captured by cde._capture(), in
--- Rust; any other keys by a generated PL/pgSQL function. The types listed render the same
--- through their output function as through a cast to text, which the rest of cde uses.
-CREATE FUNCTION cde._key_column(f cde.feeds, tbl oid, keys text) RETURNS name
-LANGUAGE sql STABLE AS $$
-    SELECT a.attname FROM pg_attribute a
-     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
-       AND a.attname = coalesce(btrim(keys), f.key_column)
-       AND (keys IS NULL OR keys ~ '^\s*[a-z_][a-z0-9_]*\s*$')
-       AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'text'::regtype,
-                          'varchar'::regtype, 'uuid'::regtype, 'numeric'::regtype)
-$$;
-
--- The INSERT, UPDATE and DELETE triggers <prefix>_ins/_upd/_del of a table, statement level,
--- with the transition tables each operation has, all executing the same function call.
-CREATE FUNCTION cde._create_capture_triggers(tbl oid, prefix text, call text) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    op record;
-BEGIN
-    FOR op IN VALUES ('ins', 'INSERT', 'NEW TABLE AS new_rows'),
-                     ('upd', 'UPDATE', 'OLD TABLE AS old_rows NEW TABLE AS new_rows'),
-                     ('del', 'DELETE', 'OLD TABLE AS old_rows')
-    LOOP
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
-                       prefix || '_' || op.column1, op.column2, tbl::regclass, op.column3, call);
-    END LOOP;
-END $$;
-
--- Partitions and inheritance children. A statement-level trigger fires only for the table a
--- statement names: a write naming a partition (as ORMs and partition-aware jobs do) fires the
--- partition's triggers, not its parent's, while a write naming the parent fires the parent's,
--- whose transition tables hold the rows of every partition it touched. So every table under a
--- tracked one (partitions, sub-partitions, inheritance children, recursively, those created or
--- attached later too) gets the capture triggers of every tracked table above it, and each write
--- is captured once, by the table it names.
-
--- A table and every table above it: its partitions' parents, inheritance parents, recursively.
-CREATE FUNCTION cde._ancestry(tbl oid) RETURNS oid[]
-LANGUAGE sql STABLE AS $$
-    WITH RECURSIVE up(relid) AS (
-        SELECT tbl
-        UNION
-        SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.relid)
-    SELECT array_agg(relid) FROM up
-$$;
-
--- A table and every table under it.
-CREATE FUNCTION cde._subtree(tbl oid) RETURNS oid[]
-LANGUAGE sql STABLE AS $$
-    WITH RECURSIVE down(relid) AS (
-        SELECT tbl
-        UNION
-        SELECT i.inhrelid FROM pg_inherits i JOIN down ON i.inhparent = down.relid)
-    SELECT array_agg(relid) FROM down
-$$;
-
--- The capture triggers a table should have, from the tracks of the table and of every table
--- above it: whatever the number of feeds, one trigger per operation for the column keys
--- (cde._capture, its arguments naming each feed and column), one for TRUNCATE (every feed), and
--- when some feed's keys are an expression or a query, one more per operation for those
--- (cde._capture_keys, its arguments naming the feeds). "call" is the trigger's function call.
-CREATE FUNCTION cde._wanted_triggers(tbl oid, OUT tgname text, OUT call text, OUT feeds text[])
-RETURNS SETOF record
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    simple text;      -- cde._capture's arguments: 'feed', 'column', ...
-    every  text;      -- the TRUNCATE trigger's: every feed tracking the table
-    others text;      -- cde._capture_keys's: the feeds whose keys are not a plain column
-    names  text[];
-    op     text;
-BEGIN
-    WITH t AS (
-        SELECT DISTINCT t.feed, cde._key_column(f, tbl, t.keys) AS col
-          FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-         WHERE t.source_table = ANY (cde._ancestry(tbl)))
-    SELECT string_agg(format('%L, %L', t.feed, t.col), ', ' ORDER BY t.feed, t.col) FILTER (WHERE t.col IS NOT NULL),
-           (SELECT string_agg(format('%L, %L', x.feed, ''), ', ' ORDER BY x.feed) FROM (SELECT DISTINCT feed FROM t) x),
-           (SELECT string_agg(format('%L', x.feed), ', ' ORDER BY x.feed) FROM (SELECT DISTINCT feed FROM t WHERE col IS NULL) x),
-           (SELECT array_agg(DISTINCT feed ORDER BY feed) FROM t)
-      INTO simple, every, others, names
-      FROM t;
-    IF names IS NULL THEN
-        RETURN;
-    END IF;
-    feeds := names;
-    FOREACH op IN ARRAY ARRAY['ins', 'upd', 'del'] LOOP
-        IF simple IS NOT NULL THEN
-            tgname := 'cde_capture_' || op; call := format('cde._capture(%s)', simple); RETURN NEXT;
-        END IF;
-        IF others IS NOT NULL THEN
-            tgname := 'cde_capture_sql_' || op; call := format('cde._capture_keys(%s)', others); RETURN NEXT;
-        END IF;
-    END LOOP;
-    tgname := 'cde_capture_trn'; call := format('cde._capture(%s)', every); RETURN NEXT;
-END $$;
-
--- The capture triggers a table has: name and function call, as cde._wanted_triggers spells them.
-CREATE FUNCTION cde._current_triggers(tbl oid, OUT tgname text, OUT call text)
-RETURNS SETOF record
-LANGUAGE sql STABLE AS $$
-    SELECT t.tgname::text,
-           format('%s(%s)', t.tgfoid::regproc,
-                  (SELECT string_agg(format('%L', a), ', ' ORDER BY n)
-                     FROM unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)))
-      FROM pg_trigger t
-     WHERE t.tgrelid = tbl AND t.tgname LIKE 'cde\_capture\_%'
-$$;
-
--- Give one table the capture triggers it should have (none when no tracked table is at or
--- above it), touching nothing when it has them already. Returns the feeds it captures for from
--- now on that it did not before (gained), and those it no longer does (lost).
-CREATE FUNCTION cde._install_capture_on(tbl oid, OUT gained text[], OUT lost text[])
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    fn      text := format('cde.%I', 'capture_' || tbl);   -- 0.1.0 generated one per table
-    before  text[];
-    after   text[];
-    w       record;
-    op      record;
-BEGIN
-    IF to_regprocedure(fn || '()') IS NOT NULL THEN
-        EXECUTE format('DROP FUNCTION %s() CASCADE', fn);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = tbl) THEN
-        RETURN;
-    END IF;
-    SELECT coalesce(array_agg(DISTINCT a ORDER BY a), '{}') INTO before
-      FROM pg_trigger t, unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)
-     WHERE t.tgrelid = tbl AND t.tgname = 'cde_capture_trn' AND n % 2 = 1;
-    SELECT coalesce((SELECT feeds FROM cde._wanted_triggers(tbl) LIMIT 1), '{}') INTO after;
-    gained := ARRAY(SELECT unnest(after) EXCEPT SELECT unnest(before));
-    lost := ARRAY(SELECT unnest(before) EXCEPT SELECT unnest(after));
-    IF NOT EXISTS ((SELECT wt.tgname, wt.call FROM cde._wanted_triggers(tbl) wt EXCEPT SELECT * FROM cde._current_triggers(tbl))
-                   UNION ALL
-                   (SELECT * FROM cde._current_triggers(tbl) EXCEPT SELECT wt.tgname, wt.call FROM cde._wanted_triggers(tbl) wt)) THEN
-        RETURN;   -- already as it should be
-    END IF;
-    IF after <> '{}' AND (SELECT relkind FROM pg_class WHERE oid = tbl) = 'f' THEN
-        RAISE EXCEPTION 'cde: % is a foreign table under a table that feeds % track: cde cannot capture its writes', tbl::regclass, array_to_string(after, ', ')
-            USING ERRCODE = 'feature_not_supported',
-                  HINT = 'Keep foreign tables out of tracked tables'' partitions or inheritance children, or cde_untrack the table above it.';
-    END IF;
-    FOR op IN SELECT c.tgname FROM cde._current_triggers(tbl) c LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', op.tgname, tbl::regclass);
-    END LOOP;
-    FOR w IN SELECT * FROM cde._wanted_triggers(tbl) LOOP
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
-                       w.tgname,
-                       CASE split_part(w.tgname, '_', 3 + (w.tgname LIKE 'cde\_capture\_sql\_%')::int)
-                            WHEN 'ins' THEN 'INSERT' WHEN 'upd' THEN 'UPDATE' WHEN 'del' THEN 'DELETE' ELSE 'TRUNCATE' END,
-                       tbl::regclass,
-                       CASE split_part(w.tgname, '_', 3 + (w.tgname LIKE 'cde\_capture\_sql\_%')::int)
-                            WHEN 'ins' THEN 'REFERENCING NEW TABLE AS new_rows'
-                            WHEN 'upd' THEN 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
-                            WHEN 'del' THEN 'REFERENCING OLD TABLE AS old_rows' ELSE '' END,
-                       w.call);
-    END LOOP;
-END $fn$;
-
--- (Re)generate the capture triggers of a table and of every table under it.
-CREATE FUNCTION cde._install_capture(tbl oid) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    r oid;
-BEGIN
-    FOREACH r IN ARRAY coalesce(cde._subtree(tbl), ARRAY[tbl]) LOOP
-        PERFORM cde._install_capture_on(r);
-    END LOOP;
-END $$;
-
--- After DDL that may have moved tables into or out of a tracked tree (CREATE TABLE ... PARTITION
--- OF / INHERITS, ATTACH / DETACH PARTITION, INHERIT / NO INHERIT): bring every table of the trees
--- around "tbl", and every table left with capture triggers outside any tracked tree, to what it
--- should have. Rows that came into a tree (an attached partition that has rows) or left it (a
--- detached one) changed no row by DML: the feeds concerned get a full sync.
-CREATE FUNCTION cde._reconcile_capture(tbl oid) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    r        oid;
-    roots    oid[];
-    c        record;
-    has_rows boolean;
-    f        text;
-BEGIN
-    SELECT array_agg(DISTINCT a) INTO roots FROM unnest(cde._ancestry(tbl)) AS a
-     WHERE NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = a);
-    FOR r IN
-        SELECT s FROM unnest(roots) AS root, unnest(cde._subtree(root)) AS s
-        UNION
-        SELECT t.tgrelid FROM pg_trigger t WHERE t.tgname = 'cde_capture_trn'
-    LOOP
-        SELECT * INTO c FROM cde._install_capture_on(r);
-        IF c.gained <> '{}' OR c.lost <> '{}' THEN
-            EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', r::regclass) INTO has_rows;
-            IF has_rows THEN
-                FOREACH f IN ARRAY c.gained || c.lost LOOP
-                    INSERT INTO cde.queue (feed, all_keys) VALUES (f, true);
-                    RAISE NOTICE 'cde: the rows of % % feed %: it gets a full sync', r::regclass,
-                        CASE WHEN f = ANY (c.gained) THEN 'came into a table tracked by' ELSE 'left a table tracked by' END, f;
-                END LOOP;
-                PERFORM cde._changes_recorded();
-            END IF;
-        END IF;
-    END LOOP;
-END $$;
-
-CREATE FUNCTION cde._drop_capture(t cde.tracks) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM cde.tracks x WHERE x.feed = t.feed AND x.source_table = t.source_table;
-    PERFORM cde._install_capture(t.source_table);
-END $$;
-
-CREATE FUNCTION cde_untrack(feed text, source_table regclass) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    f cde.feeds := cde._managed_feed(feed);
-    t cde.tracks;
-BEGIN
-    SELECT * INTO t FROM cde.tracks x WHERE x.feed = f.name AND x.source_table = cde_untrack.source_table;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'cde_untrack: feed % does not track %', f.name, source_table
-            USING ERRCODE = 'undefined_object';
-    END IF;
-    PERFORM cde._drop_capture(t);
-END $$;
-
-COMMENT ON FUNCTION cde_untrack(text, regclass) IS 'Stop capturing changes of a table for a feed';
-
--- The event triggers below run for every role's DDL, in that role's session: SECURITY DEFINER
--- (the role needs no right on cde's tables: installing cde takes no DDL away from anyone) with a
--- fixed search_path (the session's own, which a database owner may set, cannot reach them).
-
--- A tracked table that is dropped takes its triggers with it; forget the tracking too, so that
--- cde.tracks never names a table that is gone.
-CREATE FUNCTION cde._on_sql_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    t cde.tracks;
-    f text;
-BEGIN
-    FOR t IN
-        SELECT x.* FROM cde.tracks x
-          JOIN pg_event_trigger_dropped_objects() d ON d.objid = x.source_table AND d.classid = 'pg_class'::regclass
-         WHERE d.object_type = 'table'
-    LOOP
-        PERFORM cde._drop_capture(t);
-        RAISE NOTICE 'cde: table % was dropped; feed % no longer tracks it', t.table_name, t.feed;
-    END LOOP;
-    -- A dropped partition or inheritance child of a tracked table took its rows with it, by no
-    -- DML. Which table it was under is gone from the catalog by now: every feed tracking a table
-    -- that still has partitions or children gets a full sync.
-    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d
-                 JOIN pg_event_trigger_dropped_objects() g
-                   ON g.object_type = 'trigger' AND g.object_identity = 'cde_capture_trn on ' || d.object_identity
-                WHERE d.object_type = 'table' AND d.classid = 'pg_class'::regclass
-                  AND NOT EXISTS (SELECT 1 FROM cde.tracks x WHERE x.source_table = d.objid)) THEN
-        FOR f IN SELECT DISTINCT x.feed FROM cde.tracks x JOIN pg_class c ON c.oid = x.source_table
-                  WHERE c.relkind = 'p' OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = x.source_table) LOOP
-            INSERT INTO cde.queue (feed, all_keys) VALUES (f, true);
-            RAISE NOTICE 'cde: a table under one that feed % tracks was dropped with its rows: it gets a full sync', f;
-        END LOOP;
-        PERFORM cde._changes_recorded();
-    END IF;
-END $$;
-
-CREATE EVENT TRIGGER cde_on_sql_drop ON sql_drop EXECUTE FUNCTION cde._on_sql_drop();
-
--- Tables that come under a tracked table or leave it get their capture triggers or lose them
--- (cde._reconcile_capture). An ALTER TABLE that breaks a tracked table's keys (a column they use
--- dropped, renamed or retyped) is refused with a clear error: the alternative, a capture trigger failing on every
--- later write, would break the application. Renaming the table itself is fine: triggers follow it.
-CREATE FUNCTION cde._on_ddl_command_end() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    t   cde.tracks;
-    f   cde.feeds;
-    rel oid;
-BEGIN
-    -- A table created under a tracked one, attached, detached, inheriting or not: capture follows.
-    -- Only for the commands that move tables between trees (event triggers do not see ALTER
-    -- TABLE's subcommands, the statement's text does): restoring a dump adds constraints to
-    -- tracked tables before it recreates their triggers, and must not find them made already.
-    FOR rel IN
-        SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
-         WHERE c.classid = 'pg_class'::regclass AND c.object_type IN ('table', 'foreign table')
-           AND current_query() ~* '\m(attach|detach)\s+partition\M|\mpartition\s+of\M|\minherits?\M'
-    LOOP
-        IF EXISTS (SELECT 1 FROM cde.tracks x WHERE x.source_table = ANY (cde._ancestry(rel) || cde._subtree(rel)))
-           OR EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = rel AND g.tgname LIKE 'cde\_capture\_%') THEN
-            PERFORM cde._reconcile_capture(rel);
-        END IF;
-    END LOOP;
-    FOR t IN
-        SELECT DISTINCT x.* FROM cde.tracks x
-          JOIN pg_event_trigger_ddl_commands() c ON c.objid = x.source_table AND c.classid = 'pg_class'::regclass
-         WHERE c.command_tag = 'ALTER TABLE'
-    LOOP
-        SELECT * INTO f FROM cde.feeds WHERE name = t.feed;
-        UPDATE cde.tracks SET table_name = t.source_table::regclass::text
-         WHERE feed = t.feed AND source_table = t.source_table;
-        BEGIN
-            PERFORM cde._check_keys(f, t.source_table::regclass, t.keys);
-        EXCEPTION WHEN OTHERS THEN
-            RAISE EXCEPTION 'cde: this ALTER TABLE breaks the tracking of % for feed %: %', t.source_table::regclass, t.feed, SQLERRM
-                USING ERRCODE = 'dependent_objects_still_exist',
-                      HINT = format('Run cde_untrack(%L, %L) first, or cde_track it again with keys that fit.', t.feed, t.source_table::regclass::text);
-        END;
-    END LOOP;
-END $$;
-
-CREATE EVENT TRIGGER cde_on_ddl_command_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE FOREIGN TABLE', 'ALTER FOREIGN TABLE')
-    EXECUTE FUNCTION cde._on_ddl_command_end();
-
--- DROP EXTENSION cde first waits for the worker's current iteration and the builder's current
--- full sync step to end, and keeps them from starting others: dropping locks cde's tables in
--- another order than they do, and they could deadlock (the DROP would then fail). Other
--- extensions' DROPs do not wait.
-CREATE FUNCTION cde._on_drop_extension() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF current_query() ~* '\mcde\M' THEN
-        PERFORM cde._hold_iteration_lock();
-        PERFORM pg_advisory_xact_lock(cde._sync_step_lock());
-    END IF;
-END $$;
-
-CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
-    EXECUTE FUNCTION cde._on_drop_extension();
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:30
 -- finalize
 -- What operators look at. Every column is documented in docs/operations.md.
@@ -2030,24 +2121,28 @@ COMMENT ON VIEW cde_failed_items IS 'Items that are retrying, rejected or dead, 
 -- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
 -- function there is executable by PUBLIC but pure ones (a source query runs cde._in_lane as its
 -- feed's owner). The management functions and the view helpers run as the extension's owner with a
--- fixed search_path; they act for the calling role (cde._caller()) and check what it may do.
+-- fixed search_path; they act for the role that called them (its ticket, src/trust.rs) and check
+-- what it may do.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cde._doc_hash(anyelement), cde._in_lane(text, int, int), cde._lane(text, int),
                           cde._chunk_size() TO PUBLIC;
+-- The management functions' last argument defaults to a ticket (src/trust.rs): taking one only
+-- ever binds a role's own identity, and grants nothing.
+GRANT EXECUTE ON FUNCTION cde._ticket() TO PUBLIC;
 
 -- The management functions, for cde_grant_admin and the checks of docs/security.md.
 CREATE FUNCTION cde._management_functions() RETURNS regprocedure[]
 LANGUAGE sql STABLE AS $$
-    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[])',
-                 '@extschema@.cde_drop_feed(text)',
-                 '@extschema@.cde_track(text, regclass, text)', '@extschema@.cde_untrack(text, regclass)',
-                 '@extschema@.cde_sync_now(text)', '@extschema@.cde_retry_failed(text)',
-                 '@extschema@.cde_resync(text, text[])', '@extschema@.cde_full_sync(text, boolean)',
-                 '@extschema@.cde_cancel_sync(bigint)', '@extschema@.cde_deliver(text)']::regprocedure[]
+    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], bigint)',
+                 '@extschema@.cde_drop_feed(text, bigint)',
+                 '@extschema@.cde_track(text, regclass, text, bigint)', '@extschema@.cde_untrack(text, regclass, bigint)',
+                 '@extschema@.cde_sync_now(text, bigint)', '@extschema@.cde_retry_failed(text, bigint)',
+                 '@extschema@.cde_resync(text, text[], bigint)', '@extschema@.cde_full_sync(text, boolean, bigint)',
+                 '@extschema@.cde_cancel_sync(bigint, bigint)', '@extschema@.cde_deliver(text)']::regprocedure[]
 $$;
 REVOKE ALL ON FUNCTION cde._management_functions() FROM PUBLIC;
 
-ALTER FUNCTION cde_sync_now(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION cde_sync_now(text, bigint) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- CALL cde_deliver(): the worker's job in this session, committing after every step (src/api.rs).
 CREATE PROCEDURE cde_deliver(feed text DEFAULT NULL) LANGUAGE c AS 'MODULE_PATHNAME', 'cde_deliver';
@@ -2120,21 +2215,52 @@ COMMENT ON FUNCTION cde_revoke_admin(regrole) IS 'Take back what cde_grant_admin
 
 -- cde 0.1.0 -> 0.2.0, last part: what the new objects make of 0.1.0's state.
 
--- Feed tables: the extension owner's, and no right for the role that registered the feed (a
--- 0.1.0 feed table was that role's, with its rebuild function).
+-- Feed tables: rebuilt from their fixed definition, the extension owner's, with no right for
+-- anyone else. A 0.1.0 feed table belonged to the role that registered the feed, which could have
+-- added triggers, rules, policies, defaults or indexes: none of it comes along. The rows do.
 DO $$
 DECLARE
     f record;
-    owner name := (SELECT r.rolname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_roles r ON r.oid = e.extowner WHERE e.extname = 'cde');
+    i record;
 BEGIN
-    FOR f IN SELECT x.feed_table, x.owner FROM cde.feeds x LOOP
-        EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO %I', f.feed_table, owner);
-        EXECUTE pg_catalog.format('REVOKE ALL ON %s FROM PUBLIC', f.feed_table);
-        IF f.owner::text <> owner AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = f.owner) THEN
-            EXECUTE pg_catalog.format('REVOKE ALL ON %s FROM %s', f.feed_table, f.owner);
+    FOR f IN SELECT x.name FROM cde.feeds x LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE cde.%I RENAME TO %I', 'feed_' || f.name, 'feed_' || f.name || '_0_1_0');
+        FOR i IN SELECT c.relname FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class c ON c.oid = x.indexrelid
+                  WHERE x.indrelid = pg_catalog.format('cde.%I', 'feed_' || f.name || '_0_1_0')::regclass LOOP
+            EXECUTE pg_catalog.format('ALTER INDEX cde.%I RENAME TO %I', i.relname, i.relname || '_0_1_0');
+        END LOOP;
+        FOR i IN SELECT c.conname AS relname FROM pg_catalog.pg_constraint c
+                  WHERE c.conrelid = pg_catalog.format('cde.%I', 'feed_' || f.name || '_0_1_0')::regclass AND c.contype = 'c' LOOP
+            EXECUTE pg_catalog.format('ALTER TABLE cde.%I RENAME CONSTRAINT %I TO %I', 'feed_' || f.name || '_0_1_0', i.relname, i.relname || '_0_1_0');
+        END LOOP;
+        PERFORM cde._create_feed_table(f.name);
+        -- Made by this script, it would be the extension's member; a feed table is not (a dump keeps it).
+        EXECUTE pg_catalog.format('ALTER EXTENSION cde DROP TABLE cde.%I', 'feed_' || f.name);
+        -- As the extension's owner, a superuser: row security does not apply to it.
+        EXECUTE pg_catalog.format($q$INSERT INTO cde.%I (key, doc, hash, deleted, status, http_status, error, attempts, modified_at, sent_at)
+                                      SELECT key, doc, hash, deleted, status, http_status, error, attempts, modified_at, sent_at FROM ONLY cde.%I$q$,
+                                  'feed_' || f.name, 'feed_' || f.name || '_0_1_0');
+        EXECUTE pg_catalog.format('DROP TABLE cde.%I', 'feed_' || f.name || '_0_1_0');   -- a view of yours over it stops the update: drop it first
+        UPDATE cde.feeds SET feed_table = pg_catalog.format('cde.%I', 'feed_' || f.name)::regclass WHERE name = f.name;
+    END LOOP;
+END $$;
+
+-- Tracks: a feed's owner must (still) be allowed to track the table; a track it is not is dropped.
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT x.feed, x.source_table, f.owner FROM cde.tracks x JOIN cde.feeds f ON f.name = x.feed LOOP
+        IF NOT pg_catalog.has_table_privilege(t.owner::oid, t.source_table, 'TRIGGER') THEN
+            DELETE FROM cde.tracks WHERE feed = t.feed AND source_table = t.source_table;
+            RAISE WARNING 'cde 0.2.0: feed % no longer tracks %: its owner % has no TRIGGER right on it', t.feed, t.source_table, t.owner;
         END IF;
     END LOOP;
 END $$;
+
+-- Source queries' search_path: pg_catalog first, as 0.2.0 registers them.
+UPDATE cde.feeds SET search_path = 'pg_catalog, ' || pg_catalog.array_to_string(ARRAY(
+    SELECT s FROM pg_catalog.unnest(pg_catalog.string_to_array(search_path, ', ')) AS s WHERE s <> 'pg_catalog'), ', ');
 
 -- The capture triggers, as 0.2.0 makes them (tables under tracked ones included).
 SELECT cde._install_capture(t.source_table) FROM (SELECT DISTINCT source_table FROM cde.tracks) AS t;

@@ -76,19 +76,20 @@ END $$;
 
 -- Send again, now, the items that failed: retrying, rejected and dead ones. Items whose document
 -- could not be built are rebuilt first. Returns how many items were scheduled.
-CREATE FUNCTION cde_retry_failed(feed text DEFAULT NULL) RETURNS bigint
+CREATE FUNCTION cde_retry_failed(feed text DEFAULT NULL, ticket bigint DEFAULT cde._ticket()) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    caller regrole := cde._redeem(ticket);
     f     cde.feeds;
     send  text[];
     build text[];
     total bigint := 0;
 BEGIN
     IF feed IS NOT NULL THEN
-        PERFORM cde._managed_feed(feed);
+        PERFORM cde._managed_feed(feed, caller);
     END IF;
     FOR f IN SELECT * FROM cde.feeds x
-              WHERE (cde_retry_failed.feed IS NULL OR x.name = cde_retry_failed.feed) AND cde._manages(x.owner) LOOP
+              WHERE (cde_retry_failed.feed IS NULL OR x.name = cde_retry_failed.feed) AND cde._manages(x.owner, caller) LOOP
         -- Every failed item: those whose document could not be built are rebuilt first.
         EXECUTE format($q$SELECT array_agg(key) FILTER (WHERE NOT (hash IS NULL AND NOT deleted)),
                                  array_agg(key) FILTER (WHERE hash IS NULL AND NOT deleted)
@@ -103,13 +104,14 @@ BEGIN
     RETURN total;
 END $$;
 
-COMMENT ON FUNCTION cde_retry_failed(text) IS 'Schedule failed, rejected and dead items to be sent again now';
+COMMENT ON FUNCTION cde_retry_failed(text, bigint) IS 'Schedule failed, rejected and dead items to be sent again now';
 
 -- Rebuild these keys now and send them again, even when their document did not change.
-CREATE FUNCTION cde_resync(feed text, keys text[]) RETURNS bigint
+CREATE FUNCTION cde_resync(feed text, keys text[], ticket bigint DEFAULT cde._ticket()) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds := cde._managed_feed(feed);
+    caller regrole := cde._redeem(ticket);
+    f cde.feeds := cde._managed_feed(feed, caller);
     n bigint;
 BEGIN
     IF keys IS NULL THEN
@@ -128,7 +130,7 @@ BEGIN
     RETURN n;
 END $$;
 
-COMMENT ON FUNCTION cde_resync(text, text[]) IS 'Rebuild and resend these keys of a feed, even if unchanged';
+COMMENT ON FUNCTION cde_resync(text, text[], bigint) IS 'Rebuild and resend these keys of a feed, even if unchanged';
 
 -- A destination answered as misconfigured: hold it (the worker sends nothing to it until then,
 -- but one request to see whether it was fixed). Returns whether it was not held for this reason

@@ -17,13 +17,15 @@ BEGIN
     END IF;
 END $$;
 
--- May the calling role (cde._caller(): the one that called the SECURITY DEFINER function asking)
--- manage a feed of this owner? A superuser, the owner, or a role with the owner's privileges.
-CREATE FUNCTION cde._manages(owner regrole) RETURNS boolean
+-- May the calling role (the management function's caller, from its ticket: src/trust.rs) manage
+-- a feed of this owner? A superuser, the owner, or a role with the owner's privileges. NULL: cde
+-- itself (the worker).
+CREATE FUNCTION cde._manages(owner regrole, caller regrole) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = cde._caller()), false)
+    SELECT caller IS NULL
+        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = caller), false)
         OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = owner)
-            AND pg_catalog.pg_has_role(cde._caller(), owner::oid, 'USAGE'))
+            AND pg_catalog.pg_has_role(caller::oid, owner::oid, 'USAGE'))
 $$;
 
 CREATE FUNCTION cde._feed(feed text) RETURNS cde.feeds
@@ -41,12 +43,12 @@ BEGIN
 END $$;
 
 -- A feed the caller may manage (cde._manages), or an error that says whose it is.
-CREATE FUNCTION cde._managed_feed(feed text) RETURNS cde.feeds
+CREATE FUNCTION cde._managed_feed(feed text, caller regrole) RETURNS cde.feeds
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     f cde.feeds := cde._feed(feed);
 BEGIN
-    IF NOT cde._manages(f.owner) THEN
+    IF NOT cde._manages(f.owner, caller) THEN
         RAISE EXCEPTION 'cde: permission denied for feed %', f.name
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = format('Feed %s belongs to role %s.', f.name, f.owner),
@@ -68,6 +70,33 @@ LANGUAGE sql STABLE AS $$
     SELECT name, max(depth)::int FROM walk GROUP BY name ORDER BY max(depth), name
 $$;
 
+-- A feed's table, from its one definition (registration, and the upgrade from 0.1.0, which
+-- rebuilds every feed table): the extension owner's, with no right for anyone else.
+CREATE FUNCTION cde._create_feed_table(feed text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    SET default_tablespace = '' SET default_table_access_method = heap AS $$   -- not the caller's
+DECLARE
+    tbl text := format('cde.%I', 'feed_' || feed);
+BEGIN
+    EXECUTE format($t$
+        CREATE TABLE %s (
+            key          text COLLATE "C" PRIMARY KEY,  -- "C": byte order, no strcoll on every probe
+            doc          jsonb,
+            hash         text,
+            deleted      boolean NOT NULL DEFAULT false,
+            status       text NOT NULL DEFAULT 'pending'
+                         CHECK (status IN ('pending', 'sent', 'retrying', 'rejected', 'dead')),
+            http_status  int,
+            error        text,
+            attempts     int NOT NULL DEFAULT 0,
+            modified_at  timestamptz NOT NULL DEFAULT now(),
+            sent_at      timestamptz
+        )$t$, tbl);
+    EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
+    EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
+    EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', tbl);
+END $$;
+
 CREATE FUNCTION cde_register_feed(
     feed         text,
     source_query text,
@@ -77,12 +106,14 @@ CREATE FUNCTION cde_register_feed(
     batch_size   int     DEFAULT NULL,
     -- Where the source query's names resolve: the caller's search_path as it is now (a default
     -- is evaluated in the caller's session, before this function pins its own).
-    search_path  name[]  DEFAULT pg_catalog.current_schemas(false)
+    search_path  name[]  DEFAULT pg_catalog.current_schemas(false),
+    ticket       bigint  DEFAULT cde._ticket()   -- who calls (src/trust.rs): never pass it
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
+    caller     regrole := cde._redeem(ticket);
     query      text := regexp_replace(coalesce(source_query, ''), '[\s;]+$', '');
-    owner      regrole := cde._caller();     -- the source query runs with this role's rights
+    owner      regrole := caller;     -- the source query runs with this role's rights
     path       text := cde._fixed_search_path(cde_register_feed.search_path);
     key_type   regtype;
     doc_type   regtype;
@@ -93,8 +124,8 @@ DECLARE
 BEGIN
     PERFORM cde._check_feed_name(feed);
     SELECT * INTO old FROM cde.feeds f WHERE f.name = feed;
-    IF old.name IS NOT NULL AND NOT cde._manages(old.owner) THEN
-        PERFORM cde._managed_feed(feed);   -- raises: another role's feed
+    IF old.name IS NOT NULL AND NOT cde._manages(old.owner, caller) THEN
+        PERFORM cde._managed_feed(feed, caller);   -- raises: another role's feed
     END IF;
     tbl := format('cde.%I', 'feed_' || feed);
     IF mode IS NULL OR mode NOT IN ('immediate', 'legacy') THEN
@@ -173,23 +204,10 @@ BEGIN
     END IF;
 
     IF to_regclass(tbl) IS NULL THEN
-        EXECUTE format($t$
-            CREATE TABLE %s (
-                key          text COLLATE "C" PRIMARY KEY,  -- "C": byte order, no strcoll on every probe
-                doc          jsonb,
-                hash         text,
-                deleted      boolean NOT NULL DEFAULT false,
-                status       text NOT NULL DEFAULT 'pending'
-                             CHECK (status IN ('pending', 'sent', 'retrying', 'rejected', 'dead')),
-                http_status  int,
-                error        text,
-                attempts     int NOT NULL DEFAULT 0,
-                modified_at  timestamptz NOT NULL DEFAULT now(),
-                sent_at      timestamptz
-            )$t$, tbl);
-        EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''',
-                       'feed_' || feed || '_pending', tbl);
-        EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
+        PERFORM cde._create_feed_table(feed);
+    ELSIF old.name IS NULL THEN
+        RAISE EXCEPTION 'cde: a table % exists that is no feed''s', tbl
+            USING ERRCODE = 'duplicate_table', HINT = 'A superuser drops or renames it; schema cde is cde''s alone.';
     END IF;
     -- The extension's owner owns the feed table, and nobody else has any right on it: the workers
     -- write it, and an owner could add triggers, rules, policies or expression indexes, which
@@ -224,22 +242,24 @@ BEGIN
     END IF;
 END $fn$;
 
-COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[]) IS
+COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[], bigint) IS
     'Register (or redefine) a feed: one source query yielding one JSON document per entity key';
 
--- A search_path of these schemas (the registering session's, resolved), with pg_temp last so
--- that temporary objects can never shadow what generated code refers to.
+-- A search_path of these schemas (the registering session's, resolved), with pg_catalog first
+-- (nothing of the registrant's may stand for the types, casts and operators cde's own SQL around
+-- the query uses) and pg_temp last (temporary objects never shadow anything).
 CREATE FUNCTION cde._fixed_search_path(schemas name[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(string_agg(quote_ident(s), ', ' ORDER BY o) || ', ', '') || 'pg_temp'
+    SELECT 'pg_catalog, ' || coalesce(string_agg(quote_ident(s), ', ' ORDER BY o) || ', ', '') || 'pg_temp'
       FROM unnest(schemas) WITH ORDINALITY AS t(s, o)
-     WHERE s NOT LIKE 'pg\_temp%'
+     WHERE s NOT LIKE 'pg\_temp%' AND s <> 'pg_catalog'
 $$;
 
-CREATE FUNCTION cde_drop_feed(feed text) RETURNS void
+CREATE FUNCTION cde_drop_feed(feed text, ticket bigint DEFAULT cde._ticket()) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f cde.feeds := cde._managed_feed(feed);
+    caller regrole := cde._redeem(ticket);
+    f cde.feeds := cde._managed_feed(feed, caller);
     t cde.tracks;
     dependents text;
 BEGIN
@@ -261,4 +281,4 @@ BEGIN
     EXECUTE format('DROP TABLE IF EXISTS %s', f.feed_table);
 END $$;
 
-COMMENT ON FUNCTION cde_drop_feed(text) IS 'Drop a feed: its capture triggers, feed table, queue and retries';
+COMMENT ON FUNCTION cde_drop_feed(text, bigint) IS 'Drop a feed: its capture triggers, feed table, queue and retries';

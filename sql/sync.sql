@@ -14,20 +14,22 @@
 
 
 
-CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false) RETURNS bigint
+CREATE FUNCTION cde_full_sync(feed text DEFAULT NULL, dry_run boolean DEFAULT false,
+                              ticket bigint DEFAULT cde._ticket()) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    caller regrole := cde._redeem(ticket);
     run_id bigint;
     names text[];
     busy record;
 BEGIN
     IF feed IS NOT NULL THEN
-        PERFORM cde._managed_feed(feed);
+        PERFORM cde._managed_feed(feed, caller);
         names := ARRAY[feed];
     ELSE
         -- Every feed the caller may manage (a superuser: every feed).
         SELECT array_agg(o.name ORDER BY o.depth, o.name) INTO names
-          FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name) WHERE cde._manages(f.owner);
+          FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name) WHERE cde._manages(f.owner, caller);
         IF names IS NULL THEN
             RAISE EXCEPTION 'cde_full_sync: no feed is registered that you may manage' USING HINT = 'cde_register_feed(...) first.';
         END IF;
@@ -57,12 +59,13 @@ BEGIN
     RETURN run_id;
 END $$;
 
-COMMENT ON FUNCTION cde_full_sync(text, boolean) IS
+COMMENT ON FUNCTION cde_full_sync(text, boolean, bigint) IS
     'Start a full (re)sync of one feed or all feeds, in dependency order; returns the run id (see cde_sync_runs)';
 
-CREATE FUNCTION cde_cancel_sync(run_id bigint) RETURNS void
+CREATE FUNCTION cde_cancel_sync(run_id bigint, ticket bigint DEFAULT cde._ticket()) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    caller regrole := cde._redeem(ticket);
     r cde.sync_runs;
     n text;
 BEGIN
@@ -72,7 +75,7 @@ BEGIN
     END IF;
     FOREACH n IN ARRAY r.feeds LOOP
         IF EXISTS (SELECT 1 FROM cde.feeds f WHERE f.name = n) THEN
-            PERFORM cde._managed_feed(n);   -- a run of feeds the caller may not manage is not its to cancel
+            PERFORM cde._managed_feed(n, caller);   -- a run of feeds the caller may not manage is not its to cancel
         END IF;
     END LOOP;
     IF NOT cde._active(r.status) THEN
@@ -85,7 +88,7 @@ BEGIN
     INSERT INTO cde.sync_events (run_id, status, message) VALUES (r.id, 'cancelled', 'cancelled by ' || current_user);
 END $$;
 
-COMMENT ON FUNCTION cde_cancel_sync(bigint) IS 'Cancel a full sync run; what it already made pending is still delivered';
+COMMENT ON FUNCTION cde_cancel_sync(bigint, bigint) IS 'Cancel a full sync run; what it already made pending is still delivered';
 
 -- The advisory locks (their keys: cde._sync_step_lock(), cde._sync_state_lock(), src/locks.rs).
 -- Full sync steps take the step lock shared: the sync builders (src/builder.rs), the worker and
@@ -185,7 +188,11 @@ BEGIN
                 PERFORM cde._sync_fail(r, ph.feed, 'feed ' || ph.feed || ' was dropped');
                 RETURN 'progress';
             END IF;
-            SELECT built INTO n FROM cde._rebuild(f.name, NULL, 'count');   -- as the feed's owner
+            BEGIN
+                SELECT built INTO n FROM cde._rebuild(f.name, NULL, 'count');   -- as the feed's owner
+            EXCEPTION WHEN OTHERS THEN
+                RETURN cde._sync_step_failed(r, ph.feed, SQLSTATE, SQLERRM);   -- the source query fails: so does the run
+            END;
             UPDATE cde.sync_phases SET planned = n WHERE run_id = r.id AND feed = ph.feed;
         END LOOP;
         UPDATE cde.sync_runs SET status = 'planned' WHERE id = r.id;

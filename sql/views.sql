@@ -91,24 +91,28 @@ COMMENT ON VIEW cde_failed_items IS 'Items that are retrying, rejected or dead, 
 -- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
 -- function there is executable by PUBLIC but pure ones (a source query runs cde._in_lane as its
 -- feed's owner). The management functions and the view helpers run as the extension's owner with a
--- fixed search_path; they act for the calling role (cde._caller()) and check what it may do.
+-- fixed search_path; they act for the role that called them (its ticket, src/trust.rs) and check
+-- what it may do.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cde._doc_hash(anyelement), cde._in_lane(text, int, int), cde._lane(text, int),
                           cde._chunk_size() TO PUBLIC;
+-- The management functions' last argument defaults to a ticket (src/trust.rs): taking one only
+-- ever binds a role's own identity, and grants nothing.
+GRANT EXECUTE ON FUNCTION cde._ticket() TO PUBLIC;
 
 -- The management functions, for cde_grant_admin and the checks of docs/security.md.
 CREATE FUNCTION cde._management_functions() RETURNS regprocedure[]
 LANGUAGE sql STABLE AS $$
-    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[])',
-                 '@extschema@.cde_drop_feed(text)',
-                 '@extschema@.cde_track(text, regclass, text)', '@extschema@.cde_untrack(text, regclass)',
-                 '@extschema@.cde_sync_now(text)', '@extschema@.cde_retry_failed(text)',
-                 '@extschema@.cde_resync(text, text[])', '@extschema@.cde_full_sync(text, boolean)',
-                 '@extschema@.cde_cancel_sync(bigint)', '@extschema@.cde_deliver(text)']::regprocedure[]
+    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], bigint)',
+                 '@extschema@.cde_drop_feed(text, bigint)',
+                 '@extschema@.cde_track(text, regclass, text, bigint)', '@extschema@.cde_untrack(text, regclass, bigint)',
+                 '@extschema@.cde_sync_now(text, bigint)', '@extschema@.cde_retry_failed(text, bigint)',
+                 '@extschema@.cde_resync(text, text[], bigint)', '@extschema@.cde_full_sync(text, boolean, bigint)',
+                 '@extschema@.cde_cancel_sync(bigint, bigint)', '@extschema@.cde_deliver(text)']::regprocedure[]
 $$;
 REVOKE ALL ON FUNCTION cde._management_functions() FROM PUBLIC;
 
-ALTER FUNCTION cde_sync_now(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION cde_sync_now(text, bigint) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- CALL cde_deliver(): the worker's job in this session, committing after every step (src/api.rs).
 CREATE PROCEDURE cde_deliver(feed text DEFAULT NULL) LANGUAGE c AS 'MODULE_PATHNAME', 'cde_deliver';

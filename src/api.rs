@@ -16,17 +16,23 @@ use std::time::Duration;
 /// dependency order or for one feed. Works without the background worker, e.g. from pg_cron.
 /// SECURITY DEFINER (sql/views.sql): called by a delegated admin, it takes only the feeds that
 /// role may manage.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, requires = [trust::cde::_ticket, trust::cde::_redeem])]
 fn cde_sync_now(
     feed: default!(Option<&str>, "NULL"),
+    ticket: default!(Option<i64>, "cde._ticket()"),
 ) -> TableIterator<'static, (name!(feed, String), name!(collected, i64), name!(sent, i64), name!(failed, i64))> {
+    // Who calls (src/trust.rs, tickets): SECURITY DEFINER hides it.
+    let caller = Spi::get_one_with_args::<pg_sys::Oid>("SELECT cde._redeem($1)", &[ticket.into()])
+        .unwrap_or_else(|e| error!("{e}"))
+        .unwrap_or_else(|| error!("cde: no caller"));
     if let Some(f) = feed {
-        Spi::run_with_args("SELECT cde._managed_feed($1)", &[f.into()]).unwrap_or_else(|e| error!("{e}"));
+        Spi::run_with_args("SELECT cde._managed_feed($1, $2::oid::regrole)", &[f.into(), caller.into()])
+            .unwrap_or_else(|e| error!("{e}"));
     }
     // Wait for the worker's iteration, if one runs, rather than racing it on the same rows.
     cde::_hold_iteration_lock();
     let settings = Settings::read();
-    let feeds = engine::load_feeds(feed, settings.legacy_interval.as_millis());
+    let feeds = engine::load_feeds(feed, settings.legacy_interval.as_millis(), Some(caller));
     let totals = until_done(&Inline, &settings, &feeds, Duration::MAX, Duration::MAX);
     let rows: Vec<(String, i64, i64, i64)> = feeds.iter().zip(totals).map(|(f, t)| (f.name.clone(), t.0, t.1, t.2)).collect();
     TableIterator::new(rows)
@@ -201,10 +207,17 @@ pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) ->
             );
         }
         let feed: Option<String> = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0).map(String::from);
+        if pg_sys::InSecurityRestrictedOperation() {
+            error!("cde: cde_deliver() cannot be called from a security-restricted operation");
+        }
+        // A procedure is not SECURITY DEFINER: the current user is the caller.
+        let caller = pg_sys::GetUserId();
         if pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32) != pg_sys::SPI_OK_CONNECT as i32 {
             error!("cde_deliver: SPI_connect failed");
         }
-        let owner = Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'cde'")
+        let owner = Spi::get_one::<pg_sys::Oid>(
+            "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'cde'::pg_catalog.name",
+        )
             .ok()
             .flatten()
             .unwrap_or_else(|| error!("cde_deliver: the extension is not installed in this database"));
@@ -212,9 +225,10 @@ pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) ->
         let settings = Settings::read();
         let feeds = tx.run(|| {
             if let Some(f) = &feed {
-                Spi::run_with_args("SELECT cde._managed_feed($1)", &[f.as_str().into()]).unwrap_or_else(|e| error!("{e}"));
+                Spi::run_with_args("SELECT cde._managed_feed($1, $2::oid::regrole)", &[f.as_str().into(), caller.into()])
+                    .unwrap_or_else(|e| error!("{e}"));
             }
-            engine::load_feeds(feed.as_deref(), settings.legacy_interval.as_millis())
+            engine::load_feeds(feed.as_deref(), settings.legacy_interval.as_millis(), Some(caller))
         });
         let totals = until_done(&tx, &settings, &feeds, Duration::from_millis(300), Duration::from_secs(1));
         for (f, t) in feeds.iter().zip(totals) {

@@ -207,9 +207,11 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             if CHANGES_IN_XACT.swap(false, Ordering::Relaxed) {
                 shmem::wake_worker();
             }
+            crate::trust::forget_tickets();
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             CHANGES_IN_XACT.store(false, Ordering::Relaxed);
+            crate::trust::forget_tickets();
         }
         _ => {}
     }

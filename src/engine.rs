@@ -57,17 +57,19 @@ pub struct FeedReport {
     pub misconfigured: Option<(Option<u16>, &'static str, String)>,
 }
 
-pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128) -> Vec<FeedInfo> {
+/// The feeds to iterate over: all, or `only`; with a `caller` (cde_sync_now(), cde_deliver()), the
+/// ones that role may manage.
+pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128, caller: Option<pg_sys::Oid>) -> Vec<FeedInfo> {
     let q = "SELECT f.name, f.feed_table::text, f.mode = 'legacy', f.batch_size,
                     f.last_legacy_send_at IS NULL
                     OR f.last_legacy_send_at + make_interval(secs => $2::float8 / 1000) <= now(),
                     EXISTS (SELECT 1 FROM cde.sync_phases p JOIN cde.sync_runs r ON r.id = p.run_id
                              WHERE p.feed = f.name AND p.status = 'sending' AND r.status = 'executing')
                FROM cde._feeds_in_order() o JOIN cde.feeds f USING (name)
-              WHERE ($1::text IS NULL OR f.name = $1) AND cde._manages(f.owner)   -- cde_sync_now() by an admin: its feeds
+              WHERE ($1::text IS NULL OR f.name = $1) AND cde._manages(f.owner, $3::oid::regrole)
               ORDER BY o.depth, o.name";
     Spi::connect(|c| {
-        let rows = c.select(q, None, &[only.into(), (legacy_interval_ms as i64).into()])?;
+        let rows = c.select(q, None, &[only.into(), (legacy_interval_ms as i64).into(), caller.into()])?;
         let mut out = Vec::new();
         for r in rows {
             out.push(FeedInfo {

@@ -21,7 +21,7 @@ use pgrx::prelude::*;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/rules.sql", name = "rules", requires = ["schema"]);
-extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["rules", trust::cde::_caller, trust::cde::_query_as]);
+extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["rules", trust::cde::_ticket, trust::cde::_redeem, trust::cde::_query_as]);
 extension_sql_file!("../sql/rebuild.sql", name = "rebuild", requires = ["feeds"]);
 extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds", capture::cde::_capture, capture::cde::_capture_keys]);
 extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["rebuild"]);

@@ -104,15 +104,63 @@ fn require_role(role: pg_sys::Oid, what: &str) {
     }
 }
 
+/// Tickets: who called a management function. Inside a SECURITY DEFINER function
+/// `current_user` is the function's owner, and the outer user (SET ROLE's, or the session's) may be
+/// another role than the one whose code made the call: a superuser's write firing an admin's
+/// trigger, the worker running an admin's source query. So each management function takes, as a
+/// last argument defaulted to `cde._ticket()`, a ticket that the call's own expression takes in
+/// the caller's context (a default is evaluated there, before the function switches user), bound to
+/// `current_user` at that moment; its first statement redeems it (`cde._redeem`). A ticket is random,
+/// of this backend only, single-use, and forgotten at the end of the transaction: a role can only
+/// ever hold tickets of its own.
+static TICKETS: std::sync::Mutex<Vec<(i64, pg_sys::Oid)>> = std::sync::Mutex::new(Vec::new());
+
+/// Forget the tickets not redeemed (the call that took one failed before its first statement).
+pub fn forget_tickets() {
+    if let Ok(mut t) = TICKETS.lock() {
+        t.clear();
+    }
+}
+
 #[pg_schema]
 mod cde {
     use super::*;
 
-    /// The role acting: SET ROLE's role, or the session's user. Inside a SECURITY DEFINER
-    /// function `current_user` is the function's owner; this is the role that called it.
-    #[pg_extern(stable, parallel_safe)]
-    fn _caller() -> pg_sys::Oid {
-        unsafe { pg_sys::GetOuterUserId() }
+    /// A ticket bound to `current_user` (see [`super::TICKETS`]). Refused where the current user
+    /// is not the one acting on its own behalf: inside a security-restricted operation (a source
+    /// query, a tracking's keys, an index expression).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _ticket() -> i64 {
+        if unsafe { pg_sys::InSecurityRestrictedOperation() } {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "cde: cde's management functions cannot be called from a source query, a tracking's keys or another security-restricted operation"
+            );
+        }
+        let mut bytes = [0u8; 8];
+        if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
+            error!("cde: no random bytes for a ticket");
+        }
+        let ticket = i64::from_ne_bytes(bytes);
+        TICKETS.lock().unwrap_or_else(|e| e.into_inner()).push((ticket, unsafe { pg_sys::GetUserId() }));
+        ticket
+    }
+
+    /// The role a ticket was taken by; the ticket is spent.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _redeem(ticket: Option<i64>) -> pg_sys::Oid {
+        let mut tickets = TICKETS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = ticket.and_then(|t| tickets.iter().position(|(k, _)| *k == t)) {
+            return tickets.swap_remove(i).1;
+        }
+        drop(tickets);
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "cde: call cde's management functions without their last argument",
+            "It is a ticket that the call takes by itself (cde._ticket())."
+        );
     }
 
     /// Run `query` as `role` with `search_path`; the first column of its first row, as text.
@@ -205,6 +253,14 @@ pub unsafe extern "C-unwind" fn cde_source(fcinfo: pg_sys::FunctionCallInfo) -> 
                 error!("cde._source: the source query of feed {feed} did not return rows (SPI code {rc})");
             }
             let table = pg_sys::SPI_tuptable;
+            // The rows go into a tuplestore of (text, jsonb, bigint): refuse anything else (a
+            // source query's own types, shadowing pg_catalog's, must never be read as these).
+            let desc = (*table).tupdesc;
+            let want = [pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::INT8OID];
+            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            if attrs.len() != 3 || attrs.iter().zip(want).any(|(a, t)| a.atttypid != t) {
+                error!("cde._source: the source query of feed {feed} did not give (text, jsonb, bigint) rows");
+            }
             for i in 0..pg_sys::SPI_processed as usize {
                 pg_sys::tuplestore_puttuple(store, *(*table).vals.add(i));
             }

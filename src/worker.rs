@@ -280,7 +280,7 @@ impl Worker {
             }
             self.last_progress_log = Instant::now();
         }
-        let feeds = match guarded(|| Own.run(|| engine::load_feeds(None, self.settings.legacy_interval.as_millis()))) {
+        let feeds = match guarded(|| Own.run(|| engine::load_feeds(None, self.settings.legacy_interval.as_millis(), None))) {
             Ok(feeds) => feeds,
             Err(e) => {
                 warning!("cde: {STEP_FAILED} reading the feeds failed, taken again: {e}");
@@ -431,6 +431,8 @@ pub fn stop_now_if_asked() {
 /// - jit = off: their statements are short and planned often (docs/benchmarks.md).
 pub fn session_settings() {
     Own.run(|| {
+        // A database's (or role's) "role" setting would make the session another role: none.
+        Spi::run("SET ROLE NONE")?;
         Spi::run("SET search_path = pg_catalog, pg_temp")?;
         Spi::run(RESET_DATABASE_SETTINGS)?;
         Spi::run(PINNED_SETTINGS)

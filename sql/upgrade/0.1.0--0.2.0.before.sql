@@ -11,6 +11,44 @@ SELECT DISTINCT a.grantee::regrole AS admin
    AND a.grantee <> 0 AND a.grantee <> p.proowner
    AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = a.grantee);
 
+-- 0.1.0 let delegated admins write cde's tables, create objects in schema cde, and own their feed
+-- tables: nothing of that is trusted. A feed belongs to the role that owned its 0.1.0 feed table
+-- (cde_register_feed created it as the registering role, and only a superuser could give it to
+-- another); its table is cde.feed_<name>, rebuilt below from its fixed definition.
+DO $$
+DECLARE
+    f record;
+    strays text;
+BEGIN
+    FOR f IN SELECT x.name, c.oid AS tbl, c.relkind, c.relowner::regrole AS relowner, x.owner
+               FROM cde.feeds x LEFT JOIN pg_catalog.pg_class c
+                 ON c.relnamespace = 'cde'::regnamespace AND c.relname = 'feed_' || x.name LOOP
+        IF f.tbl IS NULL OR f.relkind <> 'r' THEN
+            RAISE EXCEPTION 'cde 0.2.0: feed %''s table cde.feed_% is missing or no longer a table', f.name, f.name
+                USING HINT = 'Drop the feed with 0.1.0 (cde_drop_feed) or restore its table, then update.';
+        END IF;
+        UPDATE cde.feeds SET feed_table = f.tbl::regclass, owner = f.relowner WHERE name = f.name;
+        IF f.owner <> f.relowner THEN
+            RAISE WARNING 'cde 0.2.0: feed % said it belonged to %, its table to %: it belongs to % now', f.name, f.owner, f.relowner, f.relowner;
+        END IF;
+    END LOOP;
+    -- Anything else in schema cde that is not the extension's or a feed table's (an admin's).
+    SELECT pg_catalog.string_agg(pg_catalog.pg_describe_object(o.classid, o.objid, 0), ', ') INTO strays
+      FROM (SELECT 'pg_class'::regclass AS classid, c.oid AS objid FROM pg_catalog.pg_class c
+             WHERE c.relnamespace = 'cde'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+               AND NOT EXISTS (SELECT 1 FROM cde.feeds x WHERE x.feed_table = c.oid)
+               AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i')))
+            UNION ALL
+            SELECT 'pg_proc'::regclass, p.oid FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace = 'cde'::regnamespace AND p.proname NOT LIKE 'capture\_%' AND p.proname NOT LIKE 'rebuild\_%') AS o
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                        WHERE d.classid = o.classid AND d.objid = o.objid AND d.deptype = 'e');
+    IF strays IS NOT NULL THEN
+        RAISE EXCEPTION 'cde 0.2.0: schema cde holds objects that are not cde''s: %', strays
+            USING HINT = 'Schema cde is cde''s alone from 0.2.0 on: move or drop them, then update.';
+    END IF;
+END $$;
+
 -- Capture triggers (0.1.0's call generated functions cde.capture_<oid>()) and the generated
 -- functions (cde.rebuild_<feed>, cde.capture_<oid>): all recreated, or no longer needed.
 DO $$

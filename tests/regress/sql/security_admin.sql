@@ -10,7 +10,7 @@ SELECT cde_grant_admin('regress_admin');
 SELECT cde_grant_admin('regress_other_admin');
 -- What the grant gave: the management functions, the views, USAGE on schema cde; not pg_monitor.
 SELECT pg_has_role('regress_admin', 'pg_monitor', 'MEMBER') AS in_pg_monitor,
-       has_function_privilege('regress_admin', 'cde_register_feed(text, text, text, text, text[], int, name[])', 'EXECUTE') AS may_register,
+       has_function_privilege('regress_admin', 'cde_register_feed(text, text, text, text, text[], int, name[], bigint)', 'EXECUTE') AS may_register,
        has_table_privilege('regress_admin', 'cde_feed_status', 'SELECT') AS reads_status,
        has_schema_privilege('regress_admin', 'cde', 'CREATE') AS creates_in_cde;
 
@@ -93,6 +93,43 @@ TRUNCATE regress_evil.seen;
 SELECT o AS rows FROM cde._source('orders', 'count');
 SELECT DISTINCT who FROM regress_evil.seen;
 
+-- The admin's code cannot act as someone else through cde: a source query calling cde's
+-- management functions (run by a superuser, it would otherwise register a feed as that
+-- superuser), a forged ticket, a trigger of its own fired by a superuser's write.
+SET ROLE regress_admin;
+CREATE FUNCTION regress_evil.register() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM cde_register_feed('pwn', 'SELECT 1 AS id', search_path => '{public}');
+    RETURN true;
+END $$;
+SELECT cde_register_feed('sneaky', 'SELECT id FROM orders WHERE regress_evil.register()', search_path => '{public}');
+SELECT cde_register_feed('forged', 'SELECT 1 AS id', ticket => 42);
+CREATE TABLE regress_evil.box (id int);
+CREATE FUNCTION regress_evil.on_box() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+    PERFORM cde_register_feed('boxed', 'SELECT 1 AS id', search_path => '{public}');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER on_box AFTER INSERT ON regress_evil.box FOR EACH STATEMENT EXECUTE FUNCTION regress_evil.on_box();
+-- A view with a trigger named like cde's, to be read by cde as the extension's owner.
+CREATE TABLE regress_evil.calls (who name);
+CREATE FUNCTION regress_evil.spy() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO regress_evil.calls VALUES (current_user); RETURN false; END $$;
+CREATE VIEW regress_evil.lure AS SELECT 1 AS id WHERE regress_evil.spy();
+CREATE FUNCTION regress_evil.noop() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NULL; END$$;
+CREATE TRIGGER cde_capture_trn INSTEAD OF INSERT ON regress_evil.lure FOR EACH ROW EXECUTE FUNCTION regress_evil.noop();
+CREATE TABLE regress_evil.parent (id int);
+CREATE TABLE regress_evil.child (id int);
+ALTER TABLE regress_evil.child INHERIT regress_evil.parent;
+RESET ROLE;
+SELECT cde_full_sync('sneaky') > 0 AS started;
+SELECT feed, collected, failed FROM cde_sync_now('sneaky');
+SELECT status, error FROM cde_sync_runs WHERE feeds = '{sneaky}';
+INSERT INTO regress_evil.box VALUES (1);              -- a superuser's write fires the admin's trigger
+SELECT name, owner FROM cde.feeds WHERE name IN ('pwn', 'boxed', 'forged') ORDER BY name;
+SELECT count(*) AS spied FROM regress_evil.calls;
+SELECT cde_drop_feed('boxed');
+
 -- One admin's feed is not another's: it may not redefine, drop, track, sync or resend it.
 SET ROLE regress_other_admin;
 SELECT cde_register_feed('orders', 'SELECT 1 AS id');
@@ -116,6 +153,6 @@ SELECT key, status, error FROM cde.feed_orders WHERE status <> 'sent' ORDER BY k
 
 -- cde_revoke_admin takes it all back.
 SELECT cde_revoke_admin('regress_other_admin');
-SELECT has_function_privilege('regress_other_admin', 'cde_full_sync(text, boolean)', 'EXECUTE') AS may_sync,
+SELECT has_function_privilege('regress_other_admin', 'cde_full_sync(text, boolean, bigint)', 'EXECUTE') AS may_sync,
        has_schema_privilege('regress_other_admin', 'cde', 'USAGE') AS uses_cde;
 ROLLBACK;
