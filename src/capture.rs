@@ -213,6 +213,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             CHANGES_IN_XACT.store(false, Ordering::Relaxed);
             crate::trust::forget_tickets();
         }
+        pg_sys::XactEvent::XACT_EVENT_PREPARE => crate::trust::forget_tickets(),
         _ => {}
     }
 }

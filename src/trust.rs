@@ -117,9 +117,7 @@ static TICKETS: std::sync::Mutex<Vec<(i64, pg_sys::Oid)>> = std::sync::Mutex::ne
 
 /// Forget the tickets not redeemed (the call that took one failed before its first statement).
 pub fn forget_tickets() {
-    if let Ok(mut t) = TICKETS.lock() {
-        t.clear();
-    }
+    TICKETS.lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 
 #[pg_schema]
@@ -143,7 +141,13 @@ mod cde {
             error!("cde: no random bytes for a ticket");
         }
         let ticket = i64::from_ne_bytes(bytes);
-        TICKETS.lock().unwrap_or_else(|e| e.into_inner()).push((ticket, unsafe { pg_sys::GetUserId() }));
+        let mut tickets = TICKETS.lock().unwrap_or_else(|e| e.into_inner());
+        // Each call redeems its ticket at once: more outstanding than this is no management call.
+        if tickets.len() >= 64 {
+            drop(tickets);
+            error!("cde: too many tickets outstanding in this transaction (cde._ticket() is for the management functions' default argument)");
+        }
+        tickets.push((ticket, unsafe { pg_sys::GetUserId() }));
         ticket
     }
 

@@ -27,6 +27,23 @@ BEGIN
             RAISE EXCEPTION 'cde 0.2.0: feed %''s table cde.feed_% is missing or no longer a table', f.name, f.name
                 USING HINT = 'Drop the feed with 0.1.0 (cde_drop_feed) or restore its table, then update.';
         END IF;
+        -- Exactly 0.1.0's columns, in their built-in types: the rows are copied as they are.
+        IF (SELECT pg_catalog.string_agg(a.attname || ' ' || a.atttypid::regtype::text, ', ' ORDER BY a.attnum)
+              FROM pg_catalog.pg_attribute a WHERE a.attrelid = f.tbl AND a.attnum > 0 AND NOT a.attisdropped)
+           IS DISTINCT FROM 'key text, doc jsonb, hash text, deleted boolean, status text, http_status integer, error text, attempts integer, modified_at timestamp with time zone, sent_at timestamp with time zone' THEN
+            RAISE EXCEPTION 'cde 0.2.0: feed %''s table cde.feed_% has other columns than 0.1.0 made', f.name, f.name
+                USING HINT = 'Drop the feed with 0.1.0 (cde_drop_feed) and register it again, then update.';
+        END IF;
+        -- The definition as registered: 0.1.0 ran the query baked into its generated function
+        -- (owned by the registering role), not what cde.feeds says, which admins could write.
+        IF NOT EXISTS (SELECT 1 FROM cde.feeds x JOIN pg_catalog.pg_proc p ON p.oid = x.rebuild_fn
+                        WHERE x.name = f.name AND p.proowner = f.relowner
+                          AND pg_catalog.strpos(p.prosrc, pg_catalog.replace(x.source_query, '''', '''''')) > 0   -- inside its literals
+                          AND pg_catalog.strpos(p.prosrc, pg_catalog.format('::%s[]', pg_catalog.format_type(x.key_type, NULL))) > 0
+                          AND ('search_path=' || x.search_path) = ANY (p.proconfig)) THEN
+            RAISE EXCEPTION 'cde 0.2.0: feed % is not as it was registered (its row in cde.feeds was changed)', f.name
+                USING HINT = 'Register it again with 0.1.0 (cde_register_feed), then update.';
+        END IF;
         UPDATE cde.feeds SET feed_table = f.tbl::regclass, owner = f.relowner WHERE name = f.name;
         IF f.owner <> f.relowner THEN
             RAISE WARNING 'cde 0.2.0: feed % said it belonged to %, its table to %: it belongs to % now', f.name, f.owner, f.relowner, f.relowner;
@@ -47,6 +64,45 @@ BEGIN
         RAISE EXCEPTION 'cde 0.2.0: schema cde holds objects that are not cde''s: %', strays
             USING HINT = 'Schema cde is cde''s alone from 0.2.0 on: move or drop them, then update.';
     END IF;
+END $$;
+
+-- Tracks as installed: keys that are not a plain column were baked into the table's generated
+-- function cde.capture_<oid>, column keys into cde._capture's trigger arguments.
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT x.* FROM cde.tracks x LOOP
+        IF NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
+                         WHERE p.pronamespace = 'cde'::regnamespace AND p.proname = 'capture_' || t.source_table::oid
+                           AND pg_catalog.strpos(p.prosrc, pg_catalog.quote_literal(t.feed)) > 0
+                           AND (t.keys IS NULL OR pg_catalog.strpos(p.prosrc, t.keys) > 0))
+                OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                            WHERE g.tgrelid = t.source_table::oid AND g.tgname = 'cde_capture_upd'
+                              AND pg_catalog.strpos(pg_catalog.encode(g.tgargs, 'escape'),
+                                                    t.feed || '\000' || coalesce(pg_catalog.btrim(t.keys), (SELECT f.key_column FROM cde.feeds f WHERE f.name = t.feed)) || '\000') > 0)) THEN
+            RAISE EXCEPTION 'cde 0.2.0: feed %''s track of % is not as it was installed (its row in cde.tracks was changed)', t.feed, t.table_name
+                USING HINT = 'cde_track it again with 0.1.0, then update.';
+        END IF;
+    END LOOP;
+END $$;
+
+-- Every right 0.1.0 handed out on cde's schema, tables and sequences is taken back (the admins'
+-- 0.2.0 grants are given again after): a role once an admin keeps none of it.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT c.oid::regclass AS obj, CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind, a.grantee
+               FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+              WHERE c.relnamespace = 'cde'::regnamespace AND a.grantee <> c.relowner LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s %s FROM %s', r.kind, r.obj,
+                                  CASE WHEN r.grantee = 0 THEN 'PUBLIC' ELSE r.grantee::regrole::text END);
+    END LOOP;
+    FOR r IN SELECT a.grantee FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+              WHERE n.nspname = 'cde' AND a.grantee <> n.nspowner LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON SCHEMA cde FROM %s', CASE WHEN r.grantee = 0 THEN 'PUBLIC' ELSE r.grantee::regrole::text END);
+    END LOOP;
 END $$;
 
 -- Capture triggers (0.1.0's call generated functions cde.capture_<oid>()) and the generated
