@@ -185,7 +185,7 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
 
 -- The 0.2.0 objects follow.
 /* <begin connected objects> */
--- src/lib.rs:23
+-- src/lib.rs:26
 -- requires:
 --   schema
 
@@ -228,127 +228,48 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/collect.rs:12
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:17
--- cde::collect::cde::_chunk_size
-CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:26
--- cde::collect::cde::_doc_hash
-CREATE  FUNCTION cde."_doc_hash"(
-	"doc" anyelement /* pgrx :: AnyElement */
-) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:15
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:32
--- cde::locks::cde::_sync_state_lock
-CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:25
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:31
--- cde::capture::cde::_changes_recorded
-CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:40
--- cde::capture::cde::_capture
-CREATE FUNCTION cde."_capture"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:79
--- cde::capture::cde::_capture_keys
-CREATE FUNCTION cde."_capture_keys"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:7
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:15
--- cde::sync::cde::_in_lane
-CREATE  FUNCTION cde."_in_lane"(
-	"key" TEXT, /* & str */
-	"lane" INT, /* i32 */
-	"lanes" INT /* i32 */
-) RETURNS bool /* bool */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_in_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:21
--- cde::sync::cde::_lane
-CREATE  FUNCTION cde."_lane"(
-	"key" TEXT, /* & str */
-	"lanes" INT /* i32 */
-) RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/trust.rs:123
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:130
+-- cde::trust::cde::_ticket
+CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_ticket_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:155
+-- cde::trust::cde::_redeem
+CREATE  FUNCTION cde."_redeem"(
+	"ticket" bigint /* Option < i64 > */
+) RETURNS oid /* pg_sys :: Oid */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_redeem_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:19
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -365,27 +286,7 @@ AS 'MODULE_PATHNAME', '_query_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:155
--- cde::trust::cde::_redeem
-CREATE  FUNCTION cde."_redeem"(
-	"ticket" bigint /* Option < i64 > */
-) RETURNS oid /* pg_sys :: Oid */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_redeem_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/trust.rs:130
--- cde::trust::cde::_ticket
-CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_ticket_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:24
+-- src/lib.rs:27
 -- requires:
 --   rules
 --   trust::cde::_ticket
@@ -679,7 +580,7 @@ COMMENT ON FUNCTION cde_drop_feed(text, bigint) IS 'Drop a feed: its capture tri
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:25
+-- src/lib.rs:28
 -- requires:
 --   feeds
 
@@ -852,7 +753,7 @@ END $fn$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:27
+-- src/lib.rs:30
 -- requires:
 --   rebuild
 
@@ -1055,7 +956,7 @@ END $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:28
+-- src/lib.rs:31
 -- requires:
 --   collect
 
@@ -1223,7 +1124,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:29
+-- src/lib.rs:32
 -- requires:
 --   deliver
 
@@ -1582,7 +1483,39 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:26
+-- src/capture.rs:25
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:31
+-- cde::capture::cde::_changes_recorded
+CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:40
+-- cde::capture::cde::_capture
+CREATE FUNCTION cde."_capture"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:79
+-- cde::capture::cde::_capture_keys
+CREATE FUNCTION cde."_capture_keys"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:29
 -- requires:
 --   feeds
 --   capture::cde::_capture
@@ -2027,23 +1960,35 @@ CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DR
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:19
--- cde::api::cde_sync_now
--- requires:
---   trust::cde::_ticket
---   trust::cde::_redeem
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL, /* Option < & str > */
-	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE 
+-- src/locks.rs:15
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:32
+-- cde::locks::cde::_sync_state_lock
+CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2052,16 +1997,16 @@ CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:95
--- cde::api::cde::_hold_iteration_lock
-CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
+-- src/api.rs:163
+-- cde::api::cde::_serve
+CREATE  FUNCTION cde."_serve"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
+AS 'MODULE_PATHNAME', '_serve_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:101
+-- src/api.rs:102
 -- cde::api::cde::_worker_status
 CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
 	"running" bool,  /* bool */
@@ -2074,7 +2019,9 @@ CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
 	"bytes_sent" bigint,  /* i64 */
 	"requests" bigint,  /* i64 */
 	"requests_failed" bigint,  /* i64 */
-	"reloads" bigint  /* i64 */
+	"reloads" bigint,  /* i64 */
+	"sync_builders" INT,  /* i32 */
+	"sync_builders_wanted" INT  /* i32 */
 )
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
@@ -2082,7 +2029,71 @@ AS 'MODULE_PATHNAME', '_worker_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:30
+-- src/api.rs:95
+-- cde::api::cde::_hold_iteration_lock
+CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:12
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:26
+-- cde::collect::cde::_doc_hash
+CREATE  FUNCTION cde."_doc_hash"(
+	"doc" anyelement /* pgrx :: AnyElement */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:17
+-- cde::collect::cde::_chunk_size
+CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:7
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:21
+-- cde::sync::cde::_lane
+CREATE  FUNCTION cde."_lane"(
+	"key" TEXT, /* & str */
+	"lanes" INT /* i32 */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:15
+-- cde::sync::cde::_in_lane
+CREATE  FUNCTION cde."_in_lane"(
+	"key" TEXT, /* & str */
+	"lane" INT, /* i32 */
+	"lanes" INT /* i32 */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:33
 -- finalize
 -- What operators look at. Every column is documented in docs/operations.md.
 
@@ -2112,12 +2123,12 @@ END $$;
 CREATE VIEW cde_worker_status AS
 SELECT w.running, w.pid, w.state, w.started_at, w.last_iteration_at, w.iterations,
        w.documents_sent, w.bytes_sent, w.requests, w.requests_failed, w.reloads,
-       current_setting('cde.database') AS database,
+       current_database() AS database, w.sync_builders, w.sync_builders_wanted,
        d.held_until AS destination_held_until, d.held_error AS destination_error
   FROM cde._worker_status() AS w
   LEFT JOIN cde.destinations d ON d.name = 'default';
 
-COMMENT ON VIEW cde_worker_status IS 'The cde background worker: whether it runs, what it has done';
+COMMENT ON VIEW cde_worker_status IS 'The cde background worker of this database: whether it runs, what it has done';
 
 CREATE VIEW cde_feed_status AS
 WITH queued AS (
@@ -2266,6 +2277,10 @@ END $$;
 
 REVOKE ALL ON FUNCTION cde_revoke_admin(regrole) FROM PUBLIC;
 COMMENT ON FUNCTION cde_revoke_admin(regrole) IS 'Take back what cde_grant_admin gave a role';
+
+-- This database is served from the commit on: the launcher starts its worker (when cde is
+-- preloaded; otherwise this does nothing).
+SELECT cde._serve();
 /* </end connected objects> */
 
 

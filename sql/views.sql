@@ -26,12 +26,12 @@ END $$;
 CREATE VIEW cde_worker_status AS
 SELECT w.running, w.pid, w.state, w.started_at, w.last_iteration_at, w.iterations,
        w.documents_sent, w.bytes_sent, w.requests, w.requests_failed, w.reloads,
-       current_setting('cde.database') AS database,
+       current_database() AS database, w.sync_builders, w.sync_builders_wanted,
        d.held_until AS destination_held_until, d.held_error AS destination_error
   FROM cde._worker_status() AS w
   LEFT JOIN cde.destinations d ON d.name = 'default';
 
-COMMENT ON VIEW cde_worker_status IS 'The cde background worker: whether it runs, what it has done';
+COMMENT ON VIEW cde_worker_status IS 'The cde background worker of this database: whether it runs, what it has done';
 
 CREATE VIEW cde_feed_status AS
 WITH queued AS (
@@ -180,3 +180,7 @@ END $$;
 
 REVOKE ALL ON FUNCTION cde_revoke_admin(regrole) FROM PUBLIC;
 COMMENT ON FUNCTION cde_revoke_admin(regrole) IS 'Take back what cde_grant_admin gave a role';
+
+-- This database is served from the commit on: the launcher starts its worker (when cde is
+-- preloaded; otherwise this does nothing).
+SELECT cde._serve();

@@ -97,7 +97,8 @@ mod cde {
         Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[ITERATION_LOCK.into()]).unwrap_or_else(|e| error!("{e}"));
     }
 
-    /// The worker's state from shared memory; one row, all NULL but `running` when cde is not preloaded.
+    /// This database's worker, from shared memory; one row, all NULL but `running` and `state`
+    /// when no worker serves this database (`state` says why).
     #[pg_extern(volatile, parallel_safe)]
     fn _worker_status() -> TableIterator<
         'static,
@@ -113,59 +114,60 @@ mod cde {
             name!(requests, i64),
             name!(requests_failed, i64),
             name!(reloads, i64),
+            name!(sync_builders, i32),
+            name!(sync_builders_wanted, i32),
         ),
     > {
+        let idle = |state: String| (false, None, state, None, None, 0, 0, 0, 0, 0, 0, 0, 0);
+        let shared = shmem::shared();
         // A standby in recovery writes nothing: no worker runs there until it is promoted.
-        let standby = unsafe { pg_sys::RecoveryInProgress() };
-        let row = match shmem::worker() {
-            Some(_) if standby => (
-                false,
-                None,
-                "standby: this server is a replica in recovery; the primary's worker delivers, this one starts at promotion"
-                    .to_string(),
-                None,
-                None,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-            ),
-            None => (
-                false,
-                None,
-                "not running: add cde to shared_preload_libraries and restart".to_string(),
-                None,
-                None,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-            ),
-            Some(w) => {
-                let state = w.state.load(Ordering::Relaxed);
-                let pid = w.pid.load(Ordering::Relaxed);
-                let running = state != shmem::STOPPED && pid != 0 && w.latch.load(Ordering::Relaxed) != 0;
-                (
-                    running,
-                    (pid != 0).then_some(pid),
-                    shmem::state_name(state).to_string(),
-                    ts(w.started_at.load(Ordering::Relaxed)),
-                    ts(w.last_iteration_at.load(Ordering::Relaxed)),
-                    w.iterations.load(Ordering::Relaxed) as i64,
-                    w.docs_sent.load(Ordering::Relaxed) as i64,
-                    w.bytes_sent.load(Ordering::Relaxed) as i64,
-                    w.requests.load(Ordering::Relaxed) as i64,
-                    w.requests_failed.load(Ordering::Relaxed) as i64,
-                    w.reloads.load(Ordering::Relaxed) as i64,
-                )
-            }
+        let row = if shared.is_some() && unsafe { pg_sys::RecoveryInProgress() } {
+            idle("standby: this server is a replica in recovery; the primary's worker delivers, this one starts at promotion".into())
+        } else if let Some(w) = shmem::worker() {
+            let state = w.state.load(Ordering::Relaxed);
+            let pid = w.pid.load(Ordering::Relaxed);
+            let running = state != shmem::STOPPED && pid != 0 && w.latch.load(Ordering::Relaxed) != 0;
+            let builders = w.builders.iter().filter(|b| b.load(Ordering::Relaxed) != 0).count() as i32;
+            (
+                running,
+                (pid != 0).then_some(pid),
+                shmem::state_name(state).to_string(),
+                ts(w.started_at.load(Ordering::Relaxed)),
+                ts(w.last_iteration_at.load(Ordering::Relaxed)),
+                w.iterations.load(Ordering::Relaxed) as i64,
+                w.docs_sent.load(Ordering::Relaxed) as i64,
+                w.bytes_sent.load(Ordering::Relaxed) as i64,
+                w.requests.load(Ordering::Relaxed) as i64,
+                w.requests_failed.load(Ordering::Relaxed) as i64,
+                w.reloads.load(Ordering::Relaxed) as i64,
+                builders,
+                w.builders_wanted.load(Ordering::Relaxed) as i32,
+            )
+        } else {
+            idle(match shared {
+                None => "not running: add cde to shared_preload_libraries and restart".into(),
+                Some(s) if s.launcher_pid.load(Ordering::Relaxed) == 0 => "not running: the cde launcher is not running (see the server log)".into(),
+                Some(_) => match crate::gucs::databases() {
+                    Some(names) if !names.iter().any(|n| *n == current_database()) => format!(
+                        "not served: cde.database ({}) does not name this database; empty, it serves every database where cde is installed",
+                        names.join(", ")
+                    ),
+                    _ => "starting: the launcher starts this database's worker".into(),
+                },
+            })
         };
         TableIterator::once(row)
     }
+
+    /// Called by the install script: at commit, the launcher starts this database's worker.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _serve() {
+        crate::capture::serve_at_commit();
+    }
+}
+
+fn current_database() -> String {
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }.to_string_lossy().into_owned()
 }
 
 fn ts(micros: i64) -> Option<TimestampWithTimeZone> {

@@ -13,12 +13,12 @@
 //! waits for those locks (a collect is short) rather than exit.
 
 use crate::engine::Txn;
-use crate::gucs;
 use crate::shmem;
 use crate::sync::{self, Step};
 use crate::worker::Own;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The worker's handles on its builders.
 #[derive(Default)]
@@ -35,14 +35,23 @@ impl Builders {
 
     /// Start builders until `n` run; false when none runs (`n` is 0, or no free background worker
     /// slot: max_worker_processes), and the worker takes the steps itself.
+    ///
+    /// While the launcher waits for a slot for some database's worker, none starts: builders only
+    /// speed a full sync up, a worker is what delivers a database at all.
     pub fn start(&mut self, n: usize) -> bool {
         self.alive();
-        while self.handles.len() < n {
+        let shared = shmem::worker();
+        let starved = shmem::shared().is_some_and(|s| s.waiting_for_slot.load(Ordering::Acquire) > 0);
+        if starved && self.handles.is_empty() && n > 0 {
+            log!("cde: no sync builder starts while a database waits for a background worker slot; the worker builds");
+        }
+        while !starved && self.handles.len() < n {
             let launched = BackgroundWorkerBuilder::new("cde sync builder")
                 .set_type("cde sync builder")
                 .set_function("cde_builder_main")
                 .set_library("cde")
                 .enable_spi_access()
+                .set_argument(Some(pg_sys::Datum::from(unsafe { pg_sys::MyDatabaseId }.to_u32() as usize)))
                 .set_notify_pid(unsafe { pg_sys::MyProcPid })
                 .load_dynamic();
             match launched {
@@ -57,19 +66,32 @@ impl Builders {
                 }
             }
         }
+        if let Some(w) = shared {
+            w.builders_wanted.store(n as u32, Ordering::Relaxed);
+            w.builders_started.store(self.handles.len() as u32, Ordering::Relaxed);
+        }
         !self.handles.is_empty()
     }
 }
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn cde_builder_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
+    let db = arg.value() as u32;
+    // Known to the slot before connecting, so that a statement holding the database (DROP
+    // DATABASE...) finds and stops this builder too.
+    let Some(entry) = register(db) else { return };
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(entry as *const AtomicI32 as usize)) };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     crate::worker::session_settings();
     let mut chunks = 0u64;
     loop {
         if BackgroundWorker::sigterm_received() || unsafe { pg_sys::ShutdownRequestPending } != 0 {
+            break;
+        }
+        // A held database, or a database elsewhere waiting for a worker slot: give this one up.
+        if shmem::held(db) || shmem::shared().is_some_and(|s| s.waiting_for_slot.load(Ordering::Acquire) > 0) {
             break;
         }
         let step = crate::worker::guarded(|| {
@@ -95,4 +117,18 @@ pub extern "C-unwind" fn cde_builder_main(_arg: pg_sys::Datum) {
         }
     }
     log!("cde: sync builder done after {chunks} steps");
+}
+
+/// This builder's pid in its database's slot; `None` when the database has no slot (its worker
+/// is gone) or every entry is taken.
+fn register(db: u32) -> Option<&'static AtomicI32> {
+    let slot = shmem::slot_of(pg_sys::Oid::from(db))?;
+    let pid = unsafe { pg_sys::MyProcPid };
+    slot.builders.iter().find(|b| b.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed).is_ok())
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: i32, arg: pg_sys::Datum) {
+    let entry = unsafe { &*(arg.value() as *const AtomicI32) };
+    entry.store(0, Ordering::Release);
 }

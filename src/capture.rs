@@ -138,8 +138,7 @@ mod cde {
 /// be queued twice, which the collector absorbs). NULLs are skipped.
 unsafe fn changed_keys(td: &pg_sys::TriggerData, column: &str) -> Vec<String> {
     let desc = (*td.tg_relation).rd_att;
-    let natts = (*desc).natts as usize;
-    let attrs = (*desc).attrs.as_slice(natts);
+    let attrs = crate::compat::tupdesc_attrs(desc);
     let Some(idx) =
         attrs.iter().position(|a| !a.attisdropped && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == column.as_bytes())
     else {
@@ -196,6 +195,13 @@ unsafe fn name_of(td: &pg_sys::TriggerData) -> String {
     CStr::from_ptr((*(*td.tg_relation).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned()
 }
 
+/// cde was installed in this transaction: at commit, ask the launcher for a worker.
+static SERVE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+
+pub fn serve_at_commit() {
+    SERVE_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
 pub fn init() {
     unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
 }
@@ -207,10 +213,14 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             if CHANGES_IN_XACT.swap(false, Ordering::Relaxed) {
                 shmem::wake_worker();
             }
+            if SERVE_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                shmem::request_worker();
+            }
             crate::trust::forget_tickets();
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             CHANGES_IN_XACT.store(false, Ordering::Relaxed);
+            SERVE_AT_COMMIT.store(false, Ordering::Relaxed);
             crate::trust::forget_tickets();
         }
         pg_sys::XactEvent::XACT_EVENT_PREPARE => crate::trust::forget_tickets(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 pub static ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static MAX_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4 * 1024 * 1024);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -66,10 +66,10 @@ pub fn init() {
     );
     GucRegistry::define_string_guc(
         c"cde.database",
-        c"Database the cde background worker connects to.",
-        c"",
+        c"Databases cde serves, comma-separated; empty: every database where cde is installed.",
+        c"0.1.0 served only the one database named here (postgres by default); a name set here still limits cde to it.",
         &DATABASE,
-        GucContext::Postmaster,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     int(c"cde.batch_size", c"Most items in one request (a feed may set its own).", &BATCH_SIZE, 1, 100_000, GucFlags::default());
@@ -142,7 +142,7 @@ pub fn init() {
         c"Pause the background worker: changes are still captured, nothing is collected or sent.",
         c"For maintenance windows; set it back and the worker catches up.",
         &PAUSE,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
@@ -267,7 +267,7 @@ impl Settings {
         let ms = |s: &GucSetting<i32>| Duration::from_millis(s.get().max(0) as u64);
         Settings {
             endpoint: string(&ENDPOINT).map(|e| e.trim_end_matches('/').to_string()),
-            api_key: string(&API_KEY).or_else(|| string(&API_KEY_FILE).and_then(read_key_file)),
+            api_key: api_key(),
             batch_size: BATCH_SIZE.get().max(1) as usize,
             max_batch_bytes: MAX_BATCH_BYTES.get().max(1024) as usize,
             poll_interval: ms(&POLL_INTERVAL_MS),
@@ -279,6 +279,24 @@ impl Settings {
             pause: PAUSE.get(),
             sync_builders: SYNC_BUILDERS.get().max(0) as usize,
         }
+    }
+}
+
+/// The bearer key. A key file set for the database (ALTER DATABASE ... SET cde.api_key_file) is
+/// that database's key and wins over cde.api_key, which is the whole server's; otherwise
+/// cde.api_key, then cde.api_key_file. Read in a transaction (the setting's source is asked).
+fn api_key() -> Option<String> {
+    let file = string(&API_KEY_FILE);
+    let for_database = file.is_some()
+        && Spi::get_one::<bool>(
+            "SELECT source IN ('database', 'user', 'database user') FROM pg_catalog.pg_settings WHERE name = 'cde.api_key_file'",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    match (for_database, string(&API_KEY)) {
+        (false, Some(key)) => Some(key),
+        _ => file.and_then(read_key_file),
     }
 }
 
@@ -294,6 +312,8 @@ fn read_key_file(path: String) -> Option<String> {
     }
 }
 
-pub fn database() -> String {
-    string(&DATABASE).unwrap_or_else(|| "postgres".into())
+/// The databases `cde.database` names, or `None` for every database where cde is installed.
+pub fn databases() -> Option<Vec<String>> {
+    let names: Vec<String> = string(&DATABASE)?.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+    (!names.is_empty()).then_some(names)
 }

@@ -8,12 +8,15 @@
 //! - transport one HTTP request of protocol v1 (crates/cde-protocol holds the pure logic)
 //! - sync     full sync runs in phases (sql/sync.sql)
 //! - engine   one iteration over all feeds, shared by the worker and cde_sync_now()
-//! - worker   the background worker
+//! - launcher one process per cluster starting a worker per database where cde is installed
+//! - worker   the background worker of one database
+//! - databases DROP DATABASE and the like never refused because of cde's workers
 //! - builder  a second worker taking full sync steps while the worker sends
 //! - api      SQL functions written in Rust
 //! - trust    running what a non-superuser wrote with that role's rights (docs/security.md)
 //! - locks    the advisory locks' keys
-//! - gucs     settings;  shmem: the worker's latch and counters
+//! - gucs     settings;  shmem: the launcher's and workers' latches and counters
+//! - compat   what differs between PostgreSQL 15, 16, 17 and 18
 
 use pgrx::prelude::*;
 
@@ -33,9 +36,12 @@ mod api;
 mod builder;
 mod capture;
 mod collect;
+mod compat;
+mod databases;
 mod deliver;
 mod engine;
 mod gucs;
+mod launcher;
 mod locks;
 mod queue;
 mod shmem;
@@ -50,7 +56,8 @@ pub extern "C-unwind" fn _PG_init() {
     capture::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
-        worker::register();
+        launcher::register();
+        databases::init();
     }
     // Without preloading, every SQL function works (cde_sync_now() sends); only the worker is
     // missing, and cde_worker_status / cde_feed_status say so and how to fix it.

@@ -117,7 +117,7 @@ unsafe fn plain_target(
     relid: pg_sys::Oid,
 ) -> Option<([pg_sys::AttrNumber; 5], pg_sys::Oid, pg_sys::CatalogIndexState)> {
     let attnums = plain_shape(rel)?;
-    let sequence = identity_sequence(relid, attnums[0])?;
+    let sequence = identity_sequence(rel, relid, attnums[0])?;
     let indexes = pg_sys::CatalogOpenIndexes(rel);
     let (infos, rels) = match (*indexes).ri_NumIndices {
         n if n > 0 => (
@@ -159,7 +159,7 @@ unsafe fn plain_shape(rel: pg_sys::Relation) -> Option<[pg_sys::AttrNumber; 5]> 
     }
     let mut attnums = [0 as pg_sys::AttrNumber; 5];
     let mut found = 0;
-    for a in (*desc).attrs.as_slice((*desc).natts as usize).iter().filter(|a| !a.attisdropped) {
+    for a in crate::compat::tupdesc_attrs(desc).iter().filter(|a| !a.attisdropped) {
         let name = CStr::from_ptr(a.attname.data.as_ptr()).to_bytes();
         let i = COLUMNS.iter().position(|(n, t)| n.as_bytes() == name && *t == a.atttypid)?;
         attnums[i] = a.attnum;
@@ -170,13 +170,13 @@ unsafe fn plain_shape(rel: pg_sys::Relation) -> Option<[pg_sys::AttrNumber; 5]> 
 
 /// The sequence of the queue's identity column, if it still has one. Cached by the queue's oid
 /// (looking it up scans pg_depend); a new queue (the extension created again) has a new oid.
-unsafe fn identity_sequence(relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> Option<pg_sys::Oid> {
+unsafe fn identity_sequence(rel: pg_sys::Relation, relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> Option<pg_sys::Oid> {
     SEQUENCE.with(|cached| {
-        let (rel, seq) = cached.get();
-        if rel == relid {
+        let (cached_relid, seq) = cached.get();
+        if cached_relid == relid {
             return Some(seq);
         }
-        let seq = pg_sys::getIdentitySequence(relid, attnum, true);
+        let seq = crate::compat::identity_sequence(rel, attnum);
         if seq == pg_sys::Oid::INVALID {
             return None;
         }

@@ -261,7 +261,7 @@ pub unsafe extern "C-unwind" fn cde_source(fcinfo: pg_sys::FunctionCallInfo) -> 
             // source query's own types, shadowing pg_catalog's, must never be read as these).
             let desc = (*table).tupdesc;
             let want = [pg_sys::TEXTOID, pg_sys::JSONBOID, pg_sys::INT8OID];
-            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            let attrs = crate::compat::tupdesc_attrs(desc);
             if attrs.len() != 3 || attrs.iter().zip(want).any(|(a, t)| a.atttypid != t) {
                 error!("cde._source: the source query of feed {feed} did not give (text, jsonb, bigint) rows");
             }

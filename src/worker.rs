@@ -1,23 +1,23 @@
-//! The background worker: one per cluster, connected to `cde.database`, registered when cde is in
+//! The background worker of one database, started by the launcher (launcher.rs) when cde is in
 //! `shared_preload_libraries`.
 //!
 //! It sleeps on its latch, woken by any commit that recorded changes (see capture.rs) or after
 //! `cde.poll_interval`, then runs one iteration over all feeds (engine.rs), committing after each
-//! step. It waits for the extension to be created, survives it being dropped, reloads settings on
-//! SIGHUP, stops on SIGTERM, and is restarted by the postmaster if it dies or is terminated (see
-//! `leave`).
+//! step. It ends when the extension is not (or no longer) there, reloads settings on SIGHUP,
+//! stops on SIGTERM, and is restarted by the launcher if it dies or is terminated (see `leave`).
 
 use crate::builder::Builders;
 use std::collections::HashMap;
 use pgrx::pg_sys::panic::CaughtError;
 use crate::deliver::Counters;
 use crate::engine::{self, Txn};
-use crate::gucs::{self, Settings};
+use crate::gucs::Settings;
 use crate::shmem::{self, now_micros};
 use crate::sync;
 use crate::transport::Transport;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
+use std::ffi::CStr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -39,17 +39,6 @@ const SYNC_BUDGET: Duration = Duration::from_millis(500);
 
 /// A running full sync logs its progress at least this often.
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(10);
-
-pub fn register() {
-    BackgroundWorkerBuilder::new("cde worker")
-        .set_type("cde worker")
-        .set_function("cde_worker_main")
-        .set_library("cde")
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(2)))
-        .load();
-}
 
 /// A fresh transaction per step, committed at its end.
 ///
@@ -73,26 +62,29 @@ impl Txn for Own {
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = gucs::database();
-    let shared = shmem::worker().expect("the cde worker runs only when cde is preloaded");
-    if shared.connecting.swap(true, Ordering::Relaxed) {
-        wait_for_database(shared, &database); // the last worker died connecting: no such database
-    }
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None); // FATAL if it does not exist
-    shared.connecting.store(false, Ordering::Relaxed);
-    announce(shared, shmem::WAITING_FOR_EXTENSION);
+    let shared = &shmem::shared().expect("the cde worker runs only when cde is preloaded").slots[arg.value()];
+    let db = shared.database.load(Ordering::Acquire);
+    shared.exit.store(shmem::EXIT_RESTART, Ordering::Relaxed);
+    announce(shared, shmem::STARTING);
     // However this process ends (an ERROR outside the boundaries, a FATAL, a signal), the status
     // must not say it runs.
-    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0usize)) };
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), arg) };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
+    // A statement that needs the database free of cde (DROP DATABASE...) may have begun while
+    // this worker connected: it is not waited for.
+    if shmem::held(db) {
+        leave_for(shared, shmem::EXIT_HELD);
+    }
+    let database = Own.run(|| unsafe { CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }.to_string_lossy().into_owned());
     session_settings();
-    log!("cde: worker started in database {database}");
+    let database_settings = Own.run(database_settings);
 
-    let mut w = Worker::new(Settings::read());
-    let mut announced_waiting = false;
+    let mut w = Worker::new(Own.run(Settings::read));
     let mut more = true; // look for work at once after a (re)start
     let mut last_start = Instant::now();
+    let mut first = true;
     loop {
         if !more && !BackgroundWorker::wait_latch(Some(w.settings.poll_interval)) {
             break;
@@ -107,12 +99,22 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
         if unsafe { pg_sys::ShutdownRequestPending } != 0 {
             break;
         }
+        if shmem::held(db) {
+            log!("cde: a statement needs database {database} without cde's processes; the worker stops until it is done");
+            leave_for(shared, shmem::EXIT_HELD);
+        }
         if BackgroundWorker::sighup_received() {
             unsafe {
                 pg_sys::ConfigReloadPending = 0;
                 pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
             }
-            w.reload(Settings::read());
+            // A database's own settings (ALTER DATABASE ... SET cde.*) are a session's from its
+            // start: when they changed, a new worker takes them.
+            if guarded(|| Own.run(self::database_settings)).is_ok_and(|now| now != database_settings) {
+                log!("cde: the settings of database {database} changed; a new worker takes them");
+                leave_for(shared, shmem::EXIT_RELOAD);
+            }
+            w.reload(Own.run(Settings::read));
             shared.reloads.fetch_add(1, Ordering::Relaxed);
             log!("cde: settings reloaded (endpoint {})", w.settings.endpoint.as_deref().unwrap_or("not set"));
         }
@@ -134,40 +136,40 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
                 .ok()
             })
         });
-        let ready = match ready {
-            Ok(Some((locked, Some(version)))) if version != env!("CARGO_PKG_VERSION") => {
+        let locked = match ready {
+            Ok(Some((_, Some(version)))) if version != env!("CARGO_PKG_VERSION") => {
                 if shared.state.swap(shmem::WAITING_FOR_UPDATE, Ordering::Relaxed) != shmem::WAITING_FOR_UPDATE {
                     warning!(
                         "cde: database {database} has cde {version} and the library is {}: the worker waits for ALTER EXTENSION cde UPDATE",
                         env!("CARGO_PKG_VERSION")
                     );
                 }
-                let _ = locked;
                 continue;
             }
-            Ok(Some((locked, Some(_)))) => Ok(locked),
-            Ok(_) => Ok(None),
-            Err(e) => Err(e),
-        };
-        let locked = match ready {
-            Ok(Some(locked)) => locked,
-            Ok(None) => {
-                if !announced_waiting {
-                    log!("cde: waiting for CREATE EXTENSION cde in database {database}");
-                    announced_waiting = true;
+            Ok(Some((locked, Some(_)))) => locked.unwrap_or(false),
+            Ok(_) => {
+                // Not installed (or dropped): this database costs nothing until CREATE EXTENSION
+                // cde asks the launcher for a worker again.
+                if first {
+                    debug1!("cde: not installed in database {database}; no worker there until CREATE EXTENSION cde");
+                } else {
+                    log!("cde: extension dropped in database {database}; its worker stops");
                 }
-                shared.state.store(shmem::WAITING_FOR_EXTENSION, Ordering::Relaxed);
-                continue;
+                leave_for(shared, shmem::EXIT_NOT_INSTALLED);
             }
             Err(e) => {
                 warning!("cde: {STEP_FAILED} the worker's check for the extension failed, taken again: {e}");
                 continue;
             }
         };
+        if first {
+            log!("cde: worker started in database {database}");
+            first = false;
+        }
         if !locked {
+            shared.state.store(shmem::IDLE, Ordering::Relaxed);
             continue; // cde_sync_now() is running an iteration; ours would find nothing to do
         }
-        announced_waiting = false;
         shared.state.store(shmem::WORKING, Ordering::Relaxed);
         more = w.iteration();
         shared.iterations.fetch_add(1, Ordering::Relaxed);
@@ -179,6 +181,19 @@ pub extern "C-unwind" fn cde_worker_main(_arg: pg_sys::Datum) {
         shared.state.store(shmem::IDLE, Ordering::Relaxed);
     }
     leave(shared);
+}
+
+/// The database's own cde settings (ALTER DATABASE ... SET), as the worker's session took them.
+fn database_settings() -> Vec<String> {
+    Spi::get_one::<Vec<String>>(
+        "SELECT coalesce(pg_catalog.array_agg(c ORDER BY c), '{}')
+           FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) AS c
+          WHERE s.setdatabase OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+            AND s.setrole OPERATOR(pg_catalog.=) 0 AND c OPERATOR(pg_catalog.~) '^cde[.]'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default()
 }
 
 /// The stable code of a worker step that raised an error (docs/operations.md, "Error codes").
@@ -386,21 +401,23 @@ fn report(feed: &engine::FeedInfo, r: &engine::FeedReport) {
     }
 }
 
-/// Stop on SIGTERM, leaving in shared memory no latch to set and the state `stopped`. Never
-/// returns.
-///
-/// The exit status is 1, not 0: to the postmaster, a background worker that exits with 0 is
-/// done for good and is not started again until the server restarts, so a
-/// `pg_terminate_backend()` of the worker would silently stop all delivery. With 1 it is started
-/// again `bgw_restart_time` (2 s) later, as PostgreSQL's own launchers are. At a shutdown the
-/// postmaster starts no worker whatever the status (the server log then says `background worker
-/// "cde worker" ... exited with exit code 1`, as it does of the logical replication launcher).
-/// To stop delivery on purpose there is `cde.pause`.
+/// Stop on SIGTERM (a shutdown, pg_terminate_backend): the launcher starts another worker a
+/// moment later unless the server is shutting down. To stop delivery on purpose there is
+/// `cde.pause`. Never returns.
 fn leave(shared: &shmem::WorkerShared) -> ! {
+    log!("cde: worker stopped");
+    // Stopped for a statement that needs the database (databases.rs): back once it is done.
+    let held = shmem::held(shared.database.load(Ordering::Acquire));
+    leave_for(shared, if held { shmem::EXIT_HELD } else { shmem::EXIT_RESTART })
+}
+
+/// End, telling the launcher why (`shmem::EXIT_*`), with no latch left to set and the state
+/// `stopped`. The postmaster never restarts a dynamic worker: the launcher decides.
+fn leave_for(shared: &shmem::WorkerShared, why: i32) -> ! {
+    shared.exit.store(why, Ordering::Release);
     shared.latch.store(0, Ordering::Release);
     shared.state.store(shmem::STOPPED, Ordering::Relaxed);
-    log!("cde: worker stopped");
-    unsafe { pg_sys::proc_exit(1) }
+    crate::compat::proc_exit(0)
 }
 
 /// Asked to stop (SIGTERM: a fast shutdown, pg_terminate_backend) while waiting for the endpoint:
@@ -408,8 +425,9 @@ fn leave(shared: &shmem::WorkerShared) -> ! {
 /// open and nothing is half-recorded; the items in flight stay pending and are sent again, with
 /// the same Idempotency-Key. Other processes (a backend running cde_sync_now()) are left alone.
 pub fn stop_now_if_asked() {
-    let asked = unsafe { pg_sys::IsBackgroundWorker && pg_sys::ShutdownRequestPending != 0 };
-    if let (true, Some(shared)) = (asked, shmem::worker()) {
+    let asked = unsafe { crate::compat::is_background_worker() && pg_sys::ShutdownRequestPending != 0 };
+    let mine = shmem::worker().filter(|w| w.pid.load(Ordering::Relaxed) == unsafe { pg_sys::MyProcPid });
+    if let (true, Some(shared)) = (asked, mine) {
         log!("cde: stopping with a request in flight; its items stay pending and go again");
         leave(shared);
     }
@@ -477,11 +495,13 @@ const PINNED_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0;
     SET synchronous_commit = off; SET jit = off";
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
-    if let Some(shared) = shmem::worker() {
+unsafe extern "C-unwind" fn on_exit(_code: i32, arg: pg_sys::Datum) {
+    if let Some(s) = shmem::shared() {
+        let shared = &s.slots[arg.value()];
         if shared.pid.load(Ordering::Relaxed) == unsafe { pg_sys::MyProcPid } {
             shared.latch.store(0, Ordering::Release);
             shared.state.store(shmem::STOPPED, Ordering::Relaxed);
+            shared.pid.store(0, Ordering::Release);
         }
     }
 }
@@ -491,26 +511,4 @@ fn announce(shared: &shmem::WorkerShared, state: i32) {
     shared.started_at.store(now_micros(), Ordering::Relaxed);
     shared.latch.store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
     shared.state.store(state, Ordering::Relaxed);
-}
-
-/// cde.database does not exist. Rather than die connecting every 2 seconds, connect to no
-/// database (the shared catalogs only), say so once, and look for it every poll interval; once
-/// it exists, exit so that the postmaster starts a worker that connects to it. Never returns.
-fn wait_for_database(shared: &shmem::WorkerShared, database: &str) -> ! {
-    BackgroundWorker::connect_worker_to_spi(None, None);
-    announce(shared, shmem::WAITING_FOR_DATABASE);
-    warning!("cde: database \"{database}\" does not exist (cde.database); the worker waits for it to be created");
-    let name = std::ffi::CString::new(database).unwrap_or_default();
-    loop {
-        let exists = Own.run(|| unsafe { pg_sys::get_database_oid(name.as_ptr(), true) } != pg_sys::Oid::INVALID);
-        if exists {
-            log!("cde: database \"{database}\" exists now; the worker restarts to connect to it");
-            shared.connecting.store(false, Ordering::Relaxed);
-            shared.latch.store(0, Ordering::Release);
-            unsafe { pg_sys::proc_exit(1) }; // 1: the postmaster restarts the worker
-        }
-        if !BackgroundWorker::wait_latch(Some(Settings::read().poll_interval)) {
-            leave(shared);
-        }
-    }
 }
