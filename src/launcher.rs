@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 /// template that has cde is found this way).
 const RESCAN: Duration = Duration::from_secs(5);
 
+/// How often a worker that found no background worker slot is tried again.
+const SLOT_RETRY: Duration = Duration::from_millis(250);
+
 /// How long after a worker ended on an error or a signal the next one starts.
 const RESTART_DELAY: Duration = Duration::from_secs(2);
 
@@ -51,6 +54,8 @@ struct Entry {
     handle: Option<DynamicBackgroundWorker>,
     /// Its worker found no cde there: nothing starts until cde is installed.
     not_installed: bool,
+    /// cde was installed there since its worker started (which may have looked before that).
+    requested: bool,
     not_before: Instant,
 }
 
@@ -78,7 +83,10 @@ pub extern "C-unwind" fn cde_launcher_main(_arg: pg_sys::Datum) {
         }
         // Until the next rescan, or the next restart due.
         let now = Instant::now();
-        let next = entries.values().map(|e| e.not_before).filter(|t| *t > now).min().map_or(RESCAN, |t| (t - now).min(RESCAN));
+        let mut next = entries.values().map(|e| e.not_before).filter(|t| *t > now).min().map_or(RESCAN, |t| (t - now).min(RESCAN));
+        if shared.waiting_for_slot.load(Ordering::Relaxed) > 0 {
+            next = next.min(SLOT_RETRY); // builders give theirs up after their step
+        }
         if !BackgroundWorker::wait_latch(Some(next)) {
             break;
         }
@@ -103,7 +111,7 @@ fn adopt(shared: &Shared) -> HashMap<u32, Entry> {
     for (i, slot) in shared.slots.iter().enumerate() {
         let db = slot.database.load(Ordering::Acquire);
         if db != 0 {
-            let entry = Entry { name: String::new(), slot: Some(i), handle: None, not_installed: false, not_before: Instant::now() };
+            let entry = Entry { name: String::new(), slot: Some(i), handle: None, not_installed: false, requested: false, not_before: Instant::now() };
             entries.insert(db, entry);
         }
     }
@@ -153,10 +161,14 @@ fn pass(shared: &Shared, entries: &mut HashMap<u32, Entry>, dbs: &[Database]) {
             for db in requested {
                 if let Some(e) = entries.get_mut(&db) {
                     e.not_installed = false;
+                    e.requested = true;
                 }
             }
         }
-        None => entries.values_mut().for_each(|e| e.not_installed = false),
+        None => entries.values_mut().for_each(|e| {
+            e.not_installed = false;
+            e.requested = true;
+        }),
     }
     let only = gucs::databases();
     let served = |d: &Database| d.connectable && only.as_ref().is_none_or(|names| names.iter().any(|n| *n == d.name));
@@ -182,6 +194,7 @@ fn pass(shared: &Shared, entries: &mut HashMap<u32, Entry>, dbs: &[Database]) {
             slot: None,
             handle: None,
             not_installed: false,
+            requested: false,
             not_before: Instant::now(),
         });
         e.name.clone_from(&d.name);
@@ -194,6 +207,8 @@ fn pass(shared: &Shared, entries: &mut HashMap<u32, Entry>, dbs: &[Database]) {
             let state = slot.state.load(Ordering::Relaxed);
             if state != shmem::WAITING_FOR_SLOT && state != shmem::STARTING {
                 match slot.exit.swap(shmem::EXIT_RESTART, Ordering::AcqRel) {
+                    // Installed again since that worker looked (DROP then CREATE EXTENSION): look again.
+                    shmem::EXIT_NOT_INSTALLED if e.requested => {}
                     shmem::EXIT_NOT_INSTALLED => {
                         e.not_installed = true;
                         free(e, shared);
@@ -254,6 +269,7 @@ fn start(shared: &Shared, d: &Database, e: &mut Entry) -> bool {
         Ok(h) => {
             state.store(shmem::STARTING, Ordering::Relaxed);
             e.handle = Some(h);
+            e.requested = false;
             true
         }
         Err(_) => {
