@@ -2,8 +2,18 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PG_BIN=/usr/lib/postgresql/15/bin
+# The PostgreSQL the scripts build for and run: Debian's 15, or with CDE_PG_VERSION=16, 17 or 18
+# the tree scripts/fetch-pg made (scripts/test-pg sets it).
+PG_VERSION="${CDE_PG_VERSION:-15}"
+if [ "$PG_VERSION" = 15 ]; then
+    PG_BIN=/usr/lib/postgresql/15/bin
+else
+    PG_BIN="${CDE_PG_ROOT:-/opt/cde-pg}/$PG_VERSION/bin"
+fi
 PG_CONFIG="$PG_BIN/pg_config"
+export CDE_PG_BIN="$PG_BIN"   # for tests/e2e
+# The cluster scripts/regress, scripts/isolation and the e2e suite run against (scripts/cluster NAME).
+CLUSTER="${CDE_CLUSTER:-test}"
 PGRX_VERSION=0.18.0
 export PATH="$HOME/.cargo/bin:$PATH"
 

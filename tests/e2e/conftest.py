@@ -18,6 +18,8 @@ SOCKET = os.environ.get("CDE_TEST_SOCKET", str(ROOT / ".cde" / "test" / "run"))
 SINK = os.environ.get("CDE_TEST_SINK", "http://127.0.0.1:18787")
 CATALOG = ROOT / "examples" / "catalog"
 SERVER_LOG = Path(SOCKET).parent / "postgres.log"
+# The server's binaries (scripts/lib.sh: Debian's 15, or a tree of scripts/fetch-pg).
+PG_BIN = Path(os.environ.get("CDE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 def wait_until(what, fn, timeout=10.0, interval=0.05):
@@ -126,7 +128,7 @@ def reconnect():
 def restart_postgres(mode):
     """pg_ctl restart -m MODE (fast: a clean shutdown; immediate: crash recovery at start)."""
     data = Path(SOCKET).parent / "data"
-    cmd = ["/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data), "-m", mode, "-w", "-t", "120",
+    cmd = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "-t", "120",
            "-l", str(Path(SOCKET).parent / "postgres.log"), "restart"]
     if os.geteuid() == 0:
         cmd = ["sudo", "-u", "postgres"] + cmd

@@ -10,9 +10,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import PORT, SOCKET, Db, connect, full_sync_and_wait, wait_until
+from conftest import PG_BIN, PORT, SOCKET, Db, connect, full_sync_and_wait, wait_until
 
-BIN = Path("/usr/lib/postgresql/15/bin")
+BIN = PG_BIN
 
 
 def pg(tool, *args):

@@ -12,9 +12,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import PORT, SOCKET, Db, fresh_catalog, reconnect, wait_until
+from conftest import PG_BIN, PORT, SOCKET, Db, fresh_catalog, reconnect, wait_until
 
-BIN = Path("/usr/lib/postgresql/15/bin")
+BIN = PG_BIN
 REPLICA_PORT = PORT + 1
 
 
@@ -40,6 +40,8 @@ def replica(db):
         as_postgres(BIN / "pg_ctl", "-D", data, "-m", "immediate", "stop")
     except subprocess.CalledProcessError:
         pass   # stopped by the test already
+    # Kept beside the primary's log, for a failure's post-mortem.
+    shutil.copy(d / "postgres.log", Path(SOCKET).parent / "replica.log")
     shutil.rmtree(d, ignore_errors=True)
 
 

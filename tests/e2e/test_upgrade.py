@@ -6,11 +6,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import ROOT, SERVER_LOG, wait_until
+from conftest import PG_BIN, ROOT, SERVER_LOG, wait_until
 
 
 def test_the_worker_waits_for_the_update_then_delivers(db, sink):
-    sharedir = subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True, text=True,
+    sharedir = subprocess.run([str(PG_BIN / "pg_config"), "--sharedir"], capture_output=True, text=True,
                               check=True).stdout.strip()
     shutil.copy(ROOT / "sql" / "cde--0.1.0.sql", Path(sharedir) / "extension")
     db.run("SET client_min_messages = warning")
