@@ -224,7 +224,8 @@ pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) ->
             .flatten()
             .unwrap_or_else(|| error!("cde_deliver: the extension is not installed in this database"));
         let tx = Committing { owner };
-        let settings = Settings::read();
+        // In the extension owner's step (pinned search_path): the key's source is asked in SQL.
+        let settings = tx.run(Settings::read);
         let feeds = tx.run(|| {
             if let Some(f) = &feed {
                 Spi::run_with_args("SELECT cde._managed_feed($1, $2::oid::regrole)", &[f.as_str().into(), caller.into()])

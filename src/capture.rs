@@ -223,7 +223,11 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             SERVE_AT_COMMIT.store(false, Ordering::Relaxed);
             crate::trust::forget_tickets();
         }
-        pg_sys::XactEvent::XACT_EVENT_PREPARE => crate::trust::forget_tickets(),
+        pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            // COMMIT PREPARED runs elsewhere and posts nothing: a reload serves such a database.
+            SERVE_AT_COMMIT.store(false, Ordering::Relaxed);
+            crate::trust::forget_tickets()
+        }
         _ => {}
     }
 }

@@ -93,8 +93,10 @@ fn hold(name: &str) -> Option<shmem::Hold> {
     if oid == pg_sys::Oid::INVALID || !owns(oid) {
         return None;
     }
-    let slot = shmem::slot_of(oid)?;
+    // The hold first: from here on the launcher starts nothing there, and a worker that was just
+    // starting (no slot yet, or not yet connected) leaves once connected.
     let hold = shmem::hold(oid)?;
+    let Some(slot) = shmem::slot_of(oid) else { return Some(hold) };
     let deadline = Instant::now() + STOP_DEADLINE;
     let mut told = false;
     loop {

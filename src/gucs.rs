@@ -56,14 +56,19 @@ pub fn init() {
             Some(show_api_key),
         );
     }
-    GucRegistry::define_string_guc(
-        c"cde.api_key_file",
-        c"File holding the bearer token (used when cde.api_key is empty).",
-        c"PostgreSQL logs a changed setting's value on reload; a key kept in a file never reaches the log.",
-        &API_KEY_FILE,
-        GucContext::Suset,
-        GucFlags::SUPERUSER_ONLY,
-    );
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"cde.api_key_file",
+            c"File holding the bearer token (used when cde.api_key is empty).",
+            c"PostgreSQL logs a changed setting's value on reload; a key kept in a file never reaches the log.",
+            &API_KEY_FILE,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY,
+            Some(check_api_key_file),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_string_guc(
         c"cde.database",
         c"Databases cde serves, comma-separated; empty: every database where cde is installed.",
@@ -215,6 +220,31 @@ unsafe extern "C-unwind" fn check_api_key(
     false
 }
 
+/// Where the key comes from and where it goes are a superuser's to say, even for a role granted
+/// SET on these parameters (PostgreSQL 15's GRANT SET ON PARAMETER): the superuser workers would
+/// read any file the server can and send it to any endpoint. Checked when the value is given
+/// (SET, ALTER DATABASE/ROLE ... SET); values already stored apply as they are.
+fn given_by_non_superuser(source: pg_sys::GucSource::Type) -> bool {
+    matches!(source, pg_sys::GucSource::PGC_S_TEST | pg_sys::GucSource::PGC_S_SESSION | pg_sys::GucSource::PGC_S_CLIENT)
+        && unsafe { pg_sys::IsUnderPostmaster && pg_sys::IsTransactionState() && !pg_sys::superuser() }
+}
+
+fn refuse(msg: &CStr) -> bool {
+    unsafe {
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(msg.as_ptr());
+    }
+    false
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_api_key_file(
+    _newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    !given_by_non_superuser(source) || refuse(c"Only a superuser may set cde.api_key_file.")
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn show_api_key() -> *const std::ffi::c_char {
     if string(&API_KEY).is_some() { c"********".as_ptr() } else { c"".as_ptr() }
@@ -224,8 +254,11 @@ unsafe extern "C-unwind" fn show_api_key() -> *const std::ffi::c_char {
 unsafe extern "C-unwind" fn check_endpoint(
     newval: *mut *mut std::ffi::c_char,
     _extra: *mut *mut std::ffi::c_void,
-    _source: pg_sys::GucSource::Type,
+    source: pg_sys::GucSource::Type,
 ) -> bool {
+    if given_by_non_superuser(source) {
+        return refuse(c"Only a superuser may set cde.endpoint.");
+    }
     let value = unsafe { (*newval).as_ref().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned()) };
     match value.as_deref().map(validate_endpoint) {
         None | Some(Ok(())) => true,
@@ -289,7 +322,8 @@ fn api_key() -> Option<String> {
     let file = string(&API_KEY_FILE);
     let for_database = file.is_some()
         && Spi::get_one::<bool>(
-            "SELECT source IN ('database', 'user', 'database user') FROM pg_catalog.pg_settings WHERE name = 'cde.api_key_file'",
+            "SELECT s.source OPERATOR(pg_catalog.=) ANY ('{database,user,database user}'::pg_catalog.text[])
+               FROM pg_catalog.pg_settings s WHERE s.name OPERATOR(pg_catalog.=) 'cde.api_key_file'::pg_catalog.text",
         )
         .ok()
         .flatten()

@@ -26,6 +26,9 @@ const RESCAN: Duration = Duration::from_secs(5);
 /// How often a worker that found no background worker slot is tried again.
 const SLOT_RETRY: Duration = Duration::from_millis(250);
 
+/// How long a new launcher waits for a worker its predecessor registered to start.
+const ADOPT_GRACE: Duration = Duration::from_secs(10);
+
 /// How long after a worker ended on an error or a signal the next one starts.
 const RESTART_DELAY: Duration = Duration::from_secs(2);
 
@@ -76,6 +79,9 @@ pub extern "C-unwind" fn cde_launcher_main(_arg: pg_sys::Datum) {
                 pg_sys::ConfigReloadPending = 0;
                 pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
             }
+            // A reload also looks again at every database found without cde (one installed by a
+            // transaction that was prepared, say, whose COMMIT PREPARED posts no request).
+            entries.values_mut().for_each(|e| e.not_installed = false);
         }
         match crate::worker::guarded(|| BackgroundWorker::transaction(databases)) {
             Ok(dbs) => pass(shared, &mut entries, &dbs),
@@ -111,7 +117,10 @@ fn adopt(shared: &Shared) -> HashMap<u32, Entry> {
     for (i, slot) in shared.slots.iter().enumerate() {
         let db = slot.database.load(Ordering::Acquire);
         if db != 0 {
-            let entry = Entry { name: String::new(), slot: Some(i), handle: None, not_installed: false, requested: false, not_before: Instant::now() };
+            // A worker the last launcher registered may not have started yet (no pid): give it
+            // time to show up before starting another in its place.
+            let not_before = Instant::now() + if slot.pid.load(Ordering::Acquire) == 0 { ADOPT_GRACE } else { Duration::ZERO };
+            let entry = Entry { name: String::new(), slot: Some(i), handle: None, not_installed: false, requested: false, not_before };
             entries.insert(db, entry);
         }
     }
@@ -216,7 +225,9 @@ fn pass(shared: &Shared, entries: &mut HashMap<u32, Entry>, dbs: &[Database]) {
                     shmem::EXIT_HELD | shmem::EXIT_RELOAD => {}
                     _ => e.not_before = Instant::now() + RESTART_DELAY,
                 }
-                slot.state.store(shmem::STARTING, Ordering::Relaxed);
+                if e.slot.is_some() {
+                    slot.state.store(shmem::STARTING, Ordering::Relaxed);
+                }
             }
         }
         if e.not_installed || Instant::now() < e.not_before || shmem::held(d.oid) {

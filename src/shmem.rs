@@ -22,7 +22,7 @@ pub const MAX_BUILDERS: usize = 64;
 const MAX_REQUESTS: usize = 32;
 
 /// Statements holding a database free of cde's processes at once (see databases.rs).
-const MAX_HOLDS: usize = 32;
+const MAX_HOLDS: usize = 128;
 
 pub struct WorkerShared {
     /// The database served through this slot, or 0 when the slot is free.
@@ -84,8 +84,9 @@ pub struct Shared {
     /// Databases where cde was just installed (oid, 0 free); `requests_lost` when the list was full.
     requests: [AtomicU32; MAX_REQUESTS],
     requests_lost: AtomicBool,
-    /// (database, backend pid) of statements that need a database without cde's processes.
-    holds: [(AtomicU32, AtomicI32); MAX_HOLDS],
+    /// Statements that need a database without cde's processes: database oid << 32 | backend
+    /// pid, 0 when free; one word, so that taking and clearing an entry are single CAS.
+    holds: [AtomicU64; MAX_HOLDS],
     pub slots: [WorkerShared; MAX_DATABASES],
 }
 
@@ -97,7 +98,7 @@ impl Default for Shared {
             waiting_for_slot: AtomicU32::new(0),
             requests: std::array::from_fn(|_| AtomicU32::new(0)),
             requests_lost: AtomicBool::new(false),
-            holds: std::array::from_fn(|_| (AtomicU32::new(0), AtomicI32::new(0))),
+            holds: std::array::from_fn(|_| AtomicU64::new(0)),
             slots: std::array::from_fn(|_| WorkerShared::default()),
         }
     }
@@ -209,46 +210,58 @@ pub fn take_requests(s: &Shared) -> Option<Vec<u32>> {
 }
 
 /// Hold `database` free of cde's processes until the returned guard is dropped; `None` when every
-/// hold entry is taken.
+/// hold entry is taken. A backend that ends without dropping it (a FATAL) releases it at exit.
 pub fn hold(database: pg_sys::Oid) -> Option<Hold> {
+    static RELEASE_AT_EXIT: AtomicBool = AtomicBool::new(false);
     let s = shared()?;
     let pid = unsafe { pg_sys::MyProcPid };
-    let i = s.holds.iter().position(|(db, p)| {
-        p.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed).is_ok() && {
-            db.store(database.to_u32(), Ordering::Release);
-            true
-        }
-    })?;
-    Some(Hold(i))
+    if !RELEASE_AT_EXIT.swap(true, Ordering::Relaxed) {
+        unsafe { pg_sys::before_shmem_exit(Some(release_holds_at_exit), pg_sys::Datum::from(0usize)) };
+    }
+    let word = (database.to_u32() as u64) << 32 | pid as u32 as u64;
+    let i = s.holds.iter().position(|h| h.compare_exchange(0, word, Ordering::AcqRel, Ordering::Relaxed).is_ok())?;
+    Some(Hold(i, word))
 }
 
-pub struct Hold(usize);
+pub struct Hold(usize, u64);
 
 impl Drop for Hold {
     fn drop(&mut self) {
         if let Some(s) = shared() {
-            let (db, pid) = &s.holds[self.0];
-            db.store(0, Ordering::Release);
-            pid.store(0, Ordering::Release);
+            let _ = s.holds[self.0].compare_exchange(self.1, 0, Ordering::AcqRel, Ordering::Relaxed);
             set_latch(&s.launcher_latch);
         }
     }
 }
 
-/// Is a statement holding `database`? A hold left by a backend that died is cleared here.
-pub fn held(database: u32) -> bool {
-    let Some(s) = shared() else { return false };
-    s.holds.iter().any(|(db, pid)| {
-        db.load(Ordering::Acquire) == database && {
-            let p = pid.load(Ordering::Acquire);
-            if p != 0 && !alive(p) {
-                db.store(0, Ordering::Release);
-                pid.store(0, Ordering::Release);
-                false
-            } else {
-                p != 0
+#[pg_guard]
+unsafe extern "C-unwind" fn release_holds_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    if let Some(s) = shared() {
+        let pid = unsafe { pg_sys::MyProcPid } as u32 as u64;
+        for h in &s.holds {
+            let word = h.load(Ordering::Acquire);
+            if word != 0 && word & 0xffff_ffff == pid {
+                let _ = h.compare_exchange(word, 0, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
+        set_latch(&s.launcher_latch);
+    }
+}
+
+/// Is a statement holding `database`? A hold left by a backend that died is cleared here (by
+/// CAS: only the entry as it was read).
+pub fn held(database: u32) -> bool {
+    let Some(s) = shared() else { return false };
+    s.holds.iter().any(|h| {
+        let word = h.load(Ordering::Acquire);
+        if word == 0 || (word >> 32) as u32 != database {
+            return false;
+        }
+        if alive((word & 0xffff_ffff) as u32 as i32) {
+            return true;
+        }
+        let _ = h.compare_exchange(word, 0, Ordering::AcqRel, Ordering::Relaxed);
+        false
     })
 }
 

@@ -166,6 +166,7 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
             log!("cde: worker started in database {database}");
             first = false;
         }
+        w.installed();
         if !locked {
             shared.state.store(shmem::IDLE, Ordering::Relaxed);
             continue; // cde_sync_now() is running an iteration; ours would find nothing to do
@@ -227,45 +228,62 @@ struct Worker {
     held_until: Option<Instant>,
     /// Feeds whose iteration raised an error: how many times in a row, and when to try again.
     failing: HashMap<String, (u32, Instant)>,
+    /// The destination's hold was read from cde.destinations (see `installed`).
+    hold_read: bool,
+    /// A reload happened: release the hold in cde.destinations too.
+    release_pending: bool,
 }
 
 impl Worker {
+    /// Nothing here reads schema cde: in a database where cde is not (yet) installed at this
+    /// version, anyone with CREATE there could have put a `cde.destinations` of their own.
     fn new(settings: Settings) -> Worker {
-        // A hold outlives a restart: still at most one request per retry interval.
-        let held_until = guarded(|| {
-            Own.run(|| {
-                Spi::get_one::<f64>(
-                    "SELECT extract(epoch FROM held_until - now())::float8 FROM cde.destinations
-                      WHERE name = 'default' AND held_until > now()
-                        AND EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde')",
-                )
-                .ok()
-                .flatten()
-            })
-        })
-        .ok()
-        .flatten()
-        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
         Worker {
             transport: Transport::new(&settings),
             settings,
             counters: Counters::default(),
             builders: Builders::default(),
             last_progress_log: Instant::now(),
-            held_until,
+            held_until: None,
             failing: HashMap::new(),
+            hold_read: false,
+            release_pending: false,
+        }
+    }
+
+    /// Called once cde is known to be installed here at this version: a destination hold outlives
+    /// a restart (still at most one request per retry interval), and a reload releases it.
+    fn installed(&mut self) {
+        if !self.hold_read {
+            self.hold_read = true;
+            self.held_until = guarded(|| {
+                Own.run(|| {
+                    Spi::get_one::<f64>(
+                        "SELECT extract(epoch FROM held_until - now())::float8 FROM cde.destinations
+                          WHERE name = 'default' AND held_until > now()",
+                    )
+                    .ok()
+                    .flatten()
+                })
+            })
+            .ok()
+            .flatten()
+            .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+        }
+        if std::mem::take(&mut self.release_pending) {
+            let _ = guarded(|| Own.run(|| Spi::run("SELECT cde._release_destination('default')")));
         }
     }
 
     /// New settings: a held destination may have been fixed (a new key, a new URL), so it is
-    /// released and the next iteration sends again.
+    /// released (in the table once cde is known to be there) and the next iteration sends again.
     fn reload(&mut self, settings: Settings) {
         self.transport.refresh(&settings);
         self.settings = settings;
         if self.held_until.take().is_some() {
             log!("cde: settings reloaded: the held destination is tried again");
         }
-        let _ = guarded(|| Own.run(|| Spi::run("SELECT cde._release_destination('default')")));
+        self.release_pending = true;
     }
 
     /// One iteration over all feeds, holding the iteration lock (released at the end); true when
