@@ -64,24 +64,17 @@ mod tests {
     }
 
     #[pg_test]
-    fn worker_status_has_one_row() {
-        // Preloaded in the test cluster, the worker serves another database (cde.database).
+    fn worker_status_has_one_row_and_says_why_this_database_is_not_served() {
+        // Preloaded in the test cluster, cde serves only the database cde.database names.
         let n = Spi::get_one::<i64>("SELECT count(*) FROM cde_worker_status").unwrap().unwrap();
         assert_eq!(n, 1);
-        let db = Spi::get_one::<String>("SELECT database FROM cde_worker_status").unwrap().unwrap();
-        assert_eq!(db, "cde_pgrx_idle");
-    }
-
-    #[pg_test]
-    fn worker_waits_for_a_database_that_does_not_exist() {
-        // cde.database names a database that does not exist here: after one failed start the
-        // worker waits for it (connected to no database) instead of dying every 2 seconds.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let state = || Spi::get_one::<String>("SELECT CASE WHEN running THEN state END FROM cde_worker_status").unwrap();
-        while state().as_deref() != Some("waiting for database (cde.database does not exist)") {
-            assert!(std::time::Instant::now() < deadline, "worker state: {:?}", state());
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        let (db, running, state) = Spi::get_three::<String, bool, String>(
+            "SELECT database::text, running, state FROM cde_worker_status",
+        )
+        .unwrap();
+        assert_eq!(db, Spi::get_one::<String>("SELECT current_database()::text").unwrap());
+        assert_eq!(running, Some(false));
+        assert!(state.as_deref().unwrap_or("").starts_with("not served: cde.database (cde_pgrx_idle)"), "{state:?}");
     }
 
     #[pg_test]
