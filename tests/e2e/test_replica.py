@@ -68,7 +68,9 @@ def test_a_standby_writes_nothing_and_a_promoted_one_delivers(db, sink, replica)
         assert state.startswith("standby"), state
         assert standby.one("SELECT running FROM cde_worker_status") is False
         assert standby.one("SELECT count(*) FROM cde_feed_status") == 5
-        assert standby.one("SELECT pending FROM cde_feed_status WHERE feed = 'products'") > 0
+        # (Seen once at 0 right after the replay wait, under load: waited for, not assumed.)
+        wait_until("the standby to show the queued products",
+                   lambda: standby.one("SELECT pending FROM cde_feed_status WHERE feed = 'products'") > 0, timeout=15)
         assert standby.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "preparing"
     assert sink.docs("products") == {}, "nothing may be delivered by either server yet"
 
