@@ -228,28 +228,35 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/collect.rs:12
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
+-- src/capture.rs:25
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/collect.rs:26
--- cde::collect::cde::_doc_hash
-CREATE  FUNCTION cde."_doc_hash"(
-	"doc" anyelement /* pgrx :: AnyElement */
-) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
+-- src/capture.rs:31
+-- cde::capture::cde::_changes_recorded
+CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
+AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/collect.rs:17
--- cde::collect::cde::_chunk_size
-CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+-- src/capture.rs:79
+-- cde::capture::cde::_capture_keys
+CREATE FUNCTION cde."_capture_keys"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:40
+-- cde::capture::cde::_capture
+CREATE FUNCTION cde."_capture"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -283,40 +290,19 @@ AS 'MODULE_PATHNAME', '_in_lane_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:15
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:32
--- cde::locks::cde::_sync_state_lock
-CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/trust.rs:123
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:155
+-- cde::trust::cde::_redeem
+CREATE  FUNCTION cde."_redeem"(
+	"ticket" bigint /* Option < i64 > */
+) RETURNS oid /* pg_sys :: Oid */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_redeem_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -339,17 +325,6 @@ CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_ticket_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/trust.rs:155
--- cde::trust::cde::_redeem
-CREATE  FUNCTION cde."_redeem"(
-	"ticket" bigint /* Option < i64 > */
-) RETURNS oid /* pg_sys :: Oid */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_redeem_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1550,104 +1525,6 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:19
--- cde::api::cde_sync_now
--- requires:
---   trust::cde::_ticket
---   trust::cde::_redeem
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL, /* Option < & str > */
-	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE 
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:87
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:102
--- cde::api::cde::_worker_status
-CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
-	"running" bool,  /* bool */
-	"pid" INT,  /* Option < i32 > */
-	"state" TEXT,  /* String */
-	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"iterations" bigint,  /* i64 */
-	"documents_sent" bigint,  /* i64 */
-	"bytes_sent" bigint,  /* i64 */
-	"requests" bigint,  /* i64 */
-	"requests_failed" bigint,  /* i64 */
-	"reloads" bigint,  /* i64 */
-	"sync_builders" INT,  /* i32 */
-	"sync_builders_wanted" INT  /* i32 */
-)
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_worker_status_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:163
--- cde::api::cde::_serve
-CREATE  FUNCTION cde."_serve"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_serve_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:95
--- cde::api::cde::_hold_iteration_lock
-CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:25
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:31
--- cde::capture::cde::_changes_recorded
-CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:40
--- cde::capture::cde::_capture
-CREATE FUNCTION cde."_capture"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:79
--- cde::capture::cde::_capture_keys
-CREATE FUNCTION cde."_capture_keys"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:29
 -- requires:
 --   feeds
@@ -2090,6 +1967,129 @@ END $$;
 
 CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
     EXECUTE FUNCTION cde._on_drop_extension();
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:19
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:87
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:163
+-- cde::api::cde::_serve
+CREATE  FUNCTION cde."_serve"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_serve_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:102
+-- cde::api::cde::_worker_status
+CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
+	"running" bool,  /* bool */
+	"pid" INT,  /* Option < i32 > */
+	"state" TEXT,  /* String */
+	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"iterations" bigint,  /* i64 */
+	"documents_sent" bigint,  /* i64 */
+	"bytes_sent" bigint,  /* i64 */
+	"requests" bigint,  /* i64 */
+	"requests_failed" bigint,  /* i64 */
+	"reloads" bigint,  /* i64 */
+	"sync_builders" INT,  /* i32 */
+	"sync_builders_wanted" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_worker_status_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:95
+-- cde::api::cde::_hold_iteration_lock
+CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:15
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:32
+-- cde::locks::cde::_sync_state_lock
+CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:12
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:17
+-- cde::collect::cde::_chunk_size
+CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:26
+-- cde::collect::cde::_doc_hash
+CREATE  FUNCTION cde."_doc_hash"(
+	"doc" anyelement /* pgrx :: AnyElement */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -166,7 +166,8 @@ mod cde {
     }
 }
 
-fn current_database() -> String {
+/// This session's database's name (in a transaction: it reads the catalog).
+pub fn current_database() -> String {
     unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }.to_string_lossy().into_owned()
 }
 

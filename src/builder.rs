@@ -36,12 +36,12 @@ impl Builders {
     /// Start builders until `n` run; false when none runs (`n` is 0, or no free background worker
     /// slot: max_worker_processes), and the worker takes the steps itself.
     ///
-    /// While the launcher waits for a slot for some database's worker, none starts: builders only
-    /// speed a full sync up, a worker is what delivers a database at all.
+    /// While the launcher waits for a slot for some database's worker, none starts
+    /// (`shmem::workers_wait_for_slots`).
     pub fn start(&mut self, n: usize) -> bool {
         self.alive();
         let shared = shmem::worker();
-        let starved = shmem::shared().is_some_and(|s| s.waiting_for_slot.load(Ordering::Acquire) > 0);
+        let starved = shmem::workers_wait_for_slots();
         if starved && self.handles.is_empty() && n > 0 {
             log!("cde: no sync builder starts while a database waits for a background worker slot; the worker builds");
         }
@@ -68,7 +68,6 @@ impl Builders {
         }
         if let Some(w) = shared {
             w.builders_wanted.store(n as u32, Ordering::Relaxed);
-            w.builders_started.store(self.handles.len() as u32, Ordering::Relaxed);
         }
         !self.handles.is_empty()
     }
@@ -91,7 +90,7 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
             break;
         }
         // A held database, or a database elsewhere waiting for a worker slot: give this one up.
-        if shmem::held(db) || shmem::shared().is_some_and(|s| s.waiting_for_slot.load(Ordering::Acquire) > 0) {
+        if shmem::held(db) || shmem::workers_wait_for_slots() {
             break;
         }
         let step = crate::worker::guarded(|| {

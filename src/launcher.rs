@@ -90,7 +90,7 @@ pub extern "C-unwind" fn cde_launcher_main(_arg: pg_sys::Datum) {
         // Until the next rescan, or the next restart due.
         let now = Instant::now();
         let mut next = entries.values().map(|e| e.not_before).filter(|t| *t > now).min().map_or(RESCAN, |t| (t - now).min(RESCAN));
-        if shared.waiting_for_slot.load(Ordering::Relaxed) > 0 {
+        if shmem::workers_wait_for_slots() {
             next = next.min(SLOT_RETRY); // builders give theirs up after their step
         }
         if !BackgroundWorker::wait_latch(Some(next)) {

@@ -44,9 +44,8 @@ pub struct WorkerShared {
     pub requests_failed: AtomicU64,
     /// Settings reloads (SIGHUP) the worker has processed: lets a test wait for one.
     pub reloads: AtomicU64,
-    /// Sync builders the worker wanted and started at its last start of builders.
+    /// Sync builders the worker wanted at its last start of builders (how many run: `builders`).
     pub builders_wanted: AtomicU32,
-    pub builders_started: AtomicU32,
     /// The pids of this database's running builders (0: free entry).
     pub builders: [AtomicI32; MAX_BUILDERS],
 }
@@ -68,7 +67,6 @@ impl Default for WorkerShared {
             requests_failed: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             builders_wanted: AtomicU32::new(0),
-            builders_started: AtomicU32::new(0),
             builders: std::array::from_fn(|_| AtomicI32::new(0)),
         }
     }
@@ -150,6 +148,12 @@ pub fn worker() -> Option<&'static WorkerShared> {
     let i = slots.iter().position(|s| db != 0 && s.database.load(Ordering::Acquire) == db)?;
     CACHED.store(i, Ordering::Relaxed);
     Some(&slots[i])
+}
+
+/// Does some database wait for a background worker slot for its worker? Then sync builders give
+/// theirs up (builders only speed a full sync up; a worker is what delivers a database at all).
+pub fn workers_wait_for_slots() -> bool {
+    shared().is_some_and(|s| s.waiting_for_slot.load(Ordering::Acquire) > 0)
 }
 
 /// The slot serving `database`, if any.

@@ -17,7 +17,6 @@ use crate::sync;
 use crate::transport::Transport;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
-use std::ffi::CStr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -77,7 +76,7 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
     if shmem::held(db) {
         leave_for(shared, shmem::EXIT_HELD);
     }
-    let database = Own.run(|| unsafe { CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) }.to_string_lossy().into_owned());
+    let database = Own.run(crate::api::current_database);
     session_settings();
     let database_settings = Own.run(database_settings);
 
