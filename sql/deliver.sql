@@ -16,6 +16,7 @@ CREATE FUNCTION cde._record(
     p_http      int[],
     p_errors    text[],
     p_hold      interval,  -- Retry-After: hold the whole feed back this long
+    p_response_ids text[], -- the id of the response that decided each item (x-request-id)
     OUT sent bigint, OUT rejected bigint, OUT retrying bigint, OUT dead bigint
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -31,8 +32,8 @@ BEGIN
     END IF;
     EXECUTE format($q$
         WITH o AS (
-            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[])
-                       AS o(key, hash, outcome, http_status, error, tid)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[])
+                       AS o(key, hash, outcome, http_status, error, tid, response_id)
         ), done AS (
             UPDATE %s AS t SET
                 status = CASE o.outcome
@@ -43,6 +44,7 @@ BEGIN
                 attempts    = CASE WHEN o.outcome = 'sent' THEN 0 ELSE t.attempts + 1 END,
                 http_status = o.http_status,
                 error       = o.error,
+                response_id = o.response_id,
                 sent_at     = CASE WHEN o.outcome = 'sent' THEN now() ELSE t.sent_at END
               FROM o
              WHERE t.ctid = o.tid AND t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash
@@ -63,7 +65,7 @@ BEGIN
                count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead')
           FROM done$q$, f.feed_table)
       INTO sent, rejected, retrying, dead
-      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids;
+      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids;
 
     SELECT e INTO first_error FROM unnest(p_errors) AS e WHERE e IS NOT NULL LIMIT 1;
     UPDATE cde.feeds SET
@@ -72,6 +74,9 @@ BEGIN
         last_error    = coalesce(first_error, last_error),
         last_error_at = CASE WHEN first_error IS NOT NULL THEN now() ELSE last_error_at END
      WHERE name = f.name;
+    IF sent > 0 THEN
+        UPDATE cde.destinations d SET items_sent = d.items_sent + sent WHERE d.name = coalesce(f.destination, 'default');
+    END IF;
 END $$;
 
 -- Send again, now, the items that failed: retrying, rejected and dead ones. Items whose document
@@ -131,31 +136,3 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION cde_resync(text, text[], bigint) IS 'Rebuild and resend these keys of a feed, even if unchanged';
-
--- A destination answered as misconfigured: hold it (the worker sends nothing to it until then,
--- but one request to see whether it was fixed). Returns whether it was not held for this reason
--- already, so that the worker logs a hold once.
-CREATE FUNCTION cde._hold_destination(p_name text, p_status int, p_error text, p_for interval) RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-    fresh boolean;
-BEGIN
-    SELECT held_until IS NULL OR held_status IS DISTINCT FROM p_status
-           OR split_part(held_error, ':', 1) IS DISTINCT FROM split_part(p_error, ':', 1)
-      INTO fresh FROM cde.destinations WHERE name = p_name;
-    UPDATE cde.destinations
-       SET held_until = now() + p_for, held_status = p_status, held_error = p_error,
-           held_since = CASE WHEN fresh THEN now() ELSE held_since END
-     WHERE name = p_name;
-    RETURN coalesce(fresh, true);
-END $$;
-
--- The destination took a request again, or its settings were reloaded. Returns whether it was held.
-CREATE FUNCTION cde._release_destination(p_name text) RETURNS boolean
-LANGUAGE sql AS $$
-    WITH r AS (
-        UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
-         WHERE name = p_name AND held_until IS NOT NULL
-        RETURNING 1)
-    SELECT EXISTS (SELECT 1 FROM r)
-$$;

@@ -90,7 +90,8 @@ BEGIN
             error        text,
             attempts     int NOT NULL DEFAULT 0,
             modified_at  timestamptz NOT NULL DEFAULT now(),
-            sent_at      timestamptz
+            sent_at      timestamptz,
+            response_id  text          -- x-request-id of the response that delivered or rejected it
         )$t$, tbl);
     EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
     EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
@@ -107,6 +108,7 @@ CREATE FUNCTION cde_register_feed(
     -- Where the source query's names resolve: the caller's search_path as it is now (a default
     -- is evaluated in the caller's session, before this function pins its own).
     search_path  name[]  DEFAULT pg_catalog.current_schemas(false),
+    destination  text    DEFAULT NULL,           -- NULL: the default one (cde.endpoint)
     ticket       bigint  DEFAULT cde._ticket()   -- who calls (src/trust.rs): never pass it
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -143,6 +145,7 @@ BEGIN
     IF query = '' THEN
         RAISE EXCEPTION 'cde: the source query of feed % is empty', feed USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM cde._usable_destination(destination, caller);
 
     -- Dependencies: known feeds, and no cycle once this definition is in place.
     FOREACH dep IN ARRAY coalesce(depends_on, '{}') LOOP
@@ -225,14 +228,14 @@ BEGIN
     END IF;
 
     INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,
-                                batch_size, owner, search_path, feed_table)
+                                batch_size, owner, search_path, feed_table, destination)
     VALUES (feed, query, key_column, key_type, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
-            owner, path, tbl::regclass)
+            owner, path, tbl::regclass, nullif(cde_register_feed.destination, 'default'))
     ON CONFLICT (name) DO UPDATE
        SET source_query = excluded.source_query, key_column = excluded.key_column, key_type = excluded.key_type,
            doc_column = excluded.doc_column, mode = excluded.mode, depends_on = excluded.depends_on,
            batch_size = excluded.batch_size, owner = excluded.owner, search_path = excluded.search_path,
-           updated_at = now();
+           destination = excluded.destination, updated_at = now();
 
     -- A new definition may yield other documents for every key: rebuild them all. Unchanged
     -- documents keep their hash and are not sent again.
@@ -242,7 +245,7 @@ BEGIN
     END IF;
 END $fn$;
 
-COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[], bigint) IS
+COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[], text, bigint) IS
     'Register (or redefine) a feed: one source query yielding one JSON document per entity key';
 
 -- A search_path of these schemas (the registering session's, resolved), with pg_catalog first

@@ -8,6 +8,36 @@ CREATE SCHEMA cde;
 REVOKE ALL ON SCHEMA cde FROM PUBLIC;
 COMMENT ON SCHEMA cde IS 'cde internals: feed definitions, the change queue, feed tables, retries, sync runs';
 
+-- Where feeds are sent (cde_set_destination), and their state. `default` is the server's own:
+-- cde.endpoint and its key. A destination-level failure (a wrong key or URL, a TLS or DNS
+-- failure: docs/protocol.md, "Responses") is the destination's, not its items': while held_until
+-- is ahead, nothing is sent to it but one request per cde.retry_interval to see whether it was
+-- fixed; a reload of the settings releases it at once. 410 Gone disables it (disabled_at) until
+-- cde_set_destination (a reload for default). Secrets are never here: options name files.
+CREATE TABLE cde.destinations (
+    name         text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,47}$'),
+    held_until   timestamptz,
+    held_status  int,                      -- the HTTP status that held it (NULL: TLS, DNS)
+    held_error   text,                     -- e.g. 'unauthorized (HTTP 401): ...'
+    held_since   timestamptz,
+    endpoint     text,                     -- NULL for default (cde.endpoint)
+    options      jsonb NOT NULL DEFAULT '{}',   -- checked by cde._check_destination_options
+    disabled_at  timestamptz,              -- 410 Gone
+    disabled_error text,
+    last_status  int,                      -- of the last response
+    last_error   text,
+    last_error_at timestamptz,
+    failing_since timestamptz,             -- requests fail (or a secret file cannot be read) since
+    last_success_at timestamptz,
+    requests     bigint NOT NULL DEFAULT 0,
+    requests_failed bigint NOT NULL DEFAULT 0,
+    items_sent   bigint NOT NULL DEFAULT 0,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO cde.destinations (name) VALUES ('default');
+COMMENT ON TABLE cde.destinations IS 'Where feeds are sent (cde_set_destination), and whether a failure holds or a 410 disabled them';
+
 -- One row per feed: its source query and everything generated from it at registration.
 CREATE TABLE cde.feeds (
     name          text PRIMARY KEY,
@@ -27,7 +57,8 @@ CREATE TABLE cde.feeds (
     last_error    text,
     last_error_at timestamptz,
     created_at    timestamptz NOT NULL DEFAULT now(),
-    updated_at    timestamptz NOT NULL DEFAULT now()
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    destination   text REFERENCES cde.destinations   -- NULL: default (cde.endpoint)
 );
 COMMENT ON TABLE cde.feeds IS 'Registered feeds (cde_register_feed)';
 
@@ -54,21 +85,6 @@ CREATE TABLE cde.queue (
 );
 CREATE INDEX queue_feed_id ON cde.queue (feed, id);
 COMMENT ON TABLE cde.queue IS 'Keys changed by committed writes, waiting to be collected into feed tables';
-
--- Where feeds are sent, and whether it is held: a destination-level failure (a wrong key or URL,
--- a TLS or DNS failure: docs/protocol.md, "Responses") is the destination's, not its items'.
--- While held_until is ahead, nothing is sent to it but one request per cde.retry_interval to see
--- whether it was fixed; a reload of the settings releases it at once. One destination today: the
--- default one (cde.endpoint).
-CREATE TABLE cde.destinations (
-    name         text PRIMARY KEY,
-    held_until   timestamptz,
-    held_status  int,                      -- the HTTP status that held it (NULL: TLS, DNS)
-    held_error   text,                     -- e.g. 'unauthorized (HTTP 401): ...'
-    held_since   timestamptz
-);
-INSERT INTO cde.destinations (name) VALUES ('default');
-COMMENT ON TABLE cde.destinations IS 'Destinations and whether a misconfiguration (401, 404, TLS...) holds them';
 
 -- The retry table: items whose delivery failed and when they are due again.
 CREATE TABLE cde.retries (

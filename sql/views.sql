@@ -59,9 +59,10 @@ SELECT f.name                                   AS feed,
        f.last_error_at,
        greatest(f.hold_until, d.held_until)     AS hold_until,
        (SELECT w.running FROM cde._worker_status() w) AS worker_running,
-       d.held_error                             AS destination_error
+       coalesce(d.held_error, d.disabled_error) AS destination_error,
+       coalesce(f.destination, 'default')       AS destination
   FROM cde.feeds f
-  LEFT JOIN cde.destinations d ON d.name = 'default'
+  LEFT JOIN cde.destinations d ON d.name = coalesce(f.destination, 'default')
   LEFT JOIN cde._feed_counts() c ON c.feed = f.name
   LEFT JOIN queued q ON q.feed = f.name
   LEFT JOIN tracked tr ON tr.feed = f.name
@@ -70,14 +71,15 @@ SELECT f.name                                   AS feed,
 COMMENT ON VIEW cde_feed_status IS 'One row per feed: items by delivery state, lag, last error, worker';
 
 CREATE FUNCTION cde._failed_items()
-RETURNS TABLE (feed text, key text, status text, http_status int, error text, attempts int, next_attempt_at timestamptz)
+RETURNS TABLE (feed text, key text, status text, http_status int, error text, attempts int, next_attempt_at timestamptz,
+               response_id text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     f cde.feeds;
 BEGIN
     FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
         RETURN QUERY EXECUTE format($q$
-            SELECT %L::text, t.key, t.status, t.http_status, t.error, t.attempts, r.next_attempt_at
+            SELECT %L::text, t.key, t.status, t.http_status, t.error, t.attempts, r.next_attempt_at, t.response_id
               FROM %s t LEFT JOIN cde.retries r ON r.feed = %L AND r.key = t.key
              WHERE cde._failed(t.status)
              ORDER BY t.key$q$, f.name, f.feed_table, f.name);
@@ -86,6 +88,49 @@ END $$;
 
 CREATE VIEW cde_failed_items AS SELECT * FROM cde._failed_items();
 COMMENT ON VIEW cde_failed_items IS 'Items that are retrying, rejected or dead, with their last error';
+
+-- Is a key set for the default destination? (Its settings are a superuser's to read.)
+CREATE FUNCTION cde._default_bearer_key() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT current_setting('cde.api_key') <> '' OR current_setting('cde.api_key_file') <> ''
+$$;
+
+-- Destinations, their state and the limits in force: no secret (options name files; the headers'
+-- values are shown to nobody here).
+CREATE VIEW cde_destinations AS
+SELECT d.name,
+       CASE WHEN d.name = 'default' THEN nullif(current_setting('cde.endpoint'), '') ELSE d.endpoint END AS endpoint,
+       CASE WHEN d.disabled_at IS NOT NULL THEN 'disabled'
+            WHEN d.held_until > now() THEN 'holding'
+            WHEN d.failing_since IS NOT NULL THEN 'failing'
+            WHEN d.name = 'default' AND current_setting('cde.endpoint') = '' THEN 'no endpoint'
+            ELSE 'ok' END                                         AS state,
+       d.held_until,
+       coalesce(d.disabled_error, d.held_error)                    AS held_error,
+       d.last_status,
+       d.last_error,
+       d.last_error_at,
+       d.last_success_at,
+       d.requests,
+       d.requests_failed,
+       d.items_sent,
+       coalesce((SELECT array_agg(f.name ORDER BY f.name) FROM cde.feeds f
+                  WHERE coalesce(f.destination, 'default') = d.name), '{}') AS feeds,
+       (d.options ->> 'max_requests_per_second')::float8         AS max_requests_per_second,
+       coalesce((d.options ->> 'batch_size')::int, current_setting('cde.batch_size')::int) AS batch_size,
+       coalesce((d.options ->> 'max_batch_bytes')::int, pg_size_bytes(current_setting('cde.max_batch_bytes'))::int) AS max_batch_bytes,
+       coalesce(d.options ->> 'timeout', current_setting('cde.http_timeout'))  AS timeout,
+       coalesce((d.options ->> 'compression')::boolean, current_setting('cde.compression')::boolean) AS compression,
+       d.options ? 'signing_secret_file'                            AS signed,
+       CASE WHEN d.name = 'default' THEN cde._default_bearer_key() ELSE d.options ? 'api_key_file' END AS bearer_key,
+       ARRAY(SELECT jsonb_object_keys(coalesce(d.options -> 'headers', '{}'))) AS headers,
+       ARRAY(SELECT jsonb_array_elements_text(coalesce(d.options -> 'roles', '[]'))) AS roles,
+       d.disabled_at,
+       d.updated_at
+  FROM cde.destinations d
+ ORDER BY d.name = 'default' DESC, d.name;
+
+COMMENT ON VIEW cde_destinations IS 'Where feeds are sent: state, counters and the limits in force (no secret)';
 
 -- Privileges (docs/security.md). Management is for superusers and the roles they delegate it to
 -- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
@@ -103,7 +148,7 @@ GRANT EXECUTE ON FUNCTION cde._ticket() TO PUBLIC;
 -- The management functions, for cde_grant_admin and the checks of docs/security.md.
 CREATE FUNCTION cde._management_functions() RETURNS regprocedure[]
 LANGUAGE sql STABLE AS $$
-    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], bigint)',
+    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], text, bigint)',
                  '@extschema@.cde_drop_feed(text, bigint)',
                  '@extschema@.cde_track(text, regclass, text, bigint)', '@extschema@.cde_untrack(text, regclass, bigint)',
                  '@extschema@.cde_sync_now(text, bigint)', '@extschema@.cde_retry_failed(text, bigint)',
@@ -126,14 +171,14 @@ BEGIN
     FOREACH fn IN ARRAY cde._management_functions() LOOP
         EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', fn);
     END LOOP;
-    FOREACH fn IN ARRAY ARRAY['cde._feed_counts()', 'cde._failed_items()', 'cde._worker_status()']::regprocedure[] LOOP
+    FOREACH fn IN ARRAY ARRAY['cde._feed_counts()', 'cde._failed_items()', 'cde._worker_status()', 'cde._default_bearer_key()']::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', fn);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_monitor', fn);
     END LOOP;
 END $$;
 
-REVOKE ALL ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status FROM PUBLIC;
-GRANT SELECT ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status TO pg_monitor;
+REVOKE ALL ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status, cde_destinations FROM PUBLIC;
+GRANT SELECT ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status, cde_destinations TO pg_monitor;
 
 -- Delegating management to a role that is not a superuser. Such a role registers feeds over
 -- what it may read (their source queries then run with its rights), tracks the tables on which it
@@ -152,8 +197,8 @@ BEGIN
     FOREACH fn IN ARRAY cde._management_functions() LOOP
         EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', fn, admin);
     END LOOP;
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cde._feed_counts(), cde._failed_items(), cde._worker_status() TO %s', admin);
-    EXECUTE format('GRANT SELECT ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status TO %s', admin);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cde._feed_counts(), cde._failed_items(), cde._worker_status(), cde._default_bearer_key() TO %s', admin);
+    EXECUTE format('GRANT SELECT ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status, @extschema@.cde_destinations TO %s', admin);
 END $$;
 
 REVOKE ALL ON FUNCTION cde_grant_admin(regrole) FROM PUBLIC;
@@ -174,7 +219,7 @@ BEGIN
     END LOOP;
     EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM %s', admin);
     EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA cde FROM %s', admin);
-    EXECUTE format('REVOKE ALL ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status FROM %s', admin);
+    EXECUTE format('REVOKE ALL ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status, @extschema@.cde_destinations FROM %s', admin);
     EXECUTE format('REVOKE ALL ON SCHEMA cde FROM %s', admin);
 END $$;
 

@@ -1,12 +1,13 @@
 //! SQL functions written in Rust: the ones that send over HTTP or read shared memory. Everything
 //! else in the SQL API is plain SQL in `sql/`.
 
-use crate::deliver::Counters;
+use crate::destination::Destinations;
 use crate::engine::{self, Inline, Txn};
 use crate::gucs::Settings;
+use crate::pump::Pump;
 use crate::shmem;
 use crate::sync;
-use crate::transport::Transport;
+use std::collections::{HashMap, HashSet};
 use crate::locks::ITERATION as ITERATION_LOCK;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
@@ -40,8 +41,9 @@ fn cde_sync_now(
 
 /// The worker's job in this session, through `tx`, until nothing is left: collect, due retries,
 /// send (legacy feeds too), and advance full sync runs (a collect may also start one, after a
-/// TRUNCATE); again while any of it made progress. A misconfigured destination (401, 404, TLS...)
-/// stops sending for the rest of the call. Returns (collected, sent, failed) per feed.
+/// TRUNCATE); again while any of it made progress. Each destination is sent to by its own thread,
+/// as in the worker. A misconfigured destination (401, 404, TLS...) gets nothing more for the rest
+/// of the call. Returns (collected, sent, failed) per feed.
 fn until_done(
     tx: &impl Txn,
     settings: &Settings,
@@ -49,33 +51,49 @@ fn until_done(
     collect_budget: Duration,
     send_budget: Duration,
 ) -> Vec<(i64, i64, i64)> {
-    let mut transport = Transport::new(settings);
-    let mut counters = Counters::default();
+    let mut pump = Pump::new(send_budget);
+    let mut destinations = Destinations::default();
+    for (name, problem) in tx.run(|| destinations.refresh(settings, true)) {
+        pgrx::warning!("cde: CDE-206 destination {name}: {problem}; nothing is sent to it");
+    }
+    let index: HashMap<&str, usize> = feeds.iter().enumerate().map(|(i, f)| (f.name.as_str(), i)).collect();
     let mut totals = vec![(0, 0, 0); feeds.len()];
+    let mut held: HashSet<String> = HashSet::new();
     let advance = || sync::advance(&|| tx.run(sync::step), Duration::from_secs(24 * 3600));
-    let mut may_send = true;
     advance();
     loop {
         let mut more = false;
-        for (f, t) in feeds.iter().zip(totals.iter_mut()) {
-            let r = engine::feed_iteration(
-                tx,
-                &mut transport,
-                settings,
-                f,
-                true,
-                may_send,
-                &mut counters,
-                collect_budget,
-                send_budget,
-            );
-            more |= r.more;
-            t.0 += r.collected;
-            t.1 += r.sent;
-            t.2 += r.failed;
-            if let Some((_, _, error)) = &r.misconfigured {
-                may_send = false;
-                pgrx::warning!("cde: {} the endpoint is misconfigured: {error}", cde_protocol::ItemOutcome::MISCONFIGURED_CODE);
+        let mut add = |r: &engine::FeedReport, more: &mut bool| {
+            let t = &mut totals[index[r.feed.as_str()]];
+            *t = (t.0 + r.collected, t.1 + r.sent, t.2 + r.failed);
+            *more |= r.more;
+        };
+        for f in feeds {
+            let dest = destinations.get(&f.destination).filter(|d| d.sendable() && !held.contains(&d.name));
+            let (r, first) = engine::feed_iteration(tx, f, true, dest.as_deref(), collect_budget);
+            match (first, dest) {
+                (Some(first), Some(dest)) => pump.start(tx, f, dest, first, r),
+                _ => add(&r, &mut more),
+            }
+        }
+        while pump.in_flight() > 0 {
+            // Waiting for the endpoints with no transaction open: a worker asked to stop leaves.
+            let Some(done) = pump.next(Duration::from_millis(100)) else {
+                crate::worker::stop_now_if_asked();
+                continue;
+            };
+            let Some(heard) = pump.finish(tx, done) else { continue };
+            if let Some((_, _, error)) = &heard.misconfigured {
+                if held.insert(heard.destination.name.clone()) {
+                    pgrx::warning!(
+                        "cde: {} destination {}: the endpoint is misconfigured: {error}",
+                        cde_protocol::ItemOutcome::MISCONFIGURED_CODE,
+                        heard.destination.name
+                    );
+                }
+            }
+            if let Some(r) = &heard.ended {
+                add(r, &mut more);
             }
         }
         if !advance() && !more {

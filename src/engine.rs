@@ -7,9 +7,8 @@
 //! caller's transaction.
 
 use crate::collect;
-use crate::deliver::{self, Counters};
-use crate::gucs::Settings;
-use crate::transport::Transport;
+use crate::deliver::{self, Pending};
+use crate::destination::Destination;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -32,6 +31,8 @@ pub struct FeedInfo {
     pub feed_table: String,
     pub legacy: bool,
     pub batch_size: Option<i32>,
+    /// Where its documents go (`default`: cde.endpoint).
+    pub destination: String,
     /// For legacy feeds: the legacy pass is due.
     pub legacy_due: bool,
     /// A full sync phase of this feed waits for its items to be sent: send now, whatever the mode.
@@ -60,7 +61,7 @@ pub struct FeedReport {
 /// The feeds to iterate over: all, or `only`; with a `caller` (cde_sync_now(), cde_deliver()), the
 /// ones that role may manage.
 pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128, caller: Option<pg_sys::Oid>) -> Vec<FeedInfo> {
-    let q = "SELECT f.name, f.feed_table::text, f.mode = 'legacy', f.batch_size,
+    let q = "SELECT f.name, f.feed_table::text, f.mode = 'legacy', f.batch_size, coalesce(f.destination, 'default'),
                     f.last_legacy_send_at IS NULL
                     OR f.last_legacy_send_at + make_interval(secs => $2::float8 / 1000) <= now(),
                     EXISTS (SELECT 1 FROM cde.sync_phases p JOIN cde.sync_runs r ON r.id = p.run_id
@@ -77,8 +78,9 @@ pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128, caller: Option<p
                 feed_table: r.get::<String>(2)?.unwrap_or_default(),
                 legacy: r.get::<bool>(3)?.unwrap_or(false),
                 batch_size: r.get::<i32>(4)?,
-                legacy_due: r.get::<bool>(5)?.unwrap_or(true),
-                full_sync_sending: r.get::<bool>(6)?.unwrap_or(false),
+                destination: r.get::<String>(5)?.unwrap_or_else(|| crate::destination::DEFAULT.into()),
+                legacy_due: r.get::<bool>(6)?.unwrap_or(true),
+                full_sync_sending: r.get::<bool>(7)?.unwrap_or(false),
             });
         }
         Ok::<_, pgrx::spi::SpiError>(out)
@@ -86,34 +88,37 @@ pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128, caller: Option<p
     .unwrap_or_else(|e| error!("cde: cannot read feeds: {e}"))
 }
 
-/// One iteration for one feed. `force_send` sends legacy feeds regardless of their pass;
-/// `may_send` is false while the destination is held (the feed still collects).
-#[allow(clippy::too_many_arguments)]
+/// One iteration for one feed: collect what is queued, put due retries back in line, and read
+/// the first pending slice when the feed sends now to `dest` (None: its destination may not be
+/// sent to now, or a pass of the feed is under way; the feed still collects). `force_send` sends
+/// legacy feeds regardless of their pass. The slice goes to the pump (src/pump.rs).
 pub fn feed_iteration(
     tx: &impl Txn,
-    transport: &mut Transport,
-    settings: &Settings,
     feed: &FeedInfo,
     force_send: bool,
-    may_send: bool,
-    counters: &mut Counters,
+    dest: Option<&Destination>,
     collect_budget: Duration,
-    send_budget: Duration,
-) -> FeedReport {
+) -> (FeedReport, Option<Pending>) {
     let started = Instant::now();
     let mut report = FeedReport { feed: feed.name.clone(), ..Default::default() };
 
     let send = !feed.legacy || feed.legacy_due || feed.full_sync_sending || force_send;
-    let sending = send && may_send && settings.endpoint.is_some();
-    let limit = deliver::read_limit(settings, feed);
+    let sending = dest.filter(|_| send);
     // Collect what is queued, put due retries back in line, and read the first pending slice, in
     // one transaction: for a quiet feed, that one transaction is the whole iteration.
     let first = loop {
         let last_round = started.elapsed() >= collect_budget;
         let (c, tail) = tx.run(|| {
             let c = collect::collect(&feed.name);
-            let tail = (c.drained == 0 || last_round)
-                .then(|| (collect::retry_due(&feed.name), sending.then(|| deliver::read_pending(feed, limit, None))));
+            let tail = (c.drained == 0 || last_round).then(|| {
+                let due = collect::retry_due(&feed.name);
+                let pending = sending.map(|d| deliver::read_pending(feed, deliver::read_limit(d, feed), None));
+                if sending.is_some() && feed.legacy && (feed.legacy_due || force_send) {
+                    Spi::run_with_args("UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1", &[feed.name.as_str().into()])
+                        .unwrap_or_else(|e| error!("cde: {e}"));
+                }
+                (due, pending)
+            });
             (c, tail)
         });
         report.collected += c.changed + c.deleted;
@@ -125,25 +130,6 @@ pub fn feed_iteration(
             break pending;
         }
     };
-
-    if sending {
-        let s = deliver::send_pending(tx, transport, settings, feed, counters, first, send_budget);
-        report.more |= s.more;
-        report.sent += s.sent;
-        report.failed += s.failed;
-        report.requests += s.requests;
-        report.first_error = s.first_error;
-        report.misconfigured = s.misconfigured;
-        if feed.legacy && (feed.legacy_due || force_send) {
-            tx.run(|| {
-                Spi::run_with_args(
-                    "UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1",
-                    &[feed.name.as_str().into()],
-                )
-            })
-            .unwrap_or_else(|e| error!("cde: {e}"));
-        }
-    }
     report.elapsed_ms = started.elapsed().as_millis();
-    report
+    (report, first.filter(|p| !p.items.is_empty()))
 }

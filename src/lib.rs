@@ -5,6 +5,8 @@
 //! - queue    appending those keys to cde.queue without the executor
 //! - collect  queued keys become documents in feed tables (sql/collect.sql)
 //! - deliver  pending rows go out in batches; outcomes are recorded (sql/deliver.sql)
+//! - destination where feeds go: endpoint, credentials, signing, limits (sql/destinations.sql)
+//! - pump     one sender thread per destination, so that none waits for another
 //! - transport one HTTP request of protocol v1 (crates/cde-protocol holds the pure logic)
 //! - sync     full sync runs in phases (sql/sync.sql)
 //! - engine   one iteration over all feeds, shared by the worker and cde_sync_now()
@@ -30,6 +32,7 @@ extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds",
 extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["rebuild"]);
 extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["collect"]);
 extension_sql_file!("../sql/sync.sql", name = "sync", requires = ["deliver"]);
+extension_sql_file!("../sql/destinations.sql", name = "destinations", requires = ["sync", destination::cde::_check_destination_options, destination::cde::_destination_roles, destination::cde::_check_endpoint]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 mod api;
@@ -39,10 +42,12 @@ mod collect;
 mod compat;
 mod databases;
 mod deliver;
+mod destination;
 mod engine;
 mod gucs;
 mod launcher;
 mod locks;
+mod pump;
 mod queue;
 mod shmem;
 mod sync;

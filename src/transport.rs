@@ -1,67 +1,99 @@
-//! One HTTP request of protocol v1, and what came of it. Runs outside any transaction, on the
-//! sender thread (src/deliver.rs): nothing here may call into PostgreSQL.
+//! One HTTP request of protocol v1, and what came of it. Runs outside any transaction, on a
+//! destination's sender thread (src/pump.rs): nothing here may call into PostgreSQL.
 
-use crate::gucs::Settings;
-use cde_protocol::{classify, gzip, idempotency_key, Body, Classified, Item};
-use std::time::{Duration, SystemTime};
+use crate::destination::Destination;
+use cde_protocol::{classify, gzip, idempotency_key, Body, Classified, Item, SendResult};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub struct Transport {
     agent: ureq::Agent,
     timeout: Duration,
-    pub bytes_sent: u64,
-    /// With cde.log_payloads: lines for the server log. Posting runs on the sender thread, which
+    /// When the last request started: with max_requests_per_second, the next waits its turn.
+    last_start: Option<Instant>,
+    pub bytes_sent: Arc<AtomicU64>,
+    /// With cde.log_payloads: lines for the server log. Posting runs on a sender thread, which
     /// must not call into PostgreSQL; the worker's main thread logs them.
     pub payload_log: Vec<String>,
 }
 
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .user_agent(concat!("cde/", env!("CARGO_PKG_VERSION")))
+        .max_idle_connections_per_host(2)
+        .build()
+        .new_agent()
+}
+
 impl Transport {
-    pub fn new(settings: &Settings) -> Transport {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(settings.http_timeout))
-            .http_status_as_error(false)
-            .user_agent(concat!("cde/", env!("CARGO_PKG_VERSION")))
-            .max_idle_connections_per_host(2)
-            .build()
-            .new_agent();
-        Transport { agent, timeout: settings.http_timeout, bytes_sent: 0, payload_log: Vec::new() }
+    pub fn new(timeout: Duration, bytes_sent: Arc<AtomicU64>) -> Transport {
+        Transport { agent: agent(timeout), timeout, last_start: None, bytes_sent, payload_log: Vec::new() }
     }
 
-    /// Keep the connection pool unless the timeout changed (ureq bakes it into the agent).
-    pub fn refresh(&mut self, settings: &Settings) {
-        if self.timeout != settings.http_timeout {
-            *self = Transport::new(settings);
+    /// POST one batch to `{endpoint}/{feed}` of the destination and classify the answer.
+    pub fn post(&mut self, dest: &Destination, feed: &str, items: &[Item]) -> SendResult {
+        // ureq bakes the timeout into the agent: a new one (and new connections) when it changed.
+        if self.timeout != dest.timeout {
+            self.agent = agent(dest.timeout);
+            self.timeout = dest.timeout;
         }
-    }
-
-    /// POST one batch to `{endpoint}/{feed}` and classify the answer.
-    pub fn post(&mut self, settings: &Settings, endpoint: &str, feed: &str, items: &[Item]) -> Classified {
+        let Some(endpoint) = dest.endpoint.as_deref() else {
+            return (Classified::Misconfigured { status: None, reason: "no endpoint", error: "no endpoint".into() }, None);
+        };
         let body = Body::build(items);
         let key = idempotency_key(feed, &body);
-        if settings.log_payloads {
-            let line =
-                format!("cde: payload to feed {feed} ({} items): {}", items.len(), cde_protocol::response::snippet(&body.0));
+        if dest.log_payloads {
+            let line = format!(
+                "cde: payload to feed {feed} ({} items, destination {}): {}",
+                items.len(),
+                dest.name,
+                cde_protocol::response::snippet(&body.0)
+            );
             self.payload_log.push(line);
         }
         let url = format!("{endpoint}/{feed}");
         let mut req = self.agent.post(&url).header("Content-Type", "application/json").header("Idempotency-Key", &key);
-        if let Some(k) = &settings.api_key {
+        for (name, value) in &dest.headers {
+            req = req.header(name, value);
+        }
+        if let Some(k) = &dest.api_key {
             req = req.header("Authorization", &format!("Bearer {k}"));
         }
-        let payload = if settings.compression {
+        if !dest.secrets.is_empty() {
+            // Standard Webhooks: the batch's idempotency key is the message id, so that a batch
+            // sent again is recognised as the same message; signed over the uncompressed body.
+            let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            let sig = cde_protocol::sign::signature_header(&dest.secrets, &key, ts, body.0.as_bytes());
+            req = req.header("webhook-id", &key).header("webhook-timestamp", &ts.to_string()).header("webhook-signature", &sig);
+        }
+        let payload = if dest.compression {
             req = req.header("Content-Encoding", "gzip");
             gzip(body.0.as_bytes())
         } else {
             body.0.into_bytes()
         };
-        self.bytes_sent += payload.len() as u64;
+        if let (Some(spacing), Some(last)) = (dest.spacing, self.last_start) {
+            let next = last + spacing;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+        }
+        self.last_start = Some(Instant::now());
+        self.bytes_sent.fetch_add(payload.len() as u64, Ordering::Relaxed);
         match req.send(&payload[..]) {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
-                let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(String::from);
+                let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(String::from);
+                let retry_after = header("retry-after");
+                let response_id = header(&dest.response_id_header).map(|id| id.chars().take(200).collect());
                 let text = resp.body_mut().with_config().limit(1 << 20).read_to_string().unwrap_or_default();
-                classify(status, &text, retry_after.as_deref(), items.len(), SystemTime::now())
+                (classify(status, &text, retry_after.as_deref(), items.len(), SystemTime::now()), response_id)
             }
-            Err(e) => failure(&e),
+            Err(e) => (failure(&e), None),
         }
     }
 }

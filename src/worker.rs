@@ -7,14 +7,14 @@
 //! stops on SIGTERM, and is restarted by the launcher if it dies or is terminated (see `leave`).
 
 use crate::builder::Builders;
-use std::collections::HashMap;
-use pgrx::pg_sys::panic::CaughtError;
-use crate::deliver::Counters;
+use crate::destination::{Destinations, DEFAULT};
 use crate::engine::{self, Txn};
 use crate::gucs::Settings;
+use crate::pump::{Heard, Pump};
 use crate::shmem::{self, now_micros};
 use crate::sync;
-use crate::transport::Transport;
+use pgrx::pg_sys::panic::CaughtError;
+use std::collections::HashMap;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
@@ -85,16 +85,21 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
     let mut last_start = Instant::now();
     let mut first = true;
     loop {
-        if !more && !BackgroundWorker::wait_latch(Some(w.settings.poll_interval)) {
-            break;
+        // Woken by a commit (the latch), the poll interval, or a sender thread with a posted slice.
+        let due = match if more { Woken::Due } else { wait(w.settings.poll_interval, w.pump.wake_fd()) } {
+            Woken::Stop => break,
+            Woken::Due => true,
+            Woken::Slices => false,
+        };
+        if due {
+            // Under a stream of commits the latch is set again before an iteration ends: leave a
+            // short gap so that one iteration takes many changes at once instead of one each.
+            let gap = last_start.elapsed();
+            if gap < MIN_ITERATION_GAP {
+                std::thread::sleep(MIN_ITERATION_GAP - gap);
+            }
+            last_start = Instant::now();
         }
-        // Under a stream of commits the latch is set again before an iteration ends: leave a
-        // short gap so that one iteration takes many changes at once instead of one each.
-        let gap = last_start.elapsed();
-        if gap < MIN_ITERATION_GAP {
-            std::thread::sleep(MIN_ITERATION_GAP - gap);
-        }
-        last_start = Instant::now();
         if unsafe { pg_sys::ShutdownRequestPending } != 0 {
             break;
         }
@@ -117,20 +122,27 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
             shared.reloads.fetch_add(1, Ordering::Relaxed);
             log!("cde: settings reloaded (endpoint {})", w.settings.endpoint.as_deref().unwrap_or("not set"));
         }
-        more = false;
+        // Slices the destinations' threads posted: recorded, and their passes go on.
+        more = w.hear();
         if w.settings.pause {
             shared.state.store(shmem::PAUSED, Ordering::Relaxed);
+            w.unlock_if_idle();
+            continue;
+        }
+        if !due && !more {
+            w.unlock_if_idle();
+            publish(shared, &w);
             continue;
         }
         // One short transaction: is the extension there, at this library's version (a database
         // still on an older schema waits for ALTER EXTENSION cde UPDATE, untouched), and is no
-        // cde_sync_now() iterating?
+        // cde_sync_now() iterating? The lock is kept while slices are in flight.
         let ready = guarded(|| {
             Own.run(|| {
                 Spi::get_two_with_args::<bool, String>(
-                    "SELECT CASE WHEN extversion = $2 THEN pg_try_advisory_lock($1) ELSE false END, extversion
+                    "SELECT CASE WHEN extversion = $2 THEN $3 OR pg_try_advisory_lock($1) ELSE false END, extversion
                        FROM pg_extension WHERE extname = 'cde'",
-                    &[ITERATION_LOCK.into(), env!("CARGO_PKG_VERSION").into()],
+                    &[ITERATION_LOCK.into(), env!("CARGO_PKG_VERSION").into(), w.locked.into()],
                 )
                 .ok()
             })
@@ -170,17 +182,56 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
             shared.state.store(shmem::IDLE, Ordering::Relaxed);
             continue; // cde_sync_now() is running an iteration; ours would find nothing to do
         }
+        w.locked = true;
         shared.state.store(shmem::WORKING, Ordering::Relaxed);
-        more = w.iteration();
+        more |= w.iteration();
         shared.iterations.fetch_add(1, Ordering::Relaxed);
         shared.last_iteration_at.store(now_micros(), Ordering::Relaxed);
-        shared.docs_sent.store(w.counters.docs_sent, Ordering::Relaxed);
-        shared.requests.store(w.counters.requests, Ordering::Relaxed);
-        shared.requests_failed.store(w.counters.requests_failed, Ordering::Relaxed);
-        shared.bytes_sent.store(w.transport.bytes_sent, Ordering::Relaxed);
-        shared.state.store(shmem::IDLE, Ordering::Relaxed);
+        w.unlock_if_idle();
+        publish(shared, &w);
     }
     leave(shared);
+}
+
+/// What the worker has done, for cde_worker_status.
+fn publish(shared: &shmem::WorkerShared, w: &Worker) {
+    shared.docs_sent.store(w.pump.counters.docs_sent, Ordering::Relaxed);
+    shared.requests.store(w.pump.counters.requests, Ordering::Relaxed);
+    shared.requests_failed.store(w.pump.counters.requests_failed, Ordering::Relaxed);
+    shared.bytes_sent.store(w.pump.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
+    shared.state.store(shmem::IDLE, Ordering::Relaxed);
+}
+
+enum Woken {
+    /// The latch (a commit, a signal) or the poll interval: an iteration is due.
+    Due,
+    /// Only a sender thread, with a posted slice.
+    Slices,
+    Stop,
+}
+
+/// Wait on the latch and the sender threads' pipe at once.
+fn wait(timeout: Duration, fd: std::os::fd::RawFd) -> Woken {
+    let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH | pg_sys::WL_SOCKET_READABLE;
+    let rc = unsafe {
+        let rc = pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            fd,
+            timeout.as_millis().min(i32::MAX as u128) as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        pg_sys::check_for_interrupts!();
+        rc
+    };
+    if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 || BackgroundWorker::sigterm_received() {
+        Woken::Stop
+    } else if rc & (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT) as i32 != 0 {
+        Woken::Due
+    } else {
+        Woken::Slices
+    }
 }
 
 /// The database's own cde settings (ALTER DATABASE ... SET), as the worker's session took them.
@@ -218,19 +269,22 @@ pub fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 /// What the worker keeps from one iteration to the next.
 struct Worker {
     settings: Settings,
-    transport: Transport,
-    counters: Counters,
+    pump: Pump,
+    destinations: Destinations,
     builders: Builders,
     last_progress_log: Instant,
-    /// The destination answered as misconfigured (401, 404, TLS...): nothing is sent until then,
-    /// when one request looks whether it was fixed. A reload releases it.
-    held_until: Option<Instant>,
+    /// Destinations that answered as misconfigured (401, 404, TLS...) or gone (410): nothing is
+    /// sent to them until then (a held one gets one request to see whether it was fixed). A
+    /// reload releases them; so does cde_set_destination for a named one.
+    held_until: HashMap<String, Instant>,
     /// Feeds whose iteration raised an error: how many times in a row, and when to try again.
     failing: HashMap<String, (u32, Instant)>,
-    /// The destination's hold was read from cde.destinations (see `installed`).
+    /// The destinations' holds were read from cde.destinations (see `installed`).
     hold_read: bool,
-    /// A reload happened: release the hold in cde.destinations too.
+    /// A reload happened: release the holds in cde.destinations too, and read every destination again.
     release_pending: bool,
+    /// The iteration lock is held: during an iteration, and while slices are in flight.
+    locked: bool,
 }
 
 impl Worker {
@@ -238,55 +292,108 @@ impl Worker {
     /// version, anyone with CREATE there could have put a `cde.destinations` of their own.
     fn new(settings: Settings) -> Worker {
         Worker {
-            transport: Transport::new(&settings),
             settings,
-            counters: Counters::default(),
+            pump: Pump::new(SEND_BUDGET),
+            destinations: Destinations::default(),
             builders: Builders::default(),
             last_progress_log: Instant::now(),
-            held_until: None,
+            held_until: HashMap::new(),
             failing: HashMap::new(),
             hold_read: false,
             release_pending: false,
+            locked: false,
         }
     }
 
-    /// Called once cde is known to be installed here at this version: a destination hold outlives
-    /// a restart (still at most one request per retry interval), and a reload releases it.
+    /// Called once cde is known to be installed here at this version: a destination's hold
+    /// outlives a restart (still at most one request per retry interval), and a reload releases
+    /// the holds; the destinations are read (again).
     fn installed(&mut self) {
         if !self.hold_read {
             self.hold_read = true;
-            self.held_until = guarded(|| {
+            let holds = guarded(|| {
                 Own.run(|| {
-                    Spi::get_one::<f64>(
-                        "SELECT extract(epoch FROM held_until - now())::float8 FROM cde.destinations
-                          WHERE name = 'default' AND held_until > now()",
-                    )
-                    .ok()
-                    .flatten()
+                    Spi::connect(|c| {
+                        let rows = c.select(
+                            "SELECT name, extract(epoch FROM held_until - now())::float8 FROM cde.destinations WHERE held_until > now()",
+                            None,
+                            &[],
+                        )?;
+                        let mut out = Vec::new();
+                        for r in rows {
+                            out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<f64>(2)?.unwrap_or(0.0)));
+                        }
+                        Ok::<_, pgrx::spi::SpiError>(out)
+                    })
                 })
-            })
-            .ok()
-            .flatten()
-            .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+            });
+            for (name, secs) in holds.ok().and_then(Result::ok).unwrap_or_default() {
+                self.held_until.insert(name, Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+            }
         }
-        if std::mem::take(&mut self.release_pending) {
-            let _ = guarded(|| Own.run(|| Spi::run("SELECT cde._release_destination('default')")));
+        let reread = std::mem::take(&mut self.release_pending);
+        if reread {
+            let _ = guarded(|| Own.run(|| Spi::run("SELECT cde._release_destinations()")));
+        }
+        let settings = &self.settings;
+        let destinations = &mut self.destinations;
+        match guarded(|| Own.run(|| destinations.refresh(settings, reread))) {
+            Ok(problems) => {
+                for (name, problem) in problems {
+                    warning!("cde: CDE-206 destination {name}: {problem}; nothing is sent to it until that is fixed (cde_set_destination, or a reload)");
+                }
+            }
+            Err(e) => warning!("cde: {STEP_FAILED} reading the destinations failed, taken again: {e}"),
         }
     }
 
-    /// New settings: a held destination may have been fixed (a new key, a new URL), so it is
-    /// released (in the table once cde is known to be there) and the next iteration sends again.
+    /// New settings: a held destination may have been fixed (a new key, a new URL, a secret file
+    /// replaced), so every destination is read again, its holds released (in the table once cde is
+    /// known to be there), and the next iteration sends again.
     fn reload(&mut self, settings: Settings) {
-        self.transport.refresh(&settings);
         self.settings = settings;
-        if self.held_until.take().is_some() {
-            log!("cde: settings reloaded: the held destination is tried again");
+        if !self.held_until.is_empty() {
+            log!("cde: settings reloaded: held destinations are tried again");
         }
+        self.held_until.clear();
         self.release_pending = true;
     }
 
-    /// One iteration over all feeds, holding the iteration lock (released at the end); true when
-    /// there is more to do right away. Each step runs inside the error boundary.
+    /// The iteration lock, released once no slice is in flight (cde_sync_now() and DROP
+    /// EXTENSION wait for it).
+    fn unlock_if_idle(&mut self) {
+        if self.locked && self.pump.in_flight() == 0 {
+            let _ = guarded(|| Own.run(|| Spi::run_with_args("SELECT pg_advisory_unlock($1)", &[ITERATION_LOCK.into()])));
+            self.locked = false;
+        }
+    }
+
+    /// Record every slice the destinations' threads have posted, without waiting; true when a
+    /// pass ended with more to send.
+    fn hear(&mut self) -> bool {
+        self.pump.drain_wakes();
+        let mut more = false;
+        while let Some(done) = self.pump.next(Duration::ZERO) {
+            let feed = done.feed.clone();
+            let pump = &mut self.pump;
+            match guarded(|| pump.finish(&Own, done)) {
+                Ok(Some(heard)) => more |= self.heard(heard),
+                Ok(None) => {}
+                Err(e) => self.feed_failed(&feed, &e),
+            }
+        }
+        more
+    }
+
+    fn heard(&mut self, heard: Heard) -> bool {
+        self.destination_answered(&heard);
+        let Some(r) = &heard.ended else { return false };
+        report(&heard.feed, r);
+        r.more
+    }
+
+    /// One iteration over all feeds, holding the iteration lock; true when there is more to do
+    /// right away. Each step runs inside the error boundary. Sending goes on after it returns.
     fn iteration(&mut self) -> bool {
         // Full sync first. While builders run, they take the steps (and wake us after each) and
         // this iteration only sends. Otherwise one step; if there is building to do, builders
@@ -320,52 +427,73 @@ impl Worker {
             }
         };
         for feed in &feeds {
+            more |= self.hear();
             if self.failing.get(&feed.name).is_some_and(|(_, again)| Instant::now() < *again) {
                 continue; // backing off alone
             }
-            let may_send = self.held_until.is_none_or(|until| Instant::now() >= until);
-            let (settings, transport, counters) = (&self.settings, &mut self.transport, &mut self.counters);
-            let r = guarded(|| {
-                engine::feed_iteration(&Own, transport, settings, feed, false, may_send, counters, COLLECT_BUDGET, SEND_BUDGET)
+            let dest = self.destinations.get(&feed.destination).filter(|d| {
+                d.sendable()
+                    && self.held_until.get(&d.name).is_none_or(|until| Instant::now() >= *until)
+                    && !self.pump.busy(&feed.name)
             });
+            let r = guarded(|| engine::feed_iteration(&Own, feed, false, dest.as_deref(), COLLECT_BUDGET));
             match r {
-                Ok(r) => {
+                Ok((r, first)) => {
                     self.failing.remove(&feed.name);
                     more |= r.more;
-                    self.destination_answered(&r);
-                    report(feed, &r);
+                    match (first, dest) {
+                        (Some(first), Some(dest)) => {
+                            let pump = &mut self.pump;
+                            if let Err(e) = guarded(|| pump.start(&Own, feed, dest, first, r)) {
+                                self.feed_failed(&feed.name, &e);
+                            }
+                        }
+                        _ => report(feed, &r),
+                    }
                 }
                 Err(e) => self.feed_failed(&feed.name, &e),
             }
         }
-        let _ = guarded(|| Own.run(|| Spi::run_with_args("SELECT pg_advisory_unlock($1)", &[ITERATION_LOCK.into()])));
-        more
+        more | self.hear()
     }
 
-    /// What a feed's send pass says of the destination: misconfigured (hold it, logged once per
-    /// reason), or taking requests again after a hold (release it).
-    fn destination_answered(&mut self, r: &engine::FeedReport) {
-        if let Some((status, _, error)) = &r.misconfigured {
+    /// What a posted slice says of its destination: misconfigured (hold it, logged once per
+    /// reason), gone (410: disable it), or taking requests again after a hold (release it).
+    fn destination_answered(&mut self, heard: &Heard) {
+        let name = heard.destination.name.as_str();
+        if let Some((status, _, error)) = &heard.misconfigured {
             let interval = self.settings.retry_interval;
-            self.held_until = Some(Instant::now() + interval);
+            if *status == Some(410) {
+                // Gone for good: no request at all until it is set again (a reload for default).
+                self.held_until.insert(name.to_string(), Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
+                let fresh = guarded(|| {
+                    Own.run(|| Spi::get_one_with_args::<bool>("SELECT cde._disable_destination($1, $2)", &[name.into(), error.as_str().into()]))
+                });
+                if matches!(fresh, Ok(Ok(Some(true))) | Err(_)) {
+                    let how = if name == DEFAULT { "a reload of the settings" } else { "cde_set_destination" };
+                    warning!("cde: {GONE} destination {name} is gone: {error}; it is disabled, nothing more is sent to it until {how}");
+                }
+                return;
+            }
+            self.held_until.insert(name.to_string(), Instant::now() + interval);
             let fresh = guarded(|| {
                 Own.run(|| {
                     Spi::get_one_with_args::<bool>(
-                        "SELECT cde._hold_destination('default', $1, $2, make_interval(secs => $3))",
-                        &[status.map(i32::from).into(), error.as_str().into(), interval.as_secs_f64().into()],
+                        "SELECT cde._hold_destination($1, $2, $3, make_interval(secs => $4))",
+                        &[name.into(), status.map(i32::from).into(), error.as_str().into(), interval.as_secs_f64().into()],
                     )
                 })
             });
             if matches!(fresh, Ok(Ok(Some(true))) | Err(_)) {
                 warning!(
-                    "cde: {} the endpoint is misconfigured: {error}; nothing is rejected, delivery is held and tried again every cde.retry_interval ({}s) or at the next reload",
+                    "cde: {} the endpoint is misconfigured: {error}; nothing is rejected, delivery to destination {name} is held and tried again every cde.retry_interval ({}s) or at the next reload",
                     cde_protocol::ItemOutcome::MISCONFIGURED_CODE,
                     interval.as_secs()
                 );
             }
-        } else if r.requests > 0 && self.held_until.take().is_some() {
-            let _ = guarded(|| Own.run(|| Spi::run("SELECT cde._release_destination('default')")));
-            log!("cde: the endpoint takes requests again; delivery resumes");
+        } else if heard.answered && self.held_until.remove(name).is_some() {
+            let _ = guarded(|| Own.run(|| Spi::run_with_args("SELECT cde._release_destination($1)", &[name.into()])));
+            log!("cde: destination {name} takes requests again; delivery resumes");
         }
     }
 
@@ -386,6 +514,9 @@ impl Worker {
         });
     }
 }
+
+/// The stable code of a destination disabled by 410 Gone.
+const GONE: &str = "CDE-208";
 
 /// The log lines of one feed's iteration.
 fn report(feed: &engine::FeedInfo, r: &engine::FeedReport) {

@@ -160,14 +160,29 @@ UPDATE cde.tracks t SET table_name = pg_catalog.format('%I.%I', n.nspname, c.rel
  WHERE c.oid = t.source_table;
 ALTER TABLE cde.sync_phases ADD COLUMN built_at timestamptz;
 CREATE TABLE cde.destinations (
-    name         text PRIMARY KEY,
+    name         text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,47}$'),
     held_until   timestamptz,
-    held_status  int,
-    held_error   text,
-    held_since   timestamptz
+    held_status  int,                      -- the HTTP status that held it (NULL: TLS, DNS)
+    held_error   text,                     -- e.g. 'unauthorized (HTTP 401): ...'
+    held_since   timestamptz,
+    endpoint     text,                     -- NULL for default (cde.endpoint)
+    options      jsonb NOT NULL DEFAULT '{}',   -- checked by cde._check_destination_options
+    disabled_at  timestamptz,              -- 410 Gone
+    disabled_error text,
+    last_status  int,                      -- of the last response
+    last_error   text,
+    last_error_at timestamptz,
+    failing_since timestamptz,             -- requests fail (or a secret file cannot be read) since
+    last_success_at timestamptz,
+    requests     bigint NOT NULL DEFAULT 0,
+    requests_failed bigint NOT NULL DEFAULT 0,
+    items_sent   bigint NOT NULL DEFAULT 0,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO cde.destinations (name) VALUES ('default');
-COMMENT ON TABLE cde.destinations IS 'Destinations and whether a misconfiguration (401, 404, TLS...) holds them';
+COMMENT ON TABLE cde.destinations IS 'Where feeds are sent (cde_set_destination), and whether a failure holds or a 410 disabled them';
+ALTER TABLE cde.feeds ADD COLUMN destination text REFERENCES cde.destinations;   -- NULL: default (cde.endpoint)
 SELECT pg_catalog.pg_extension_config_dump('cde.feeds', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.tracks', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.queue', '');

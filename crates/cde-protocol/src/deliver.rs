@@ -5,8 +5,9 @@ use crate::response::Classified;
 use crate::wire::Item;
 use std::time::Duration;
 
-/// What the transport made of one request: the receiver's classified answer.
-pub type SendResult = Classified;
+/// What the transport made of one request: the receiver's classified answer, and the response's
+/// id (`x-request-id` or the destination's `response_id_header`) when it gave one.
+pub type SendResult = (Classified, Option<String>);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ItemOutcome {
@@ -51,6 +52,11 @@ impl ItemOutcome {
 #[derive(Debug, Default)]
 pub struct Delivery {
     pub outcomes: Vec<Option<ItemOutcome>>,
+    /// The id of the response that decided each item (delivered or rejected it), for support
+    /// tickets with the receiving service.
+    pub response_ids: Vec<Option<String>>,
+    /// The status of the last response, if any answered.
+    pub last_status: Option<u16>,
     /// `Retry-After` from the receiver: hold the whole feed back this long.
     pub hold: Option<Duration>,
     /// The destination is misconfigured (401, 404, TLS...): (status, reason, error). The items
@@ -67,7 +73,7 @@ pub struct Delivery {
 /// for retry. A misconfigured destination (401, 404...) stops it too, and leaves those items
 /// pending: splitting would cost twice the batch in requests for nothing.
 pub fn deliver_with_split(items: &[Item], send: &mut dyn FnMut(&[Item]) -> SendResult) -> Delivery {
-    let mut d = Delivery { outcomes: vec![None; items.len()], ..Default::default() };
+    let mut d = Delivery { outcomes: vec![None; items.len()], response_ids: vec![None; items.len()], ..Default::default() };
     let mut stop: Option<(Option<u16>, String)> = None;
     deliver_range(items, 0, items.len(), send, &mut d, &mut stop);
     if let Some((status, error)) = stop {
@@ -90,10 +96,17 @@ fn deliver_range(
         return;
     }
     d.requests += 1;
-    match send(&items[start..end]) {
+    let (answer, response_id) = send(&items[start..end]);
+    d.last_status = match &answer {
+        Classified::Accepted { .. } => Some(200),
+        Classified::Refused { status, .. } => Some(*status),
+        Classified::Misconfigured { status, .. } | Classified::Retryable { status, .. } => *status,
+    };
+    match answer {
         Classified::Accepted { rejected } => {
             for i in start..end {
                 d.outcomes[i] = Some(ItemOutcome::Sent);
+                d.response_ids[i] = response_id.clone();
             }
             for r in rejected {
                 d.outcomes[start + r.index] = Some(ItemOutcome::Rejected { status: None, error: r.error });
@@ -103,6 +116,7 @@ fn deliver_range(
             d.failed_requests += 1;
             if end - start == 1 {
                 d.outcomes[start] = Some(ItemOutcome::Rejected { status: Some(status), error });
+                d.response_ids[start] = response_id;
             } else {
                 let mid = start + (end - start) / 2;
                 deliver_range(items, start, mid, send, d, stop);
@@ -145,7 +159,8 @@ mod tests {
     #[test]
     fn all_sent() {
         let its = items(5);
-        let d = deliver_with_split(&its, &mut |_| Classified::Accepted { rejected: vec![] });
+        let d = deliver_with_split(&its, &mut |_| (Classified::Accepted { rejected: vec![] }, Some("r1".into())));
+        assert!(d.response_ids.iter().all(|r| r.as_deref() == Some("r1")));
         assert_eq!(d.requests, 1);
         assert!(d.outcomes.iter().all(|o| *o == Some(ItemOutcome::Sent)));
     }
@@ -153,8 +168,8 @@ mod tests {
     #[test]
     fn per_item_rejections_from_a_2xx() {
         let its = items(3);
-        let d = deliver_with_split(&its, &mut |_| Classified::Accepted {
-            rejected: vec![Rejection { index: 2, error: "no".into() }],
+        let d = deliver_with_split(&its, &mut |_| {
+            (Classified::Accepted { rejected: vec![Rejection { index: 2, error: "no".into() }] }, None)
         });
         assert_eq!(d.outcomes[0], Some(ItemOutcome::Sent));
         assert_eq!(d.outcomes[2], Some(ItemOutcome::Rejected { status: None, error: "no".into() }));
@@ -166,11 +181,12 @@ mod tests {
         let mut sizes = vec![];
         let d = deliver_with_split(&its, &mut |b: &[Item]| {
             sizes.push(b.len());
-            if b.iter().any(|i| i.key == "5") {
+            let answer = if b.iter().any(|i| i.key == "5") {
                 Classified::Refused { status: 422, error: "HTTP 422: bad".into() }
             } else {
                 Classified::Accepted { rejected: vec![] }
-            }
+            };
+            (answer, Some(format!("req-{}", sizes.len())))
         });
         for (i, o) in d.outcomes.iter().enumerate() {
             if i == 5 {
@@ -181,6 +197,8 @@ mod tests {
         }
         // 8 -> 4 (ok) + 4 -> 2 + 1 (ok) + 1 (rejected) + 2 (ok): log2(n) levels, not n requests.
         assert_eq!(sizes, vec![8, 4, 4, 2, 1, 1, 2]);
+        assert_eq!(d.response_ids[5].as_deref(), Some("req-6"), "the response that rejected it");
+        assert_eq!(d.response_ids[0].as_deref(), Some("req-2"), "the response that delivered it");
         assert_eq!(d.requests, 7);
     }
 
@@ -190,7 +208,7 @@ mod tests {
         let mut calls = 0;
         let d = deliver_with_split(&its, &mut |_| {
             calls += 1;
-            Classified::Misconfigured { status: Some(401), reason: "unauthorized", error: "unauthorized (HTTP 401): no".into() }
+            (Classified::Misconfigured { status: Some(401), reason: "unauthorized", error: "unauthorized (HTTP 401): no".into() }, None)
         });
         assert_eq!((calls, d.requests, d.failed_requests), (1, 1, 1));
         assert!(d.outcomes.iter().all(Option::is_none), "every item stays pending");
@@ -203,11 +221,12 @@ mod tests {
         let mut calls = 0;
         let d = deliver_with_split(&its, &mut |b: &[Item]| {
             calls += 1;
-            if b.len() == 4 {
+            let answer = if b.len() == 4 {
                 Classified::Refused { status: 400, error: "x".into() }
             } else {
                 Classified::Retryable { status: Some(503), error: "down".into(), retry_after: Some(Duration::from_secs(2)) }
-            }
+            };
+            (answer, None)
         });
         assert_eq!(calls, 2, "after the first retryable failure nothing more is sent");
         assert_eq!(d.hold, Some(Duration::from_secs(2)));

@@ -7,8 +7,10 @@
 //! The protocol itself is documented in `docs/protocol.md`.
 
 pub mod batch;
+pub mod destination;
 pub mod hash;
 pub mod response;
+pub mod sign;
 pub mod wire;
 
 pub use batch::{cut_batches, Batch};
