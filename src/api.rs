@@ -53,7 +53,7 @@ fn until_done(
 ) -> Vec<(i64, i64, i64)> {
     let mut pump = Pump::new(send_budget);
     let mut destinations = Destinations::default();
-    for (name, problem) in tx.run(|| destinations.refresh(settings, true)) {
+    for (name, problem) in tx.run(|| destinations.refresh(settings, true)).problems {
         pgrx::warning!("cde: CDE-206 destination {name}: {problem}; nothing is sent to it");
     }
     let index: HashMap<&str, usize> = feeds.iter().enumerate().map(|(i, f)| (f.name.as_str(), i)).collect();

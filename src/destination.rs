@@ -64,8 +64,9 @@ impl Destinations {
 
     /// Read the rows (in a transaction); a destination whose row changed, or all of them when
     /// `reread` (a reload), is built again, its files read again. Returns the problems found on
-    /// this read (destination, message), already recorded on its row, for the worker's log.
-    pub fn refresh(&mut self, settings: &Settings, reread: bool) -> Vec<(String, String)> {
+    /// this read (destination, message), already recorded on its row, for the worker's log, and
+    /// the destinations set again since the last read (cde_set_destination): their holds end.
+    pub fn refresh(&mut self, settings: &Settings, reread: bool) -> Refreshed {
         let rows = Spi::connect(|c| {
             let rows = c.select(
                 "SELECT name, endpoint, options::text, disabled_at IS NOT NULL, updated_at::text FROM cde.destinations",
@@ -86,6 +87,7 @@ impl Destinations {
         })
         .unwrap_or_else(|e| error!("cde: cannot read cde.destinations: {e}"));
         let mut problems = Vec::new();
+        let mut set_again = Vec::new();
         let mut next = HashMap::new();
         for (name, endpoint, opts, disabled, version) in rows {
             let keep = self.by_name.get(&name).filter(|d| {
@@ -94,6 +96,9 @@ impl Destinations {
                     && d.disabled == disabled
                     && (d.problem.is_none() || d.read_at.elapsed() < PROBLEM_RETRY)
             });
+            if self.by_name.get(&name).is_some_and(|d| d.version != version) {
+                set_again.push(name.clone());
+            }
             let d = match keep {
                 Some(d) => Arc::clone(d),
                 None => {
@@ -114,8 +119,13 @@ impl Destinations {
             Spi::run_with_args("SELECT cde._destination_problem($1, $2)", &[name.as_str().into(), problem.as_str().into()])
                 .unwrap_or_else(|e| error!("cde: {e}"));
         }
-        problems
+        Refreshed { problems, set_again }
     }
+}
+
+pub struct Refreshed {
+    pub problems: Vec<(String, String)>,
+    pub set_again: Vec<String>,
 }
 
 /// One destination from its row and the server's settings (which give `default` its endpoint

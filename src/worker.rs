@@ -190,6 +190,10 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
         w.unlock_if_idle();
         publish(shared, &w);
     }
+    if w.pump.in_flight() > 0 {
+        // Asked to stop while destinations are answering: not waited for.
+        log!("cde: stopping with a request in flight; its items stay pending and go again");
+    }
     leave(shared);
 }
 
@@ -338,8 +342,11 @@ impl Worker {
         let settings = &self.settings;
         let destinations = &mut self.destinations;
         match guarded(|| Own.run(|| destinations.refresh(settings, reread))) {
-            Ok(problems) => {
-                for (name, problem) in problems {
+            Ok(r) => {
+                for name in r.set_again {
+                    self.held_until.remove(&name);
+                }
+                for (name, problem) in r.problems {
                     warning!("cde: CDE-206 destination {name}: {problem}; nothing is sent to it until that is fixed (cde_set_destination, or a reload)");
                 }
             }

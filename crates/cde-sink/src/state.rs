@@ -89,6 +89,12 @@ struct Entry {
 
 pub struct State {
     api_key: Option<String>,
+    /// Standard Webhooks secret: requests whose signature does not verify are refused (401).
+    signing_secret: Option<Vec<u8>>,
+    /// Keep each ingest request's webhook headers and body in the log, for a verifier written
+    /// elsewhere (the e2e suite's standardwebhooks).
+    capture: bool,
+    next_request_id: u64,
     docs: HashMap<String, BTreeMap<String, Entry>>,
     log: Vec<Value>,
     faults: Vec<Fault>,
@@ -102,6 +108,9 @@ impl State {
     pub fn new(api_key: Option<String>) -> State {
         State {
             api_key,
+            signing_secret: None,
+            capture: false,
+            next_request_id: 0,
             docs: HashMap::new(),
             log: Vec::new(),
             faults: Vec::new(),
@@ -204,8 +213,26 @@ fn handle_admin(state: &Mutex<State>, req: &Request, what: &str) -> Reply {
         }
         ("POST", "reset") => {
             let key = s.api_key.take();
+            let secret = s.signing_secret.take();
             *s = State::new(key);
+            s.signing_secret = secret;
             json_reply(200, &json!({"reset": true}))
+        }
+        ("POST", "signing-secret") => {
+            let text = String::from_utf8_lossy(&req.body).trim().to_string();
+            if text.is_empty() {
+                s.signing_secret = None;
+            } else {
+                match cde_protocol::sign::parse_secret(&text) {
+                    Ok(secret) => s.signing_secret = Some(secret),
+                    Err(e) => return json_reply(400, &json!({"error": e})),
+                }
+            }
+            json_reply(200, &json!({"signature_required": s.signing_secret.is_some()}))
+        }
+        ("POST", "capture") => {
+            s.capture = String::from_utf8_lossy(&req.body).trim() != "off";
+            json_reply(200, &json!({"capture": s.capture}))
         }
         ("POST", "api-key") => {
             let k = String::from_utf8_lossy(&req.body).trim().to_string();
@@ -222,11 +249,36 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
     let gz = req.header("content-encoding").is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
     let auth = req.header("authorization").map(String::from);
     let mut s = state.lock().unwrap();
+    s.next_request_id += 1;
+    let request_id = format!("sink-{}", s.next_request_id);
     let mut entry = json!({
         "t": now_ms(), "feed": feed, "bytes": req.body.len(), "gzip": gz,
         "idempotency_key": idem, "authorization": auth.is_some(),
-        "content_type": req.header("content-type"),
+        "content_type": req.header("content-type"), "request_id": request_id,
+        "signed": req.header("webhook-signature").is_some(),
     });
+    let mut reply = ingest_locked(&mut s, req, &feed, &idem, gz, auth, &mut entry);
+    if let Reply::Http { headers, .. } = &mut reply {
+        headers.push(("X-Request-Id".into(), request_id));
+    }
+    s.log.push(entry);
+    reply
+}
+
+fn ingest_locked(
+    s: &mut State,
+    req: &Request,
+    feed: &str,
+    idem: &str,
+    gz: bool,
+    auth: Option<String>,
+    entry: &mut Value,
+) -> Reply {
+    let feed = feed.to_string();
+    let idem = idem.to_string();
+    let headers = |names: &[&str]| -> Value {
+        names.iter().map(|n| (n.to_string(), json!(req.header(n)))).collect::<Map<String, Value>>().into()
+    };
 
     let fault = s.take_fault(&feed);
     let mut delay = None;
@@ -234,7 +286,6 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
         entry["fault"] = json!(true);
         if f.close || f.garbage {
             entry["status"] = json!(if f.close { "closed" } else { "garbage" });
-            s.log.push(entry);
             return if f.close { Reply::Close } else { Reply::Garbage };
         }
         delay = f.delay_ms.map(bounded);
@@ -244,7 +295,6 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
                 headers.push(("Retry-After".to_string(), ra.clone()));
             }
             entry["status"] = json!(status);
-            s.log.push(entry);
             return Reply::Http { status, headers, body: f.body.clone().unwrap_or_default().into_bytes(), delay };
         }
     }
@@ -252,28 +302,39 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
     if let Some(expected) = &s.api_key {
         if auth.as_deref() != Some(&format!("Bearer {expected}")) {
             entry["status"] = json!(401);
-            s.log.push(entry);
             return json_reply(401, &json!({"error": "missing or wrong bearer token"}));
         }
     }
 
     let raw = if gz {
+        // (decoded first: a signature covers the uncompressed body)
         match gunzip(&req.body) {
             Ok(b) => b,
             Err(e) => {
                 entry["status"] = json!(400);
-                s.log.push(entry);
-                return json_reply(400, &json!({"error": format!("bad gzip: {e}")}));
+                    return json_reply(400, &json!({"error": format!("bad gzip: {e}")}));
             }
         }
     } else {
         req.body.clone()
     };
+    if s.capture {
+        entry["webhook"] = headers(&["webhook-id", "webhook-timestamp", "webhook-signature"]);
+        entry["body"] = json!(String::from_utf8_lossy(&raw));
+    }
+    if let Some(secret) = &s.signing_secret {
+        let (id, ts, sig) = (req.header("webhook-id"), req.header("webhook-timestamp"), req.header("webhook-signature"));
+        let fresh = ts.and_then(|t| t.parse::<u64>().ok()).is_some_and(|t| (now_ms() / 1000).abs_diff(t) <= 300);
+        let valid = matches!((id, ts, sig), (Some(id), Some(ts), Some(sig)) if cde_protocol::sign::verify(secret, id, ts, &raw, sig));
+        if !(valid && fresh) {
+            entry["status"] = json!(401);
+            return json_reply(401, &json!({"error": "the webhook signature does not verify"}));
+        }
+    }
     let values: Vec<&RawValue> = match serde_json::from_slice(&raw) {
         Ok(v) => v,
         _ => {
             entry["status"] = json!(400);
-            s.log.push(entry);
             return json_reply(400, &json!({"error": "body must be a JSON array of items"}));
         }
     };
@@ -283,8 +344,7 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
             Ok(it) if it.deleted || it.data.is_some() => items.push(it),
             _ => {
                 entry["status"] = json!(400);
-                s.log.push(entry);
-                return json_reply(400, &json!({"error": "each item needs key, deleted and data"}));
+                    return json_reply(400, &json!({"error": "each item needs key, deleted and data"}));
             }
         }
     }
@@ -301,7 +361,6 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
         if batch_mode && !hits.is_empty() {
             let status = rule_fault.status.unwrap_or(422);
             entry["status"] = json!(status);
-            s.log.push(entry);
             return Reply::Http { status, headers: vec![], body: format!("{{\"error\":{}}}", json!(error)).into_bytes(), delay };
         }
         rejected = hits.into_iter().map(|i| json!({"index": i, "error": error})).collect();
@@ -324,7 +383,6 @@ fn ingest(state: &Mutex<State>, req: &Request) -> Reply {
     s.items_received += n as u64;
     entry["status"] = json!(200);
     entry["rejected"] = json!(rejected.len());
-    s.log.push(entry);
     let body = if rejected.is_empty() { json!({}) } else { json!({"rejected": rejected}) };
     Reply::Http {
         status: 200,
