@@ -163,14 +163,29 @@ UPDATE cde.tracks t SET table_name = pg_catalog.format('%I.%I', n.nspname, c.rel
  WHERE c.oid = t.source_table;
 ALTER TABLE cde.sync_phases ADD COLUMN built_at timestamptz;
 CREATE TABLE cde.destinations (
-    name         text PRIMARY KEY,
+    name         text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,47}$'),
     held_until   timestamptz,
-    held_status  int,
-    held_error   text,
-    held_since   timestamptz
+    held_status  int,                      -- the HTTP status that held it (NULL: TLS, DNS)
+    held_error   text,                     -- e.g. 'unauthorized (HTTP 401): ...'
+    held_since   timestamptz,
+    endpoint     text,                     -- NULL for default (cde.endpoint)
+    options      jsonb NOT NULL DEFAULT '{}',   -- checked by cde._check_destination_options
+    disabled_at  timestamptz,              -- 410 Gone
+    disabled_error text,
+    last_status  int,                      -- of the last response
+    last_error   text,
+    last_error_at timestamptz,
+    failing_since timestamptz,             -- requests fail (or a secret file cannot be read) since
+    last_success_at timestamptz,
+    requests     bigint NOT NULL DEFAULT 0,
+    requests_failed bigint NOT NULL DEFAULT 0,
+    items_sent   bigint NOT NULL DEFAULT 0,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO cde.destinations (name) VALUES ('default');
-COMMENT ON TABLE cde.destinations IS 'Destinations and whether a misconfiguration (401, 404, TLS...) holds them';
+COMMENT ON TABLE cde.destinations IS 'Where feeds are sent (cde_set_destination), and whether a failure holds or a 410 disabled them';
+ALTER TABLE cde.feeds ADD COLUMN destination text REFERENCES cde.destinations;   -- NULL: default (cde.endpoint)
 SELECT pg_catalog.pg_extension_config_dump('cde.feeds', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.tracks', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.queue', '');
@@ -185,7 +200,7 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
 
 -- The 0.2.0 objects follow.
 /* <begin connected objects> */
--- src/lib.rs:26
+-- src/lib.rs:28
 -- requires:
 --   schema
 
@@ -228,68 +243,6 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/capture.rs:25
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:31
--- cde::capture::cde::_changes_recorded
-CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:79
--- cde::capture::cde::_capture_keys
-CREATE FUNCTION cde."_capture_keys"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:40
--- cde::capture::cde::_capture
-CREATE FUNCTION cde."_capture"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:7
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:21
--- cde::sync::cde::_lane
-CREATE  FUNCTION cde."_lane"(
-	"key" TEXT, /* & str */
-	"lanes" INT /* i32 */
-) RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:15
--- cde::sync::cde::_in_lane
-CREATE  FUNCTION cde."_in_lane"(
-	"key" TEXT, /* & str */
-	"lane" INT, /* i32 */
-	"lanes" INT /* i32 */
-) RETURNS bool /* bool */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_in_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/trust.rs:123
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
 /* </end connected objects> */
@@ -328,7 +281,7 @@ AS 'MODULE_PATHNAME', '_ticket_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:27
+-- src/lib.rs:29
 -- requires:
 --   rules
 --   trust::cde::_ticket
@@ -427,7 +380,8 @@ BEGIN
             error        text,
             attempts     int NOT NULL DEFAULT 0,
             modified_at  timestamptz NOT NULL DEFAULT now(),
-            sent_at      timestamptz
+            sent_at      timestamptz,
+            response_id  text          -- x-request-id of the response that delivered or rejected it
         )$t$, tbl);
     EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
     EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
@@ -444,6 +398,7 @@ CREATE FUNCTION cde_register_feed(
     -- Where the source query's names resolve: the caller's search_path as it is now (a default
     -- is evaluated in the caller's session, before this function pins its own).
     search_path  name[]  DEFAULT pg_catalog.current_schemas(false),
+    destination  text    DEFAULT NULL,           -- NULL: the default one (cde.endpoint)
     ticket       bigint  DEFAULT cde._ticket()   -- who calls (src/trust.rs): never pass it
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -480,6 +435,7 @@ BEGIN
     IF query = '' THEN
         RAISE EXCEPTION 'cde: the source query of feed % is empty', feed USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM cde._usable_destination(destination, caller);
 
     -- Dependencies: known feeds, and no cycle once this definition is in place.
     FOREACH dep IN ARRAY coalesce(depends_on, '{}') LOOP
@@ -562,14 +518,14 @@ BEGIN
     END IF;
 
     INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,
-                                batch_size, owner, search_path, feed_table)
+                                batch_size, owner, search_path, feed_table, destination)
     VALUES (feed, query, key_column, key_type, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
-            owner, path, tbl::regclass)
+            owner, path, tbl::regclass, nullif(cde_register_feed.destination, 'default'))
     ON CONFLICT (name) DO UPDATE
        SET source_query = excluded.source_query, key_column = excluded.key_column, key_type = excluded.key_type,
            doc_column = excluded.doc_column, mode = excluded.mode, depends_on = excluded.depends_on,
            batch_size = excluded.batch_size, owner = excluded.owner, search_path = excluded.search_path,
-           updated_at = now();
+           destination = excluded.destination, updated_at = now();
 
     -- A new definition may yield other documents for every key: rebuild them all. Unchanged
     -- documents keep their hash and are not sent again.
@@ -579,7 +535,7 @@ BEGIN
     END IF;
 END $fn$;
 
-COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[], bigint) IS
+COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[], text, bigint) IS
     'Register (or redefine) a feed: one source query yielding one JSON document per entity key';
 
 -- A search_path of these schemas (the registering session's, resolved), with pg_catalog first
@@ -622,7 +578,7 @@ COMMENT ON FUNCTION cde_drop_feed(text, bigint) IS 'Drop a feed: its capture tri
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:28
+-- src/lib.rs:30
 -- requires:
 --   feeds
 
@@ -795,7 +751,7 @@ END $fn$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:30
+-- src/lib.rs:32
 -- requires:
 --   rebuild
 
@@ -998,7 +954,7 @@ END $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:31
+-- src/lib.rs:33
 -- requires:
 --   collect
 
@@ -1020,6 +976,7 @@ CREATE FUNCTION cde._record(
     p_http      int[],
     p_errors    text[],
     p_hold      interval,  -- Retry-After: hold the whole feed back this long
+    p_response_ids text[], -- the id of the response that decided each item (x-request-id)
     OUT sent bigint, OUT rejected bigint, OUT retrying bigint, OUT dead bigint
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -1035,8 +992,8 @@ BEGIN
     END IF;
     EXECUTE format($q$
         WITH o AS (
-            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[])
-                       AS o(key, hash, outcome, http_status, error, tid)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[])
+                       AS o(key, hash, outcome, http_status, error, tid, response_id)
         ), done AS (
             UPDATE %s AS t SET
                 status = CASE o.outcome
@@ -1047,6 +1004,7 @@ BEGIN
                 attempts    = CASE WHEN o.outcome = 'sent' THEN 0 ELSE t.attempts + 1 END,
                 http_status = o.http_status,
                 error       = o.error,
+                response_id = o.response_id,
                 sent_at     = CASE WHEN o.outcome = 'sent' THEN now() ELSE t.sent_at END
               FROM o
              WHERE t.ctid = o.tid AND t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash
@@ -1067,7 +1025,7 @@ BEGIN
                count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead')
           FROM done$q$, f.feed_table)
       INTO sent, rejected, retrying, dead
-      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids;
+      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids;
 
     SELECT e INTO first_error FROM unnest(p_errors) AS e WHERE e IS NOT NULL LIMIT 1;
     UPDATE cde.feeds SET
@@ -1076,6 +1034,9 @@ BEGIN
         last_error    = coalesce(first_error, last_error),
         last_error_at = CASE WHEN first_error IS NOT NULL THEN now() ELSE last_error_at END
      WHERE name = f.name;
+    IF sent > 0 THEN
+        UPDATE cde.destinations d SET items_sent = d.items_sent + sent WHERE d.name = coalesce(f.destination, 'default');
+    END IF;
 END $$;
 
 -- Send again, now, the items that failed: retrying, rejected and dead ones. Items whose document
@@ -1135,38 +1096,10 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION cde_resync(text, text[], bigint) IS 'Rebuild and resend these keys of a feed, even if unchanged';
-
--- A destination answered as misconfigured: hold it (the worker sends nothing to it until then,
--- but one request to see whether it was fixed). Returns whether it was not held for this reason
--- already, so that the worker logs a hold once.
-CREATE FUNCTION cde._hold_destination(p_name text, p_status int, p_error text, p_for interval) RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-    fresh boolean;
-BEGIN
-    SELECT held_until IS NULL OR held_status IS DISTINCT FROM p_status
-           OR split_part(held_error, ':', 1) IS DISTINCT FROM split_part(p_error, ':', 1)
-      INTO fresh FROM cde.destinations WHERE name = p_name;
-    UPDATE cde.destinations
-       SET held_until = now() + p_for, held_status = p_status, held_error = p_error,
-           held_since = CASE WHEN fresh THEN now() ELSE held_since END
-     WHERE name = p_name;
-    RETURN coalesce(fresh, true);
-END $$;
-
--- The destination took a request again, or its settings were reloaded. Returns whether it was held.
-CREATE FUNCTION cde._release_destination(p_name text) RETURNS boolean
-LANGUAGE sql AS $$
-    WITH r AS (
-        UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
-         WHERE name = p_name AND held_until IS NOT NULL
-        RETURNING 1)
-    SELECT EXISTS (SELECT 1 FROM r)
-$$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:32
+-- src/lib.rs:34
 -- requires:
 --   deliver
 
@@ -1525,7 +1458,344 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:29
+-- src/api.rs:20
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:12
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:26
+-- cde::collect::cde::_doc_hash
+CREATE  FUNCTION cde."_doc_hash"(
+	"doc" anyelement /* pgrx :: AnyElement */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:17
+-- cde::collect::cde::_chunk_size
+CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:191
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:222
+-- cde::destination::cde::_check_endpoint
+CREATE  FUNCTION cde."_check_endpoint"(
+	"endpoint" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_endpoint_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:236
+-- cde::destination::cde::_destination_roles
+CREATE  FUNCTION cde."_destination_roles"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS TEXT[] /* Vec < String > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:198
+-- cde::destination::cde::_check_destination_options
+CREATE  FUNCTION cde."_check_destination_options"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS void
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:35
+-- requires:
+--   sync
+--   destination::cde::_check_destination_options
+--   destination::cde::_destination_roles
+--   destination::cde::_check_endpoint
+
+-- Destinations: where feeds are sent, with which credentials and within which limits
+-- (docs/operations.md, "Destinations"). A superuser's to set: the workers are superusers, and a
+-- destination says which files the server reads (its key, its signing secret) and where the
+-- feeds' documents go. Delegated admins use the ones whose `roles` option names them.
+
+-- Is this a destination the caller's feeds may use? NULL and 'default' are cde.endpoint's, open
+-- to every feed as in 0.1.0; another must exist, and a caller that is not a superuser must be a
+-- member of one of its `roles`.
+CREATE FUNCTION cde._usable_destination(destination text, caller regrole) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    d cde.destinations;
+BEGIN
+    IF destination IS NULL OR destination = 'default' THEN
+        RETURN;
+    END IF;
+    SELECT * INTO d FROM cde.destinations x WHERE x.name = destination;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cde: unknown destination %', quote_literal(destination)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'A superuser creates it with cde_set_destination(name, endpoint, options); SELECT name FROM cde_destinations lists them.';
+    END IF;
+    IF caller IS NOT NULL AND NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = caller), false)
+       AND NOT EXISTS (SELECT 1 FROM unnest(cde._destination_roles(d.options)) AS r(name)
+                        WHERE pg_catalog.to_regrole(r.name) IS NOT NULL
+                          AND pg_catalog.pg_has_role(caller::oid, pg_catalog.to_regrole(r.name)::oid, 'USAGE')) THEN
+        RAISE EXCEPTION 'cde: permission denied for destination %', destination
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser lets role %s use it: cde_set_destination(%L, endpoint, options || ''{"roles": ["%s"]}'').',
+                                caller, destination, caller);
+    END IF;
+END $$;
+
+-- Only a superuser: checked here too, should the function ever be granted to another role.
+CREATE FUNCTION cde._require_superuser(what text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), false) THEN
+        RAISE EXCEPTION 'cde: only a superuser may %', what
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A destination names files the server reads and where documents go: the workers, superusers, act on it.';
+    END IF;
+END $$;
+
+CREATE FUNCTION cde_set_destination(destination text, endpoint text, options jsonb DEFAULT '{}') RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r text;
+BEGIN
+    PERFORM cde._require_superuser('set a destination');
+    IF destination = 'default' THEN
+        RAISE EXCEPTION 'cde: destination default is the server''s: cde.endpoint and cde.api_key_file'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'ALTER SYSTEM SET cde.endpoint = ...; SELECT pg_reload_conf(); or give this destination another name.';
+    END IF;
+    IF destination IS NULL OR destination !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'cde: invalid destination name %', coalesce(quote_literal(destination), 'NULL')
+            USING ERRCODE = 'invalid_name',
+                  HINT = 'A destination name is a plain lower-case identifier: a letter, then letters, digits or _, at most 48 characters.';
+    END IF;
+    PERFORM cde._check_endpoint(endpoint);
+    PERFORM cde._check_destination_options(coalesce(options, '{}'));
+    FOREACH r IN ARRAY cde._destination_roles(coalesce(options, '{}')) LOOP
+        IF to_regrole(r) IS NULL THEN
+            RAISE EXCEPTION 'cde: option roles of destination %: role % does not exist', destination, quote_ident(r)
+                USING ERRCODE = 'undefined_object';
+        END IF;
+    END LOOP;
+    -- Set again, it is released from a hold or a 410, and every secret file is read again.
+    INSERT INTO cde.destinations AS d (name, endpoint, options)
+    VALUES (destination, rtrim(endpoint, '/'), coalesce(options, '{}'))
+    ON CONFLICT (name) DO UPDATE
+       SET endpoint = excluded.endpoint, options = excluded.options, updated_at = clock_timestamp(),
+           held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL,
+           disabled_at = NULL, disabled_error = NULL, failing_since = NULL;
+    PERFORM cde._changes_recorded();   -- the worker looks at once
+END $$;
+
+REVOKE ALL ON FUNCTION cde_set_destination(text, text, jsonb) FROM PUBLIC;
+COMMENT ON FUNCTION cde_set_destination(text, text, jsonb) IS
+    'Create or update a destination: its endpoint and options (key and signing secret files, limits, headers)';
+
+CREATE FUNCTION cde_drop_destination(destination text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    users text;
+BEGIN
+    PERFORM cde._require_superuser('drop a destination');
+    IF destination = 'default' THEN
+        RAISE EXCEPTION 'cde: destination default is the server''s and cannot be dropped'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Empty cde.endpoint to send nothing.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cde.destinations d WHERE d.name = destination) THEN
+        RAISE EXCEPTION 'cde: unknown destination %', coalesce(quote_literal(destination), 'NULL')
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT string_agg(f.name, ', ' ORDER BY f.name) INTO users FROM cde.feeds f WHERE f.destination = cde_drop_destination.destination;
+    IF users IS NOT NULL THEN
+        RAISE EXCEPTION 'cde: destination % is used by feeds %', destination, users
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Register those feeds with another destination (cde_register_feed(..., destination => ...)) or drop them first.';
+    END IF;
+    DELETE FROM cde.destinations d WHERE d.name = destination;
+END $$;
+
+REVOKE ALL ON FUNCTION cde_drop_destination(text) FROM PUBLIC;
+COMMENT ON FUNCTION cde_drop_destination(text) IS 'Drop a destination no feed uses';
+
+-- The worker's bookkeeping (src/worker.rs, src/deliver.rs).
+
+-- A posted slice's requests, and whether the destination answered (2xx, or a 4xx about items).
+CREATE FUNCTION cde._destination_answered(p_name text, p_requests bigint, p_failed bigint, p_status int, p_error text, p_ok boolean)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE cde.destinations SET
+        requests        = requests + p_requests,
+        requests_failed = requests_failed + p_failed,
+        last_status     = coalesce(p_status, last_status),
+        last_error      = CASE WHEN p_ok THEN last_error ELSE coalesce(p_error, last_error) END,
+        last_error_at   = CASE WHEN p_ok OR p_error IS NULL THEN last_error_at ELSE now() END,
+        last_success_at = CASE WHEN p_ok THEN now() ELSE last_success_at END,
+        failing_since   = CASE WHEN p_ok THEN NULL ELSE coalesce(failing_since, now()) END
+     WHERE name = p_name AND p_requests > 0
+$$;
+
+-- A secret file could not be read: nothing is sent to it (state failing) until it can.
+CREATE FUNCTION cde._destination_problem(p_name text, p_error text) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE cde.destinations SET last_error = p_error, last_error_at = now(), failing_since = coalesce(failing_since, now())
+     WHERE name = p_name
+$$;
+
+-- A destination answered as misconfigured: hold it (the worker sends nothing to it until then,
+-- but one request to see whether it was fixed). Returns whether it was not held for this reason
+-- already, so that the worker logs a hold once.
+CREATE FUNCTION cde._hold_destination(p_name text, p_status int, p_error text, p_for interval) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    fresh boolean;
+BEGIN
+    SELECT held_until IS NULL OR held_status IS DISTINCT FROM p_status
+           OR split_part(held_error, ':', 1) IS DISTINCT FROM split_part(p_error, ':', 1)
+      INTO fresh FROM cde.destinations WHERE name = p_name;
+    UPDATE cde.destinations
+       SET held_until = now() + p_for, held_status = p_status, held_error = p_error,
+           held_since = CASE WHEN fresh THEN now() ELSE held_since END
+     WHERE name = p_name;
+    RETURN coalesce(fresh, true);
+END $$;
+
+-- 410 Gone: disabled until cde_set_destination (default: until a reload). Returns whether it was
+-- not disabled already.
+CREATE FUNCTION cde._disable_destination(p_name text, p_error text) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH d AS (
+        UPDATE cde.destinations SET disabled_at = now(), disabled_error = p_error, last_status = 410,
+                                    last_error = p_error, last_error_at = now()
+         WHERE name = p_name AND disabled_at IS NULL
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM d)
+$$;
+
+-- The destination took a request again. Returns whether it was held.
+CREATE FUNCTION cde._release_destination(p_name text) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH r AS (
+        UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
+         WHERE name = p_name AND held_until IS NOT NULL
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM r)
+$$;
+
+-- The settings were reloaded: every hold is released (a key file may have been replaced), and
+-- the default destination, which cde_set_destination does not set, is enabled again.
+CREATE FUNCTION cde._release_destinations() RETURNS void
+LANGUAGE sql AS $$
+    UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
+     WHERE held_until IS NOT NULL;
+    UPDATE cde.destinations SET disabled_at = NULL, disabled_error = NULL, failing_since = NULL
+     WHERE name = 'default' AND disabled_at IS NOT NULL;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:15
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:32
+-- cde::locks::cde::_sync_state_lock
+CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:25
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:31
+-- cde::capture::cde::_changes_recorded
+CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:40
+-- cde::capture::cde::_capture
+CREATE FUNCTION cde."_capture"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:79
+-- cde::capture::cde::_capture_keys
+CREATE FUNCTION cde."_capture_keys"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:31
 -- requires:
 --   feeds
 --   capture::cde::_capture
@@ -1970,41 +2240,12 @@ CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DR
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:19
--- cde::api::cde_sync_now
--- requires:
---   trust::cde::_ticket
---   trust::cde::_redeem
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL, /* Option < & str > */
-	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE 
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:87
+-- src/api.rs:105
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:163
--- cde::api::cde::_serve
-CREATE  FUNCTION cde."_serve"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_serve_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:102
+-- src/api.rs:120
 -- cde::api::cde::_worker_status
 CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
 	"running" bool,  /* bool */
@@ -2027,7 +2268,7 @@ AS 'MODULE_PATHNAME', '_worker_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:95
+-- src/api.rs:113
 -- cde::api::cde::_hold_iteration_lock
 CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
@@ -2036,64 +2277,46 @@ AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:15
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
+-- src/api.rs:181
+-- cde::api::cde::_serve
+CREATE  FUNCTION cde."_serve"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_serve_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+-- src/sync.rs:7
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:15
+-- cde::sync::cde::_in_lane
+CREATE  FUNCTION cde."_in_lane"(
+	"key" TEXT, /* & str */
+	"lane" INT, /* i32 */
+	"lanes" INT /* i32 */
+) RETURNS bool /* bool */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+AS 'MODULE_PATHNAME', '_in_lane_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+-- src/sync.rs:21
+-- cde::sync::cde::_lane
+CREATE  FUNCTION cde."_lane"(
+	"key" TEXT, /* & str */
+	"lanes" INT /* i32 */
+) RETURNS INT /* i32 */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+AS 'MODULE_PATHNAME', '_lane_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:32
--- cde::locks::cde::_sync_state_lock
-CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:12
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:17
--- cde::collect::cde::_chunk_size
-CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:26
--- cde::collect::cde::_doc_hash
-CREATE  FUNCTION cde."_doc_hash"(
-	"doc" anyelement /* pgrx :: AnyElement */
-) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:33
+-- src/lib.rs:36
 -- finalize
 -- What operators look at. Every column is documented in docs/operations.md.
 
@@ -2156,9 +2379,10 @@ SELECT f.name                                   AS feed,
        f.last_error_at,
        greatest(f.hold_until, d.held_until)     AS hold_until,
        (SELECT w.running FROM cde._worker_status() w) AS worker_running,
-       d.held_error                             AS destination_error
+       coalesce(d.held_error, d.disabled_error) AS destination_error,
+       coalesce(f.destination, 'default')       AS destination
   FROM cde.feeds f
-  LEFT JOIN cde.destinations d ON d.name = 'default'
+  LEFT JOIN cde.destinations d ON d.name = coalesce(f.destination, 'default')
   LEFT JOIN cde._feed_counts() c ON c.feed = f.name
   LEFT JOIN queued q ON q.feed = f.name
   LEFT JOIN tracked tr ON tr.feed = f.name
@@ -2167,14 +2391,15 @@ SELECT f.name                                   AS feed,
 COMMENT ON VIEW cde_feed_status IS 'One row per feed: items by delivery state, lag, last error, worker';
 
 CREATE FUNCTION cde._failed_items()
-RETURNS TABLE (feed text, key text, status text, http_status int, error text, attempts int, next_attempt_at timestamptz)
+RETURNS TABLE (feed text, key text, status text, http_status int, error text, attempts int, next_attempt_at timestamptz,
+               response_id text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     f cde.feeds;
 BEGIN
     FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
         RETURN QUERY EXECUTE format($q$
-            SELECT %L::text, t.key, t.status, t.http_status, t.error, t.attempts, r.next_attempt_at
+            SELECT %L::text, t.key, t.status, t.http_status, t.error, t.attempts, r.next_attempt_at, t.response_id
               FROM %s t LEFT JOIN cde.retries r ON r.feed = %L AND r.key = t.key
              WHERE cde._failed(t.status)
              ORDER BY t.key$q$, f.name, f.feed_table, f.name);
@@ -2183,6 +2408,49 @@ END $$;
 
 CREATE VIEW cde_failed_items AS SELECT * FROM cde._failed_items();
 COMMENT ON VIEW cde_failed_items IS 'Items that are retrying, rejected or dead, with their last error';
+
+-- Is a key set for the default destination? (Its settings are a superuser's to read.)
+CREATE FUNCTION cde._default_bearer_key() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT current_setting('cde.api_key') <> '' OR current_setting('cde.api_key_file') <> ''
+$$;
+
+-- Destinations, their state and the limits in force: no secret (options name files; the headers'
+-- values are shown to nobody here).
+CREATE VIEW cde_destinations AS
+SELECT d.name,
+       CASE WHEN d.name = 'default' THEN nullif(current_setting('cde.endpoint'), '') ELSE d.endpoint END AS endpoint,
+       CASE WHEN d.disabled_at IS NOT NULL THEN 'disabled'
+            WHEN d.held_until > now() THEN 'holding'
+            WHEN d.failing_since IS NOT NULL THEN 'failing'
+            WHEN d.name = 'default' AND current_setting('cde.endpoint') = '' THEN 'no endpoint'
+            ELSE 'ok' END                                         AS state,
+       d.held_until,
+       coalesce(d.disabled_error, d.held_error)                    AS held_error,
+       d.last_status,
+       d.last_error,
+       d.last_error_at,
+       d.last_success_at,
+       d.requests,
+       d.requests_failed,
+       d.items_sent,
+       coalesce((SELECT array_agg(f.name ORDER BY f.name) FROM cde.feeds f
+                  WHERE coalesce(f.destination, 'default') = d.name), '{}') AS feeds,
+       (d.options ->> 'max_requests_per_second')::float8         AS max_requests_per_second,
+       coalesce((d.options ->> 'batch_size')::int, current_setting('cde.batch_size')::int) AS batch_size,
+       coalesce((d.options ->> 'max_batch_bytes')::int, pg_size_bytes(current_setting('cde.max_batch_bytes'))::int) AS max_batch_bytes,
+       coalesce(d.options ->> 'timeout', current_setting('cde.http_timeout'))  AS timeout,
+       coalesce((d.options ->> 'compression')::boolean, current_setting('cde.compression')::boolean) AS compression,
+       d.options ? 'signing_secret_file'                            AS signed,
+       CASE WHEN d.name = 'default' THEN cde._default_bearer_key() ELSE d.options ? 'api_key_file' END AS bearer_key,
+       ARRAY(SELECT jsonb_object_keys(coalesce(d.options -> 'headers', '{}'))) AS headers,
+       ARRAY(SELECT jsonb_array_elements_text(coalesce(d.options -> 'roles', '[]'))) AS roles,
+       d.disabled_at,
+       d.updated_at
+  FROM cde.destinations d
+ ORDER BY d.name = 'default' DESC, d.name;
+
+COMMENT ON VIEW cde_destinations IS 'Where feeds are sent: state, counters and the limits in force (no secret)';
 
 -- Privileges (docs/security.md). Management is for superusers and the roles they delegate it to
 -- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
@@ -2200,7 +2468,7 @@ GRANT EXECUTE ON FUNCTION cde._ticket() TO PUBLIC;
 -- The management functions, for cde_grant_admin and the checks of docs/security.md.
 CREATE FUNCTION cde._management_functions() RETURNS regprocedure[]
 LANGUAGE sql STABLE AS $$
-    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], bigint)',
+    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], text, bigint)',
                  '@extschema@.cde_drop_feed(text, bigint)',
                  '@extschema@.cde_track(text, regclass, text, bigint)', '@extschema@.cde_untrack(text, regclass, bigint)',
                  '@extschema@.cde_sync_now(text, bigint)', '@extschema@.cde_retry_failed(text, bigint)',
@@ -2223,14 +2491,14 @@ BEGIN
     FOREACH fn IN ARRAY cde._management_functions() LOOP
         EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', fn);
     END LOOP;
-    FOREACH fn IN ARRAY ARRAY['cde._feed_counts()', 'cde._failed_items()', 'cde._worker_status()']::regprocedure[] LOOP
+    FOREACH fn IN ARRAY ARRAY['cde._feed_counts()', 'cde._failed_items()', 'cde._worker_status()', 'cde._default_bearer_key()']::regprocedure[] LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', fn);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_monitor', fn);
     END LOOP;
 END $$;
 
-REVOKE ALL ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status FROM PUBLIC;
-GRANT SELECT ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status TO pg_monitor;
+REVOKE ALL ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status, cde_destinations FROM PUBLIC;
+GRANT SELECT ON cde_feed_status, cde_failed_items, cde_sync_runs, cde_worker_status, cde_destinations TO pg_monitor;
 
 -- Delegating management to a role that is not a superuser. Such a role registers feeds over
 -- what it may read (their source queries then run with its rights), tracks the tables on which it
@@ -2249,8 +2517,8 @@ BEGIN
     FOREACH fn IN ARRAY cde._management_functions() LOOP
         EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', fn, admin);
     END LOOP;
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cde._feed_counts(), cde._failed_items(), cde._worker_status() TO %s', admin);
-    EXECUTE format('GRANT SELECT ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status TO %s', admin);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cde._feed_counts(), cde._failed_items(), cde._worker_status(), cde._default_bearer_key() TO %s', admin);
+    EXECUTE format('GRANT SELECT ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status, @extschema@.cde_destinations TO %s', admin);
 END $$;
 
 REVOKE ALL ON FUNCTION cde_grant_admin(regrole) FROM PUBLIC;
@@ -2271,7 +2539,7 @@ BEGIN
     END LOOP;
     EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM %s', admin);
     EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA cde FROM %s', admin);
-    EXECUTE format('REVOKE ALL ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status FROM %s', admin);
+    EXECUTE format('REVOKE ALL ON @extschema@.cde_feed_status, @extschema@.cde_failed_items, @extschema@.cde_sync_runs, @extschema@.cde_worker_status, @extschema@.cde_destinations FROM %s', admin);
     EXECUTE format('REVOKE ALL ON SCHEMA cde FROM %s', admin);
 END $$;
 
