@@ -483,6 +483,37 @@ mod tests {
     }
 
     #[test]
+    fn signatures_are_verified_and_request_ids_answered() {
+        let s = Mutex::new(State::new(None));
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        assert_eq!(post(&s, "/_sink/signing-secret", secret, &[]).0, 200);
+        let ts = (now_ms() / 1000).to_string();
+        let key = cde_protocol::sign::parse_secret(secret).unwrap();
+        let sig = cde_protocol::sign::signature_header(&[key], "m1", ts.parse().unwrap(), TWO.as_bytes());
+        let signed = [("webhook-id", "m1"), ("webhook-timestamp", ts.as_str()), ("webhook-signature", sig.as_str())];
+        assert_eq!(post(&s, "/p", TWO, &signed).0, 200);
+        assert_eq!(post(&s, "/p", TWO, &[]).0, 401, "unsigned");
+        let tampered = TWO.replace("\"a\":1", "\"a\":2");
+        assert_eq!(post(&s, "/p", &tampered, &signed).0, 401, "another body");
+        let old = [("webhook-id", "m1"), ("webhook-timestamp", "1000"), ("webhook-signature", sig.as_str())];
+        assert_eq!(post(&s, "/p", TWO, &old).0, 401, "a stale timestamp");
+        let log = s.lock().unwrap().log.clone();
+        assert_eq!(log[0]["request_id"], json!("sink-1"));
+        assert_eq!(log[1]["status"], json!(401));
+        let req = Request {
+            method: "POST".into(),
+            path: "/p".into(),
+            query: String::new(),
+            headers: signed.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body: TWO.as_bytes().to_vec(),
+        };
+        match handle(&s, &req) {
+            Reply::Http { headers, .. } => assert!(headers.iter().any(|(k, v)| k == "X-Request-Id" && v == "sink-5")),
+            _ => panic!("an HTTP answer"),
+        }
+    }
+
+    #[test]
     fn repeated_idempotency_keys_count_as_duplicates() {
         let s = Mutex::new(State::new(None));
         post(&s, "/p", TWO, &[("Idempotency-Key", "abc")]);
