@@ -108,6 +108,9 @@ def test_each_feed_arrives_at_its_own_destination_signed_and_verified(shop, sink
     assert len(search.docs("categories")) == db.one("SELECT count(*) FROM categories")
     assert len(erp.docs("prices")) == db.one("SELECT count(DISTINCT product_id) FROM prices")
     assert all(r["authorization"] for r in erp.log()) and not any(r["authorization"] for r in search.log())
+    # The full sync's phases kept their order across destinations: every category (at `search`)
+    # before the first product (at the default sink).
+    assert max(r["t"] for r in search.log("categories")) <= min(r["t"] for r in sink.log("products"))
 
     # Every request to `search` verifies with the reference library, over the body as received.
     wh = Webhook(SECRET)

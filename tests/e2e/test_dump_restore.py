@@ -23,8 +23,9 @@ def pg(tool, *args):
 def state(db):
     """What a copy must have, in names (no OID)."""
     return {
-        "feeds": db.rows("SELECT name, source_query, key_column, key_type::text, mode, depends_on, owner::text, feed_table::text"
-                         " FROM cde.feeds ORDER BY name"),
+        "feeds": db.rows("SELECT name, source_query, key_column, key_type::text, mode, depends_on, owner::text, feed_table::text,"
+                         " destination FROM cde.feeds ORDER BY name"),
+        "destinations": db.rows("SELECT name, endpoint, options::text FROM cde.destinations ORDER BY name"),
         "tracks": db.rows("SELECT feed, source_table::text, keys FROM cde.tracks ORDER BY 1, 2"),
         "products": db.rows("SELECT status, count(*) FROM cde.feed_products GROUP BY 1 ORDER BY 1"),
         "retries": db.one("SELECT count(*) FROM cde.retries"),
@@ -41,8 +42,13 @@ def test_a_dump_restored_into_a_new_database_is_a_working_copy(catalog, sink, tm
     sink.fault(feed="products", status=503, count=1)
     db.run("UPDATE products SET name = 'retry me' WHERE id = 2")
     wait_until("the retry", lambda: db.one("SELECT count(*) FROM cde.retries") == 1)
+    # A destination of its own for one feed (its row refers to it: restored in that order).
+    db.run("SELECT cde_set_destination('copied', current_setting('cde.endpoint'), '{\"headers\": {\"X-Copy\": \"1\"}}')")
+    db.run("""SELECT cde_register_feed(name, source_query, key_column, mode, depends_on, batch_size, destination => 'copied')
+                FROM cde.feeds WHERE name = 'categories'""")
     before = state(db)
     assert before["retries"] == 1 and before["runs"] and before["triggers"]
+    assert [d[0] for d in before["destinations"]] == ["copied", "default"]
 
     copy = f"cde_copy_{fmt}"
     db.run(f"DROP DATABASE IF EXISTS {copy}")

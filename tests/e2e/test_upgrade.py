@@ -17,6 +17,10 @@ def test_the_worker_waits_for_the_update_then_delivers(db, sink):
     db.run("DROP EXTENSION IF EXISTS cde CASCADE")
     db.run("DROP TABLE IF EXISTS up_things")
     db.run("CREATE EXTENSION cde VERSION '0.1.0'")
+    # 0.1.0's install script does not ask the launcher to serve the database (0.2.0's does): a
+    # worker that saw the DROP has left, and a reload has the launcher look again (as a restart
+    # onto the 0.2.0 library does).
+    db.run("SELECT pg_reload_conf()")
     wait_until("the worker waiting for the update",
                lambda: (db.one("SELECT state FROM cde_worker_status") or "").startswith("waiting for ALTER EXTENSION cde UPDATE"),
                timeout=15)
