@@ -170,6 +170,7 @@ CREATE TABLE cde.destinations (
     held_since   timestamptz,
     endpoint     text,                     -- NULL for default (cde.endpoint)
     options      jsonb NOT NULL DEFAULT '{}',   -- checked by cde._check_destination_options
+    roles        regrole[] NOT NULL DEFAULT '{}',   -- options' roles, resolved when set
     disabled_at  timestamptz,              -- 410 Gone
     disabled_error text,
     last_status  int,                      -- of the last response
@@ -243,19 +244,85 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/destination.rs:199
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:230
+-- cde::destination::cde::_check_endpoint
+CREATE  FUNCTION cde."_check_endpoint"(
+	"endpoint" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_endpoint_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:244
+-- cde::destination::cde::_destination_roles
+CREATE  FUNCTION cde."_destination_roles"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS TEXT[] /* Vec < String > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:206
+-- cde::destination::cde::_check_destination_options
+CREATE  FUNCTION cde."_check_destination_options"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS void
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:7
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:15
+-- cde::sync::cde::_in_lane
+CREATE  FUNCTION cde."_in_lane"(
+	"key" TEXT, /* & str */
+	"lane" INT, /* i32 */
+	"lanes" INT /* i32 */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:21
+-- cde::sync::cde::_lane
+CREATE  FUNCTION cde."_lane"(
+	"key" TEXT, /* & str */
+	"lanes" INT /* i32 */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/trust.rs:123
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:155
--- cde::trust::cde::_redeem
-CREATE  FUNCTION cde."_redeem"(
-	"ticket" bigint /* Option < i64 > */
-) RETURNS oid /* pg_sys :: Oid */
-VOLATILE PARALLEL UNSAFE
+-- src/trust.rs:130
+-- cde::trust::cde::_ticket
+CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_redeem_wrapper';
+AS 'MODULE_PATHNAME', '_ticket_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -272,12 +339,14 @@ AS 'MODULE_PATHNAME', '_query_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:130
--- cde::trust::cde::_ticket
-CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
-STRICT VOLATILE PARALLEL UNSAFE
+-- src/trust.rs:155
+-- cde::trust::cde::_redeem
+CREATE  FUNCTION cde."_redeem"(
+	"ticket" bigint /* Option < i64 > */
+) RETURNS oid /* pg_sys :: Oid */
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_ticket_wrapper';
+AS 'MODULE_PATHNAME', '_redeem_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1458,89 +1527,6 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:20
--- cde::api::cde_sync_now
--- requires:
---   trust::cde::_ticket
---   trust::cde::_redeem
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL, /* Option < & str > */
-	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE 
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:12
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:26
--- cde::collect::cde::_doc_hash
-CREATE  FUNCTION cde."_doc_hash"(
-	"doc" anyelement /* pgrx :: AnyElement */
-) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:17
--- cde::collect::cde::_chunk_size
-CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:191
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:222
--- cde::destination::cde::_check_endpoint
-CREATE  FUNCTION cde."_check_endpoint"(
-	"endpoint" TEXT /* Option < & str > */
-) RETURNS void
-IMMUTABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_endpoint_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:236
--- cde::destination::cde::_destination_roles
-CREATE  FUNCTION cde."_destination_roles"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS TEXT[] /* Vec < String > */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:198
--- cde::destination::cde::_check_destination_options
-CREATE  FUNCTION cde."_check_destination_options"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS void
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:35
 -- requires:
 --   sync
@@ -1553,27 +1539,34 @@ AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
 -- destination says which files the server reads (its key, its signing secret) and where the
 -- feeds' documents go. Delegated admins use the ones whose `roles` option names them.
 
--- Is this a destination the caller's feeds may use? NULL and 'default' are cde.endpoint's, open
--- to every feed as in 0.1.0; another must exist, and a caller that is not a superuser must be a
--- member of one of its `roles`.
+-- May a feed of this owner send to this destination? The default one (NULL): yes, as in 0.1.0.
+-- Another: a superuser's feed, or one whose owner is a member of a role of its `roles` (resolved
+-- to role OIDs when the destination is set: a role dropped and created again under the same name
+-- is not the one named). The one rule for registration and for every iteration of the worker.
+CREATE FUNCTION cde._may_use_destination(owner regrole, destination text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT destination IS NULL
+        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = owner), false)
+        OR EXISTS (SELECT 1 FROM cde.destinations d, unnest(d.roles) AS u(role)
+                    WHERE d.name = destination
+                      AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = u.role)
+                      AND pg_catalog.pg_has_role(owner::oid, u.role::oid, 'USAGE'))
+$$;
+
+-- A destination the caller's feeds may use, or an error that says why not. NULL and 'default'
+-- are cde.endpoint's.
 CREATE FUNCTION cde._usable_destination(destination text, caller regrole) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    d cde.destinations;
 BEGIN
     IF destination IS NULL OR destination = 'default' THEN
         RETURN;
     END IF;
-    SELECT * INTO d FROM cde.destinations x WHERE x.name = destination;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM cde.destinations x WHERE x.name = destination) THEN
         RAISE EXCEPTION 'cde: unknown destination %', quote_literal(destination)
             USING ERRCODE = 'undefined_object',
                   HINT = 'A superuser creates it with cde_set_destination(name, endpoint, options); SELECT name FROM cde_destinations lists them.';
     END IF;
-    IF caller IS NOT NULL AND NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = caller), false)
-       AND NOT EXISTS (SELECT 1 FROM unnest(cde._destination_roles(d.options)) AS r(name)
-                        WHERE pg_catalog.to_regrole(r.name) IS NOT NULL
-                          AND pg_catalog.pg_has_role(caller::oid, pg_catalog.to_regrole(r.name)::oid, 'USAGE')) THEN
+    IF NOT cde._may_use_destination(caller, destination) THEN
         RAISE EXCEPTION 'cde: permission denied for destination %', destination
             USING ERRCODE = 'insufficient_privilege',
                   HINT = format('A superuser lets role %s use it: cde_set_destination(%L, endpoint, options || ''{"roles": ["%s"]}'').',
@@ -1596,6 +1589,8 @@ CREATE FUNCTION cde_set_destination(destination text, endpoint text, options jso
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r text;
+    roles regrole[] := '{}';
+    losing text;
 BEGIN
     PERFORM cde._require_superuser('set a destination');
     IF destination = 'default' THEN
@@ -1611,18 +1606,24 @@ BEGIN
     PERFORM cde._check_endpoint(endpoint);
     PERFORM cde._check_destination_options(coalesce(options, '{}'));
     FOREACH r IN ARRAY cde._destination_roles(coalesce(options, '{}')) LOOP
-        IF to_regrole(r) IS NULL THEN
+        IF to_regrole(quote_ident(r)) IS NULL THEN   -- the name as written, not case-folded
             RAISE EXCEPTION 'cde: option roles of destination %: role % does not exist', destination, quote_ident(r)
                 USING ERRCODE = 'undefined_object';
         END IF;
+        roles := roles || to_regrole(quote_ident(r));
     END LOOP;
     -- Set again, it is released from a hold or a 410, and every secret file is read again.
-    INSERT INTO cde.destinations AS d (name, endpoint, options)
-    VALUES (destination, rtrim(endpoint, '/'), coalesce(options, '{}'))
+    INSERT INTO cde.destinations AS d (name, endpoint, options, roles)
+    VALUES (destination, rtrim(endpoint, '/'), coalesce(options, '{}'), roles)
     ON CONFLICT (name) DO UPDATE
-       SET endpoint = excluded.endpoint, options = excluded.options, updated_at = clock_timestamp(),
+       SET endpoint = excluded.endpoint, options = excluded.options, roles = excluded.roles, updated_at = clock_timestamp(),
            held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL,
            disabled_at = NULL, disabled_error = NULL, failing_since = NULL;
+    SELECT string_agg(f.name, ', ' ORDER BY f.name) INTO losing
+      FROM cde.feeds f WHERE f.destination = cde_set_destination.destination AND NOT cde._may_use_destination(f.owner, f.destination);
+    IF losing IS NOT NULL THEN
+        RAISE WARNING 'cde: feeds % may no longer use destination %: their owners are in none of its roles; they are not sent until that changes', losing, destination;
+    END IF;
     PERFORM cde._changes_recorded();   -- the worker looks at once
 END $$;
 
@@ -1731,35 +1732,69 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:15
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
+-- src/api.rs:19
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+-- src/api.rs:115
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
+-- src/api.rs:130
+-- cde::api::cde::_worker_status
+CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
+	"running" bool,  /* bool */
+	"pid" INT,  /* Option < i32 > */
+	"state" TEXT,  /* String */
+	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"iterations" bigint,  /* i64 */
+	"documents_sent" bigint,  /* i64 */
+	"bytes_sent" bigint,  /* i64 */
+	"requests" bigint,  /* i64 */
+	"requests_failed" bigint,  /* i64 */
+	"reloads" bigint,  /* i64 */
+	"sync_builders" INT,  /* i32 */
+	"sync_builders_wanted" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+AS 'MODULE_PATHNAME', '_worker_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:32
--- cde::locks::cde::_sync_state_lock
-CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
+-- src/api.rs:191
+-- cde::api::cde::_serve
+CREATE  FUNCTION cde."_serve"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
+AS 'MODULE_PATHNAME', '_serve_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:123
+-- cde::api::cde::_hold_iteration_lock
+CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2240,79 +2275,60 @@ CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DR
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:105
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
+-- src/collect.rs:12
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:120
--- cde::api::cde::_worker_status
-CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
-	"running" bool,  /* bool */
-	"pid" INT,  /* Option < i32 > */
-	"state" TEXT,  /* String */
-	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"iterations" bigint,  /* i64 */
-	"documents_sent" bigint,  /* i64 */
-	"bytes_sent" bigint,  /* i64 */
-	"requests" bigint,  /* i64 */
-	"requests_failed" bigint,  /* i64 */
-	"reloads" bigint,  /* i64 */
-	"sync_builders" INT,  /* i32 */
-	"sync_builders_wanted" INT  /* i32 */
-)
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_worker_status_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:113
--- cde::api::cde::_hold_iteration_lock
-CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:181
--- cde::api::cde::_serve
-CREATE  FUNCTION cde."_serve"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_serve_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:7
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:15
--- cde::sync::cde::_in_lane
-CREATE  FUNCTION cde."_in_lane"(
-	"key" TEXT, /* & str */
-	"lane" INT, /* i32 */
-	"lanes" INT /* i32 */
-) RETURNS bool /* bool */
+-- src/collect.rs:26
+-- cde::collect::cde::_doc_hash
+CREATE  FUNCTION cde."_doc_hash"(
+	"doc" anyelement /* pgrx :: AnyElement */
+) RETURNS TEXT /* String */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sync.rs:21
--- cde::sync::cde::_lane
-CREATE  FUNCTION cde."_lane"(
-	"key" TEXT, /* & str */
-	"lanes" INT /* i32 */
-) RETURNS INT /* i32 */
+-- src/collect.rs:17
+-- cde::collect::cde::_chunk_size
+CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lane_wrapper';
+AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:15
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:32
+-- cde::locks::cde::_sync_state_lock
+CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2444,7 +2460,7 @@ SELECT d.name,
        d.options ? 'signing_secret_file'                            AS signed,
        CASE WHEN d.name = 'default' THEN cde._default_bearer_key() ELSE d.options ? 'api_key_file' END AS bearer_key,
        ARRAY(SELECT jsonb_object_keys(coalesce(d.options -> 'headers', '{}'))) AS headers,
-       ARRAY(SELECT jsonb_array_elements_text(coalesce(d.options -> 'roles', '[]'))) AS roles,
+       d.roles::text[]                                              AS roles,
        d.disabled_at,
        d.updated_at
   FROM cde.destinations d

@@ -3,27 +3,34 @@
 -- destination says which files the server reads (its key, its signing secret) and where the
 -- feeds' documents go. Delegated admins use the ones whose `roles` option names them.
 
--- Is this a destination the caller's feeds may use? NULL and 'default' are cde.endpoint's, open
--- to every feed as in 0.1.0; another must exist, and a caller that is not a superuser must be a
--- member of one of its `roles`.
+-- May a feed of this owner send to this destination? The default one (NULL): yes, as in 0.1.0.
+-- Another: a superuser's feed, or one whose owner is a member of a role of its `roles` (resolved
+-- to role OIDs when the destination is set: a role dropped and created again under the same name
+-- is not the one named). The one rule for registration and for every iteration of the worker.
+CREATE FUNCTION cde._may_use_destination(owner regrole, destination text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT destination IS NULL
+        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = owner), false)
+        OR EXISTS (SELECT 1 FROM cde.destinations d, unnest(d.roles) AS u(role)
+                    WHERE d.name = destination
+                      AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = u.role)
+                      AND pg_catalog.pg_has_role(owner::oid, u.role::oid, 'USAGE'))
+$$;
+
+-- A destination the caller's feeds may use, or an error that says why not. NULL and 'default'
+-- are cde.endpoint's.
 CREATE FUNCTION cde._usable_destination(destination text, caller regrole) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    d cde.destinations;
 BEGIN
     IF destination IS NULL OR destination = 'default' THEN
         RETURN;
     END IF;
-    SELECT * INTO d FROM cde.destinations x WHERE x.name = destination;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM cde.destinations x WHERE x.name = destination) THEN
         RAISE EXCEPTION 'cde: unknown destination %', quote_literal(destination)
             USING ERRCODE = 'undefined_object',
                   HINT = 'A superuser creates it with cde_set_destination(name, endpoint, options); SELECT name FROM cde_destinations lists them.';
     END IF;
-    IF caller IS NOT NULL AND NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = caller), false)
-       AND NOT EXISTS (SELECT 1 FROM unnest(cde._destination_roles(d.options)) AS r(name)
-                        WHERE pg_catalog.to_regrole(r.name) IS NOT NULL
-                          AND pg_catalog.pg_has_role(caller::oid, pg_catalog.to_regrole(r.name)::oid, 'USAGE')) THEN
+    IF NOT cde._may_use_destination(caller, destination) THEN
         RAISE EXCEPTION 'cde: permission denied for destination %', destination
             USING ERRCODE = 'insufficient_privilege',
                   HINT = format('A superuser lets role %s use it: cde_set_destination(%L, endpoint, options || ''{"roles": ["%s"]}'').',
@@ -46,6 +53,8 @@ CREATE FUNCTION cde_set_destination(destination text, endpoint text, options jso
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r text;
+    roles regrole[] := '{}';
+    losing text;
 BEGIN
     PERFORM cde._require_superuser('set a destination');
     IF destination = 'default' THEN
@@ -61,18 +70,24 @@ BEGIN
     PERFORM cde._check_endpoint(endpoint);
     PERFORM cde._check_destination_options(coalesce(options, '{}'));
     FOREACH r IN ARRAY cde._destination_roles(coalesce(options, '{}')) LOOP
-        IF to_regrole(r) IS NULL THEN
+        IF to_regrole(quote_ident(r)) IS NULL THEN   -- the name as written, not case-folded
             RAISE EXCEPTION 'cde: option roles of destination %: role % does not exist', destination, quote_ident(r)
                 USING ERRCODE = 'undefined_object';
         END IF;
+        roles := roles || to_regrole(quote_ident(r));
     END LOOP;
     -- Set again, it is released from a hold or a 410, and every secret file is read again.
-    INSERT INTO cde.destinations AS d (name, endpoint, options)
-    VALUES (destination, rtrim(endpoint, '/'), coalesce(options, '{}'))
+    INSERT INTO cde.destinations AS d (name, endpoint, options, roles)
+    VALUES (destination, rtrim(endpoint, '/'), coalesce(options, '{}'), roles)
     ON CONFLICT (name) DO UPDATE
-       SET endpoint = excluded.endpoint, options = excluded.options, updated_at = clock_timestamp(),
+       SET endpoint = excluded.endpoint, options = excluded.options, roles = excluded.roles, updated_at = clock_timestamp(),
            held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL,
            disabled_at = NULL, disabled_error = NULL, failing_since = NULL;
+    SELECT string_agg(f.name, ', ' ORDER BY f.name) INTO losing
+      FROM cde.feeds f WHERE f.destination = cde_set_destination.destination AND NOT cde._may_use_destination(f.owner, f.destination);
+    IF losing IS NOT NULL THEN
+        RAISE WARNING 'cde: feeds % may no longer use destination %: their owners are in none of its roles; they are not sent until that changes', losing, destination;
+    END IF;
     PERFORM cde._changes_recorded();   -- the worker looks at once
 END $$;
 

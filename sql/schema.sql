@@ -22,6 +22,7 @@ CREATE TABLE cde.destinations (
     held_since   timestamptz,
     endpoint     text,                     -- NULL for default (cde.endpoint)
     options      jsonb NOT NULL DEFAULT '{}',   -- checked by cde._check_destination_options
+    roles        regrole[] NOT NULL DEFAULT '{}',   -- options' roles, resolved when set
     disabled_at  timestamptz,              -- 410 Gone
     disabled_error text,
     last_status  int,                      -- of the last response

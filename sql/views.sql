@@ -124,7 +124,7 @@ SELECT d.name,
        d.options ? 'signing_secret_file'                            AS signed,
        CASE WHEN d.name = 'default' THEN cde._default_bearer_key() ELSE d.options ? 'api_key_file' END AS bearer_key,
        ARRAY(SELECT jsonb_object_keys(coalesce(d.options -> 'headers', '{}'))) AS headers,
-       ARRAY(SELECT jsonb_array_elements_text(coalesce(d.options -> 'roles', '[]'))) AS roles,
+       d.roles::text[]                                              AS roles,
        d.disabled_at,
        d.updated_at
   FROM cde.destinations d

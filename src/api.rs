@@ -8,7 +8,6 @@ use crate::pump::Pump;
 use crate::shmem;
 use crate::sync;
 use std::collections::{HashMap, HashSet};
-use crate::locks::ITERATION as ITERATION_LOCK;
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -54,7 +53,9 @@ fn until_done(
     let mut pump = Pump::new(send_budget);
     let mut destinations = Destinations::default();
     for (name, problem) in tx.run(|| destinations.refresh(settings, true)).problems {
-        pgrx::warning!("cde: CDE-206 destination {name}: {problem}; nothing is sent to it");
+        if feeds.iter().any(|f| f.destination == name) {
+            pgrx::warning!("cde: CDE-206 destination {name}: {problem}; nothing is sent to it");
+        }
     }
     let index: HashMap<&str, usize> = feeds.iter().enumerate().map(|(i, f)| (f.name.as_str(), i)).collect();
     let mut totals = vec![(0, 0, 0); feeds.len()];
@@ -69,7 +70,16 @@ fn until_done(
             *more |= r.more;
         };
         for f in feeds {
-            let dest = destinations.get(&f.destination).filter(|d| d.sendable() && !held.contains(&d.name));
+            // As the worker decides (src/worker.rs, sends_to): a feed whose dependency has a pass
+            // under way goes in the next round.
+            let deferred = f.depends_on.iter().any(|d| pump.busy(d));
+            more |= deferred;
+            if !f.allowed {
+                pgrx::warning!("cde: CDE-209 feed {}: destination {} does not let role {} use it (option roles)", f.name, f.destination, f.owner);
+            }
+            let dest = destinations
+                .get(&f.destination)
+                .filter(|d| d.sendable() && !held.contains(&d.name) && f.allowed && !deferred && !pump.busy(&f.name));
             let (r, first) = engine::feed_iteration(tx, f, true, dest.as_deref(), collect_budget);
             match (first, dest) {
                 (Some(first), Some(dest)) => pump.start(tx, f, dest, first, r),
@@ -112,7 +122,7 @@ mod cde {
     /// iteration and may deadlock with it.
     #[pg_extern(volatile, parallel_unsafe)]
     pub(super) fn _hold_iteration_lock() {
-        Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[ITERATION_LOCK.into()]).unwrap_or_else(|e| error!("{e}"));
+        crate::locks::take_iteration_lock(false);
     }
 
     /// This database's worker, from shared memory; one row, all NULL but `running` and `state`
@@ -243,19 +253,29 @@ pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) ->
             .flatten()
             .unwrap_or_else(|| error!("cde_deliver: the extension is not installed in this database"));
         let tx = Committing { owner };
-        // In the extension owner's step (pinned search_path): the key's source is asked in SQL.
-        let settings = tx.run(Settings::read);
-        let feeds = tx.run(|| {
-            if let Some(f) = &feed {
-                Spi::run_with_args("SELECT cde._managed_feed($1, $2::oid::regrole)", &[f.as_str().into(), caller.into()])
-                    .unwrap_or_else(|e| error!("{e}"));
+        // The iteration lock for the whole call, not only each step: rows this call has out for
+        // delivery between two steps are no other sender's to read (the worker waits, and
+        // resumes when the call ends). A session lock outlives an ERROR: released in any case.
+        tx.run(|| crate::locks::take_iteration_lock(true));
+        PgTryBuilder::new(|| {
+            // In the extension owner's step (pinned search_path): the key's source is asked in SQL.
+            let settings = tx.run(Settings::read);
+            let feeds = tx.run(|| {
+                if let Some(f) = &feed {
+                    Spi::run_with_args("SELECT cde._managed_feed($1, $2::oid::regrole)", &[f.as_str().into(), caller.into()])
+                        .unwrap_or_else(|e| error!("{e}"));
+                }
+                engine::load_feeds(feed.as_deref(), settings.legacy_interval.as_millis(), Some(caller))
+            });
+            let totals = until_done(&tx, &settings, &feeds, Duration::from_millis(300), Duration::from_secs(1));
+            for (f, t) in feeds.iter().zip(totals) {
+                pgrx::notice!("cde: feed {}: collected={} sent={} failed={}", f.name, t.0, t.1, t.2);
             }
-            engine::load_feeds(feed.as_deref(), settings.legacy_interval.as_millis(), Some(caller))
-        });
-        let totals = until_done(&tx, &settings, &feeds, Duration::from_millis(300), Duration::from_secs(1));
-        for (f, t) in feeds.iter().zip(totals) {
-            pgrx::notice!("cde: feed {}: collected={} sent={} failed={}", f.name, t.0, t.1, t.2);
-        }
+        })
+        .finally(|| {
+            crate::locks::release_iteration_session_lock();
+        })
+        .execute();
         pg_sys::SPI_finish();
         pg_sys::Datum::from(0usize)
     }
@@ -270,7 +290,7 @@ struct Committing {
 impl engine::Txn for Committing {
     fn run<R>(&self, f: impl FnOnce() -> R) -> R {
         let r = crate::trust::as_extension_owner(self.owner, || {
-            Spi::run_with_args("SELECT pg_advisory_xact_lock($1)", &[ITERATION_LOCK.into()]).unwrap_or_else(|e| error!("{e}"));
+            crate::locks::take_iteration_lock(false);
             f()
         });
         unsafe { pg_sys::SPI_commit() };

@@ -23,6 +23,7 @@ pub struct Counters {
     pub requests_failed: u64,
 }
 
+#[derive(Default)]
 pub struct Pending {
     pub items: Vec<Item>,
     pub hashes: Vec<Option<String>>,
@@ -136,9 +137,20 @@ impl Posted {
 
 /// Post one slice, batch after batch, stopping at the first retryable failure. Pure Rust and
 /// HTTP: it runs on a sender thread and must not call into PostgreSQL.
-pub fn post_slice(transport: &mut Transport, dest: &Destination, feed: &str, batch_size: usize, pending: Pending) -> Posted {
+pub fn post_slice(
+    transport: &mut Transport,
+    dest: &Destination,
+    feed: &str,
+    batch_size: usize,
+    pending: Pending,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Posted {
     let mut p = Posted::unsent(pending);
     for b in cut_batches(&p.pending.items, batch_size, dest.max_batch_bytes) {
+        if cancel.load(std::sync::atomic::Ordering::Acquire) {
+            p.unwell = true; // the caller went away: the rest stays pending
+            break;
+        }
         let slice = &p.pending.items[b.start..b.end];
         let d = deliver_with_split(slice, &mut |items| transport.post(dest, feed, items));
         p.requests += d.requests;

@@ -34,6 +34,8 @@ pub struct Destination {
     pub log_payloads: bool,
     /// Why nothing may be sent to it now (a secret file that cannot be read): state `failing`.
     pub problem: Option<String>,
+    /// The same, naming the file, for the server log.
+    problem_log: Option<String>,
     /// 410 Gone disabled it: nothing is sent until cde_set_destination (a reload for `default`).
     pub disabled: bool,
     /// The row's updated_at, to know when to read it again.
@@ -86,7 +88,7 @@ impl Destinations {
             Ok::<_, pgrx::spi::SpiError>(out)
         })
         .unwrap_or_else(|e| error!("cde: cannot read cde.destinations: {e}"));
-        let mut problems = Vec::new();
+        let mut problems: Vec<(String, String, String)> = Vec::new();
         let mut set_again = Vec::new();
         let mut next = HashMap::new();
         for (name, endpoint, opts, disabled, version) in rows {
@@ -103,10 +105,10 @@ impl Destinations {
                 Some(d) => Arc::clone(d),
                 None => {
                     let d = build(settings, &name, endpoint, &opts, disabled, version);
-                    if let Some(p) = &d.problem {
+                    if let (Some(p), Some(log)) = (&d.problem, &d.problem_log) {
                         let was = self.by_name.get(&name).and_then(|old| old.problem.clone());
                         if was.as_deref() != Some(p) {
-                            problems.push((name.clone(), p.clone()));
+                            problems.push((name.clone(), p.clone(), log.clone()));
                         }
                     }
                     Arc::new(d)
@@ -115,10 +117,11 @@ impl Destinations {
             next.insert(name, d);
         }
         self.by_name = next;
-        for (name, problem) in &problems {
+        for (name, problem, _) in &problems {
             Spi::run_with_args("SELECT cde._destination_problem($1, $2)", &[name.as_str().into(), problem.as_str().into()])
                 .unwrap_or_else(|e| error!("cde: {e}"));
         }
+        let problems = problems.into_iter().map(|(name, _, log)| (name, log)).collect();
         Refreshed { problems, set_again }
     }
 }
@@ -143,19 +146,23 @@ fn build(settings: &Settings, name: &str, endpoint: Option<String>, opts: &str, 
     } else {
         (endpoint.map(|e| e.trim_end_matches('/').to_string()), None)
     };
+    // The problem as cde_destinations shows it (to monitors: no path); the log names the file.
+    let mut problem_logged = None;
     if let Some(path) = &o.api_key_file {
         match read_key_file(path) {
             Ok(k) => api_key = Some(k),
-            Err(e) => problem = problem.or(Some(e)),
+            Err(e) => problem_logged = problem_logged.or(Some((e.replace(&format!(" {path}"), ""), e))),
         }
     }
     let mut secrets = Vec::new();
     if let Some(path) = &o.signing_secret_file {
         match read_secret_file(path) {
             Ok(s) => secrets = s,
-            Err(e) => problem = problem.or(Some(e)),
+            Err(e) => problem_logged = problem_logged.or(Some((e.replace(&format!(" {path}"), ""), e))),
         }
     }
+    let problem_log = problem_logged.as_ref().map(|p| p.1.clone()).or(problem.clone());
+    problem = problem.or(problem_logged.map(|p| p.0));
     Destination {
         name: name.to_string(),
         endpoint,
@@ -170,6 +177,7 @@ fn build(settings: &Settings, name: &str, endpoint: Option<String>, opts: &str, 
         response_id_header: o.response_id_header.unwrap_or_else(|| "x-request-id".into()),
         log_payloads: settings.log_payloads,
         problem,
+        problem_log,
         disabled,
         version,
         read_at: Instant::now(),

@@ -33,6 +33,11 @@ pub struct FeedInfo {
     pub batch_size: Option<i32>,
     /// Where its documents go (`default`: cde.endpoint).
     pub destination: String,
+    /// Its owner may use that destination (its option roles; checked every iteration, so that a
+    /// role taken out of them stops sending at once).
+    pub allowed: bool,
+    pub owner: String,
+    pub depends_on: Vec<String>,
     /// For legacy feeds: the legacy pass is due.
     pub legacy_due: bool,
     /// A full sync phase of this feed waits for its items to be sent: send now, whatever the mode.
@@ -62,6 +67,7 @@ pub struct FeedReport {
 /// ones that role may manage.
 pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128, caller: Option<pg_sys::Oid>) -> Vec<FeedInfo> {
     let q = "SELECT f.name, f.feed_table::text, f.mode = 'legacy', f.batch_size, coalesce(f.destination, 'default'),
+                    cde._may_use_destination(f.owner, f.destination), f.owner::text, f.depends_on,
                     f.last_legacy_send_at IS NULL
                     OR f.last_legacy_send_at + make_interval(secs => $2::float8 / 1000) <= now(),
                     EXISTS (SELECT 1 FROM cde.sync_phases p JOIN cde.sync_runs r ON r.id = p.run_id
@@ -79,8 +85,11 @@ pub fn load_feeds(only: Option<&str>, legacy_interval_ms: u128, caller: Option<p
                 legacy: r.get::<bool>(3)?.unwrap_or(false),
                 batch_size: r.get::<i32>(4)?,
                 destination: r.get::<String>(5)?.unwrap_or_else(|| crate::destination::DEFAULT.into()),
-                legacy_due: r.get::<bool>(6)?.unwrap_or(true),
-                full_sync_sending: r.get::<bool>(7)?.unwrap_or(false),
+                allowed: r.get::<bool>(6)?.unwrap_or(false),
+                owner: r.get::<String>(7)?.unwrap_or_default(),
+                depends_on: r.get::<Vec<String>>(8)?.unwrap_or_default(),
+                legacy_due: r.get::<bool>(9)?.unwrap_or(true),
+                full_sync_sending: r.get::<bool>(10)?.unwrap_or(false),
             });
         }
         Ok::<_, pgrx::spi::SpiError>(out)

@@ -34,3 +34,40 @@ mod cde {
         super::SYNC_STATE
     }
 }
+
+/// Take the iteration lock, for the transaction or (`session`) until released, telling this
+/// database's worker that a session waits: it starts no new send pass and releases the lock once
+/// the slices it has out came back, so the wait is bounded by the requests in flight (each by its
+/// destination's timeout), however busy the database. The count is taken back however the wait
+/// ends (granted, cancelled, an error).
+pub fn take_iteration_lock(session: bool) {
+    use pgrx::prelude::*;
+    let slot = crate::shmem::worker();
+    if let Some(w) = slot {
+        w.lock_waiters.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        crate::shmem::wake_worker();
+    }
+    let q = if session { "SELECT pg_advisory_lock($1)" } else { "SELECT pg_advisory_xact_lock($1)" };
+    PgTryBuilder::new(|| Spi::run_with_args(q, &[ITERATION.into()]).unwrap_or_else(|e| error!("{e}")))
+        .finally(|| {
+            if let Some(w) = slot {
+                w.lock_waiters.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+        })
+        .execute();
+}
+
+/// Release the session-level iteration lock, with no SQL: it runs on the way out of an ERROR too,
+/// when no statement can run, and a session lock would otherwise be kept until the session ends.
+pub fn release_iteration_session_lock() {
+    unsafe extern "C-unwind" {
+        fn pg_advisory_unlock_int8(fcinfo: pgrx::pg_sys::FunctionCallInfo) -> pgrx::pg_sys::Datum;
+    }
+    unsafe {
+        pgrx::pg_sys::DirectFunctionCall1Coll(
+            Some(pg_advisory_unlock_int8),
+            pgrx::pg_sys::InvalidOid,
+            pgrx::pg_sys::Datum::from(ITERATION),
+        );
+    }
+}

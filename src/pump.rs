@@ -15,7 +15,7 @@ use crate::engine::{FeedInfo, FeedReport, Txn};
 use crate::transport::Transport;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +78,23 @@ pub struct Pump {
     pub counters: Counters,
     pub bytes_sent: Arc<AtomicU64>,
     budget: Duration,
+    /// Read no new slice (a session waits for the iteration lock, cde.pause): passes end once
+    /// what they have out came back.
+    pub stop_reading: bool,
+    /// Set when the pump goes away (an ERROR in cde_sync_now(), say): its threads post no new
+    /// batch, and are joined, so that no request of this call outlives it.
+    cancel: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Release);
+        self.threads.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
 }
 
 impl Pump {
@@ -101,6 +118,9 @@ impl Pump {
             counters: Counters::default(),
             bytes_sent: Arc::new(AtomicU64::new(0)),
             budget,
+            stop_reading: false,
+            cancel: Arc::new(AtomicBool::new(false)),
+            handles: Vec::new(),
         }
     }
 
@@ -161,15 +181,23 @@ impl Pump {
             pending,
         };
         let name = pass.dest.name.clone();
-        let sender = self.threads.entry(name.clone()).or_insert_with(|| {
-            spawn_sender(&name, self.done_tx.clone(), Arc::clone(&self.wake_write), Arc::clone(&self.bytes_sent))
-        });
-        if let Err(e) = sender.send(job) {
-            // The thread is gone (it panicked): a new one takes the slice.
-            let sender = spawn_sender(&name, self.done_tx.clone(), Arc::clone(&self.wake_write), Arc::clone(&self.bytes_sent));
-            sender.send(e.0).expect("a new sender thread takes its first job");
-            self.threads.insert(name, sender);
-        }
+        let job = match self.threads.get(&name) {
+            Some(t) => match t.send(job) {
+                Ok(()) => return,
+                Err(e) => e.0, // the thread is gone: a new one takes the slice
+            },
+            None => job,
+        };
+        let (sender, handle) = spawn_sender(
+            &name,
+            self.done_tx.clone(),
+            Arc::clone(&self.wake_write),
+            Arc::clone(&self.bytes_sent),
+            Arc::clone(&self.cancel),
+        );
+        sender.send(job).expect("a new sender thread takes its first job");
+        self.threads.insert(name, sender);
+        self.handles.push(handle);
     }
 
     /// Keep the pass's slices in flight: read the next after the cursor while there is room.
@@ -180,6 +208,7 @@ impl Pump {
                 pass.exhausted = true;
                 pass.report.more = true;
             }
+            pass.exhausted |= self.stop_reading;
             if pass.exhausted || pass.in_flight >= IN_FLIGHT {
                 return;
             }
@@ -245,37 +274,62 @@ impl Pump {
 }
 
 /// A destination's sender thread: posts the slices it is given, in order, and hands each back.
-/// After a failure, the rest of that pass's slices come back unsent: they stay pending.
-fn spawn_sender(name: &str, done: Sender<Done>, wake: Arc<OwnedFd>, bytes_sent: Arc<AtomicU64>) -> Sender<Job> {
+/// After a failure, the rest of that pass's slices come back unsent: they stay pending. A panic
+/// while posting is caught and comes back as a failed slice: the feed's pass ends, nothing waits
+/// for a slice that never returns.
+fn spawn_sender(
+    name: &str,
+    done: Sender<Done>,
+    wake: Arc<OwnedFd>,
+    bytes_sent: Arc<AtomicU64>,
+    cancel: Arc<AtomicBool>,
+) -> (Sender<Job>, std::thread::JoinHandle<()>) {
     let (jobs_tx, jobs) = channel::<Job>();
-    spawn_without_signals(format!("cde sender {name}"), move || {
+    let handle = spawn_without_signals(format!("cde sender {name}"), move || {
         let mut transport: Option<Transport> = None;
         let mut failed_pass: HashMap<String, u64> = HashMap::new();
         for job in jobs {
             let t = transport.get_or_insert_with(|| Transport::new(job.dest.timeout, Arc::clone(&bytes_sent)));
-            let posted = if failed_pass.get(&job.feed) == Some(&job.pass) {
+            let posted = if failed_pass.get(&job.feed) == Some(&job.pass) || cancel.load(Ordering::Acquire) {
                 Posted { unwell: true, ..Posted::unsent(job.pending) }
             } else {
-                deliver::post_slice(t, &job.dest, &job.feed, job.batch_size, job.pending)
+                let (dest, feed, batch_size) = (Arc::clone(&job.dest), job.feed.clone(), job.batch_size);
+                let pending = job.pending;
+                let cancel = Arc::clone(&cancel);
+                let t = std::panic::AssertUnwindSafe(&mut *t);
+                match std::panic::catch_unwind(move || {
+                    let t = t;
+                    deliver::post_slice(t.0, &dest, &feed, batch_size, pending, &cancel)
+                }) {
+                    Ok(posted) => posted,
+                    Err(_) => {
+                        // The slice is lost to this thread: its rows stay pending, read again
+                        // by the next pass.
+                        let mut p = Posted { unwell: true, ..Posted::unsent(deliver::Pending::default()) };
+                        p.first_error = Some(("CDE-205", "the sender thread panicked while posting".into()));
+                        transport = None;
+                        p
+                    }
+                }
             };
             if posted.unwell {
                 failed_pass.insert(job.feed.clone(), job.pass);
             }
-            let payload_log = std::mem::take(&mut t.payload_log);
+            let payload_log = transport.as_mut().map(|t| std::mem::take(&mut t.payload_log)).unwrap_or_default();
             if done.send(Done { feed: job.feed, pass: job.pass, posted, payload_log }).is_err() {
                 break;
             }
             unsafe { libc::write(wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         }
     });
-    jobs_tx
+    (jobs_tx, handle)
 }
 
 /// Spawn a thread with every signal blocked: a signal is handled by any thread that does not
 /// block it, and PostgreSQL's handlers (SIGHUP for a reload, SIGTERM...) set latches and flags
 /// through PostgreSQL's functions, which only the main thread may call. The new thread inherits
 /// the mask set around its creation, so no signal can reach it even in its first instant.
-fn spawn_without_signals(name: String, f: impl FnOnce() + Send + 'static) {
+fn spawn_without_signals(name: String, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
@@ -283,6 +337,6 @@ fn spawn_without_signals(name: String, f: impl FnOnce() + Send + 'static) {
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
         let spawned = std::thread::Builder::new().name(name).spawn(f);
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
-        spawned.unwrap_or_else(|e| pgrx::error!("cde: cannot start a sender thread: {e}"));
+        spawned.unwrap_or_else(|e| pgrx::error!("cde: cannot start a sender thread: {e}"))
     }
 }

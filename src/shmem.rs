@@ -44,6 +44,10 @@ pub struct WorkerShared {
     pub requests_failed: AtomicU64,
     /// Settings reloads (SIGHUP) the worker has processed: lets a test wait for one.
     pub reloads: AtomicU64,
+    /// Sessions waiting for the iteration lock (cde_sync_now(), CALL cde_deliver(), DROP
+    /// EXTENSION): the worker starts no new send pass and releases the lock once what it has out
+    /// came back (see `locks::take_iteration_lock`).
+    pub lock_waiters: AtomicU32,
     /// Sync builders the worker wanted at its last start of builders (how many run: `builders`).
     pub builders_wanted: AtomicU32,
     /// The pids of this database's running builders (0: free entry).
@@ -66,6 +70,7 @@ impl Default for WorkerShared {
             requests: AtomicU64::new(0),
             requests_failed: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
+            lock_waiters: AtomicU32::new(0),
             builders_wanted: AtomicU32::new(0),
             builders: std::array::from_fn(|_| AtomicI32::new(0)),
         }
@@ -179,6 +184,11 @@ fn set_latch(latch: &AtomicU64) {
     if latch != 0 {
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
     }
+}
+
+/// Does a session of this database wait for the iteration lock?
+pub fn lock_wanted() -> bool {
+    worker().is_some_and(|w| w.lock_waiters.load(Ordering::Acquire) > 0)
 }
 
 /// Set the latch of this database's worker, if one runs.

@@ -129,7 +129,7 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
             w.unlock_if_idle();
             continue;
         }
-        if !due && !more {
+        if (!due && !more) || (w.locked && shmem::lock_wanted()) {
             w.unlock_if_idle();
             publish(shared, &w);
             continue;
@@ -289,6 +289,10 @@ struct Worker {
     release_pending: bool,
     /// The iteration lock is held: during an iteration, and while slices are in flight.
     locked: bool,
+    /// A feed waited for a pass of a feed it depends on: look again when a pass ends.
+    deferred: bool,
+    /// Feeds whose owner may no longer use their destination (logged once).
+    refused: std::collections::HashSet<String>,
 }
 
 impl Worker {
@@ -306,6 +310,8 @@ impl Worker {
             hold_read: false,
             release_pending: false,
             locked: false,
+            deferred: false,
+            refused: Default::default(),
         }
     }
 
@@ -378,6 +384,9 @@ impl Worker {
     /// Record every slice the destinations' threads have posted, without waiting; true when a
     /// pass ended with more to send.
     fn hear(&mut self) -> bool {
+        // A session waits for the iteration lock, or a pause began: nothing new is read, what is
+        // out comes back and is recorded, then the lock goes.
+        self.pump.stop_reading = self.settings.pause || shmem::lock_wanted();
         self.pump.drain_wakes();
         let mut more = false;
         while let Some(done) = self.pump.next(Duration::ZERO) {
@@ -396,7 +405,7 @@ impl Worker {
         self.destination_answered(&heard);
         let Some(r) = &heard.ended else { return false };
         report(&heard.feed, r);
-        r.more
+        r.more || self.deferred
     }
 
     /// One iteration over all feeds, holding the iteration lock; true when there is more to do
@@ -433,16 +442,13 @@ impl Worker {
                 Vec::new()
             }
         };
+        self.deferred = false;
         for feed in &feeds {
             more |= self.hear();
             if self.failing.get(&feed.name).is_some_and(|(_, again)| Instant::now() < *again) {
                 continue; // backing off alone
             }
-            let dest = self.destinations.get(&feed.destination).filter(|d| {
-                d.sendable()
-                    && self.held_until.get(&d.name).is_none_or(|until| Instant::now() >= *until)
-                    && !self.pump.busy(&feed.name)
-            });
+            let dest = self.sends_to(feed);
             let r = guarded(|| engine::feed_iteration(&Own, feed, false, dest.as_deref(), COLLECT_BUDGET));
             match r {
                 Ok((r, first)) => {
@@ -462,6 +468,47 @@ impl Worker {
             }
         }
         more | self.hear()
+    }
+
+    /// Where this iteration sends the feed, if it sends it: its destination, unless that may not
+    /// be sent to now (no endpoint, a secret file unreadable, disabled, held), a pass of the feed
+    /// is under way, a feed it depends on has a pass under way (dependency order, across
+    /// destinations too: it goes once that pass is back), or its owner may no longer use it.
+    fn sends_to(&mut self, feed: &engine::FeedInfo) -> Option<std::sync::Arc<crate::destination::Destination>> {
+        if self.pump.busy(&feed.name) {
+            return None;
+        }
+        if feed.depends_on.iter().any(|d| self.pump.busy(d)) {
+            self.deferred = true;
+            return None;
+        }
+        if !feed.allowed {
+            let why = format!("destination {} does not let role {} use it (option roles)", feed.destination, feed.owner);
+            if self.refused.insert(feed.name.clone()) {
+                warning!("cde: CDE-209 feed {}: {why}; its documents are kept, not sent", feed.name);
+                let _ = guarded(|| {
+                    Own.run(|| {
+                        Spi::run_with_args(
+                            "UPDATE cde.feeds SET last_error = $2, last_error_at = now() WHERE name = $1",
+                            &[feed.name.as_str().into(), why.as_str().into()],
+                        )
+                    })
+                });
+            }
+            return None;
+        }
+        self.refused.remove(&feed.name);
+        let d = self.destinations.get(&feed.destination).filter(|d| d.sendable())?;
+        match self.held_until.get(&d.name) {
+            Some(until) if Instant::now() < *until => None,
+            Some(_) => {
+                // The hold is over: this feed's pass is the one request that looks whether the
+                // destination was fixed; the others wait for its answer.
+                self.held_until.insert(d.name.clone(), Instant::now() + self.settings.retry_interval);
+                Some(d)
+            }
+            None => Some(d),
+        }
     }
 
     /// What a posted slice says of its destination: misconfigured (hold it, logged once per

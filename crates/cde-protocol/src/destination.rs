@@ -37,6 +37,11 @@ pub const KEYS: &[&str] = &[
 const OWN_HEADERS: &[&str] =
     &["authorization", "content-type", "content-encoding", "content-length", "host", "idempotency-key", "transfer-encoding", "user-agent"];
 
+/// Headers that carry credentials: their values would be in the statement, cde.destinations and
+/// dumps. A key belongs in `api_key_file`.
+const SECRET_HEADERS: &[&str] =
+    &["proxy-authorization", "cookie", "x-api-key", "api-key", "apikey", "x-auth-token", "x-access-token", "x-secret"];
+
 /// Parse and check an options object; the error names the key and what is wrong with it.
 pub fn parse(options: &Value) -> Result<Options, String> {
     let empty = Map::new();
@@ -130,6 +135,11 @@ fn headers(key: &str, v: &Value) -> Result<Vec<(String, String)>, String> {
         if OWN_HEADERS.contains(&lower.as_str()) || lower.starts_with("webhook-") {
             return Err(format!("option headers: {name} is set by cde itself (a bearer key goes in api_key_file)"));
         }
+        if SECRET_HEADERS.contains(&lower.as_str()) {
+            return Err(format!(
+                "option headers: {name} carries a credential, which would be kept in clear in cde.destinations and in dumps; use api_key_file"
+            ));
+        }
         match value.as_str() {
             Some(s) if !s.contains(['\r', '\n', '\0']) => out.push((name.clone(), s.to_string())),
             _ => return Err(format!("option headers: the value of {name} must be a string on one line")),
@@ -179,6 +189,7 @@ mod tests {
         assert!(!err(json!({"api_key": "s3cret"})).contains("s3cret"));
         assert!(err(json!({"headers": {"Authorization": "Bearer x"}})).contains("set by cde itself"));
         assert!(err(json!({"headers": {"webhook-id": "x"}})).contains("set by cde itself"));
+        assert!(err(json!({"headers": {"X-Api-Key": "k"}})).contains("carries a credential"));
         assert!(err(json!({"headers": {"X-A": "a\r\nb: c"}})).contains("one line"));
         assert!(err(json!([1])).contains("JSON object"));
     }

@@ -29,6 +29,7 @@ SELECT cde_set_destination('search', 'http://127.0.0.1:9', '{"api_key": "s3cret"
 SELECT cde_set_destination('search', 'http://127.0.0.1:9', '{"api_key_file": "/tmp/cde_regress_missing"}');
 SELECT cde_set_destination('search', 'http://127.0.0.1:9', '{"signing_secret_file": "/tmp/cde_regress_bad_whsec"}');
 SELECT cde_set_destination('search', 'http://127.0.0.1:9', '{"headers": {"Authorization": "Bearer x"}}');
+SELECT cde_set_destination('search', 'http://127.0.0.1:9', '{"headers": {"X-Api-Key": "k"}}');
 SELECT cde_set_destination('search', 'http://127.0.0.1:9', '{"roles": ["regress_nobody"]}');
 SELECT cde_set_destination('search', 'http://user:pw@127.0.0.1:9', '{}');
 SELECT cde_set_destination('search', 'ftp://127.0.0.1', '{}');
@@ -70,6 +71,20 @@ SET ROLE regress_dest_admin;
 SELECT cde_register_feed('admins', 'SELECT id, name FROM public.products', destination => 'search');
 RESET ROLE;
 SELECT feed, destination FROM cde_feed_status ORDER BY feed;
+-- Taken out of the role, its feed is no longer sent there (checked at every iteration); a role
+-- named in roles is the role as it was when the destination was set, not a later one of that name.
+REVOKE regress_dest_team FROM regress_dest_admin;
+SELECT f.name, cde._may_use_destination(f.owner, f.destination) AS may_send FROM cde.feeds f ORDER BY f.name;
+GRANT regress_dest_team TO regress_dest_admin;
+SELECT cde_set_destination('search', 'http://127.0.0.1:9/ingest', '{}');   -- narrowed: says whose feeds lose it
+ALTER ROLE regress_dest_team RENAME TO regress_dest_team2;
+SELECT cde_set_destination('search', 'http://127.0.0.1:9/ingest', '{"roles": ["regress_dest_team2"]}');
+SELECT name, roles FROM cde_destinations WHERE name = 'search';
+DROP OWNED BY regress_dest_team2;
+DROP ROLE regress_dest_team2;
+CREATE ROLE regress_dest_team2;
+GRANT regress_dest_team2 TO regress_dest_admin;
+SELECT f.name, cde._may_use_destination(f.owner, f.destination) AS may_send FROM cde.feeds f ORDER BY f.name;
 -- Not even through the table: cde's schema is closed to it.
 SET ROLE regress_dest_admin;
 UPDATE cde.destinations SET endpoint = 'http://evil.example.com';
