@@ -33,6 +33,11 @@ const SEND_BUDGET: Duration = Duration::from_secs(1);
 /// Shortest time between the starts of two iterations (see the loop).
 const MIN_ITERATION_GAP: Duration = Duration::from_millis(20);
 
+/// The same while slices are out with the destinations: the main thread then serves their
+/// passes (records, reads the next slice) rather than collect after every builder step or commit,
+/// which cost a full sync a sixth of its speed on two cores (docs/benchmarks.md).
+const BUSY_ITERATION_GAP: Duration = Duration::from_millis(100);
+
 /// Time given to full sync steps per iteration, before the feeds' own collect and send.
 const SYNC_BUDGET: Duration = Duration::from_millis(500);
 
@@ -91,12 +96,19 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
             Woken::Due => true,
             Woken::Slices => false,
         };
+        let mut heard_more = false;
         if due {
             // Under a stream of commits the latch is set again before an iteration ends: leave a
             // short gap so that one iteration takes many changes at once instead of one each.
-            let gap = last_start.elapsed();
-            if gap < MIN_ITERATION_GAP {
-                std::thread::sleep(MIN_ITERATION_GAP - gap);
+            // The slices that come back meanwhile are recorded, and their passes go on: a sender
+            // never waits for the gap.
+            let until = last_start + if w.pump.in_flight() > 0 { BUSY_ITERATION_GAP } else { MIN_ITERATION_GAP };
+            while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+                if w.pump.in_flight() == 0 {
+                    std::thread::sleep(left);
+                } else if wait_for_slices(left, w.pump.wake_fd()) {
+                    heard_more |= w.hear();
+                }
             }
             last_start = Instant::now();
         }
@@ -123,7 +135,7 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
             log!("cde: settings reloaded (endpoint {})", w.settings.endpoint.as_deref().unwrap_or("not set"));
         }
         // Slices the destinations' threads posted: recorded, and their passes go on.
-        more = w.hear();
+        more = heard_more | w.hear();
         if w.settings.pause {
             shared.state.store(shmem::PAUSED, Ordering::Relaxed);
             w.unlock_if_idle();
@@ -236,6 +248,25 @@ fn wait(timeout: Duration, fd: std::os::fd::RawFd) -> Woken {
     } else {
         Woken::Slices
     }
+}
+
+/// Wait at most `timeout` for a sender thread to hand a slice back (the latch is left for the
+/// main wait); true when one did.
+fn wait_for_slices(timeout: Duration, fd: std::os::fd::RawFd) -> bool {
+    let events = pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH | pg_sys::WL_SOCKET_READABLE;
+    let rc = unsafe {
+        pg_sys::WaitLatchOrSocket(
+            std::ptr::null_mut(),
+            events as i32,
+            fd,
+            timeout.as_millis().clamp(1, i32::MAX as u128) as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        )
+    };
+    if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 {
+        crate::compat::proc_exit(1);
+    }
+    rc & pg_sys::WL_SOCKET_READABLE as i32 != 0
 }
 
 /// The database's own cde settings (ALTER DATABASE ... SET), as the worker's session took them.
