@@ -33,6 +33,9 @@ const SEND_BUDGET: Duration = Duration::from_secs(1);
 /// Shortest time between the starts of two iterations (see the loop).
 const MIN_ITERATION_GAP: Duration = Duration::from_millis(20);
 
+/// Longest a feed waits for the send passes of the feeds it depends on before it goes anyway.
+const MAX_DEFER: Duration = Duration::from_secs(1);
+
 /// The same while slices are out with the destinations: the main thread then serves their
 /// passes (records, reads the next slice) rather than collect after every builder step or commit,
 /// which cost a full sync a sixth of its speed on two cores (docs/benchmarks.md).
@@ -215,7 +218,9 @@ fn publish(shared: &shmem::WorkerShared, w: &Worker) {
     shared.requests.store(w.pump.counters.requests, Ordering::Relaxed);
     shared.requests_failed.store(w.pump.counters.requests_failed, Ordering::Relaxed);
     shared.bytes_sent.store(w.pump.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
-    shared.state.store(shmem::IDLE, Ordering::Relaxed);
+    // Requests out with a destination are work too.
+    let state = if w.pump.in_flight() > 0 { shmem::WORKING } else { shmem::IDLE };
+    shared.state.store(state, Ordering::Relaxed);
 }
 
 enum Woken {
@@ -322,6 +327,8 @@ struct Worker {
     locked: bool,
     /// A feed waited for a pass of a feed it depends on: look again when a pass ends.
     deferred: bool,
+    /// Since when each feed waits for its dependencies' passes (at most `MAX_DEFER`).
+    deferred_since: HashMap<String, Instant>,
     /// Feeds whose owner may no longer use their destination (logged once).
     refused: std::collections::HashSet<String>,
 }
@@ -342,6 +349,7 @@ impl Worker {
             release_pending: false,
             locked: false,
             deferred: false,
+            deferred_since: HashMap::new(),
             refused: Default::default(),
         }
     }
@@ -510,8 +518,13 @@ impl Worker {
             return None;
         }
         if feed.depends_on.iter().any(|d| self.pump.busy(d)) {
-            self.deferred = true;
-            return None;
+            // Waits for them, but not for ever: under a stream of writes to a feed it depends on,
+            // there is always a pass of that feed under way.
+            let since = *self.deferred_since.entry(feed.name.clone()).or_insert_with(Instant::now);
+            if since.elapsed() < MAX_DEFER {
+                self.deferred = true;
+                return None;
+            }
         }
         if !feed.allowed {
             let why = format!("destination {} does not let role {} use it (option roles)", feed.destination, feed.owner);
@@ -530,6 +543,7 @@ impl Worker {
         }
         self.refused.remove(&feed.name);
         let d = self.destinations.get(&feed.destination).filter(|d| d.sendable())?;
+        self.deferred_since.remove(&feed.name);
         match self.held_until.get(&d.name) {
             Some(until) if Instant::now() < *until => None,
             Some(_) => {
