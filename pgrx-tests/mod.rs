@@ -100,7 +100,7 @@ mod tests {
         Spi::run("UPDATE items SET name = name || '!' WHERE id <= 2").unwrap();
         Spi::run("SELECT * FROM cde_sync_now('items')").unwrap();
         let record =
-            "SELECT sent FROM cde._record('items', $1, $2::tid[], $3, ARRAY['sent']::cde.outcome[], ARRAY[NULL::int], ARRAY[NULL::text], NULL)";
+            "SELECT sent FROM cde._record('items', $1, $2::tid[], $3, ARRAY['sent']::cde.outcome[], ARRAY[NULL::int], ARRAY[NULL::text], NULL, ARRAY[NULL::text])";
         let read = |key: &str| {
             Spi::get_two_with_args::<String, String>("SELECT ctid::text, hash FROM cde.feed_items WHERE key = $1", &[key.into()])
                 .unwrap()
