@@ -68,6 +68,22 @@ class Sink:
     def stats(self):
         return self.call("GET", "/_sink/stats")
 
+    def healthy(self):
+        try:
+            self.call("GET", "/_sink/health")
+            return True
+        except OSError:
+            return False
+
+
+def start_sink(port):
+    """Another real sink, on `port`: (its process, a Sink), once it answers."""
+    p = subprocess.Popen([str(ROOT / "target" / "release" / "cde-sink"), "--listen", f"127.0.0.1:{port}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s = Sink(f"http://127.0.0.1:{port}")
+    wait_until(f"the sink on port {port}", s.healthy)
+    return p, s
+
 
 class Db:
     def __init__(self, conn):

@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import ROOT, SERVER_LOG, Db, Sink, connect, reconnect, restart_postgres, wait_until
+from conftest import ROOT, SERVER_LOG, Db, Sink, connect, reconnect, restart_postgres, start_sink, wait_until
 
 SHOPS = ["cde_shop_a", "cde_shop_b", "cde_shop_c", "cde_shop_d"]
 SINK_PORTS = [18791, 18792, 18793, 18794]
@@ -46,13 +46,8 @@ def install(name, sink_port):
 def shops(db):
     """Four empty databases (a, b, c with cde; d without), each with its own sink, and cde
     serving exactly these and the test database (the regress databases stay out of it)."""
-    sinks = []
-    for port in SINK_PORTS:
-        p = subprocess.Popen([str(ROOT / "target" / "release" / "cde-sink"), "--listen", f"127.0.0.1:{port}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        sinks.append((p, Sink(f"http://127.0.0.1:{port}")))
+    sinks = [start_sink(port) for port in SINK_PORTS]
     for _, s in sinks:
-        wait_until("a sink", lambda: _healthy(s))
         s.reset()
     db.run("SET client_min_messages = warning")
     for name in SHOPS:
@@ -72,14 +67,6 @@ def shops(db):
     for p, _ in sinks:
         p.terminate()
         p.wait()
-
-
-def _healthy(sink):
-    try:
-        sink.call("GET", "/_sink/health")
-        return True
-    except OSError:
-        return False
 
 
 def delivered(sink, key, name):

@@ -7,7 +7,6 @@ import base64
 import os
 import pwd
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -16,30 +15,19 @@ import pytest
 from psycopg import errors
 from standardwebhooks.webhooks import Webhook
 
-from conftest import ROOT, SERVER_LOG, Sink, connect, fresh_catalog, full_sync_and_wait, wait_until
+from conftest import SERVER_LOG, connect, fresh_catalog, full_sync_and_wait, start_sink, wait_until
 
 PORTS = {"search": 18801, "erp": 18802}
 SECRET = "whsec_" + base64.b64encode(b"cde-e2e-signing-secret-0001").decode()
 NEW_SECRET = "whsec_" + base64.b64encode(b"cde-e2e-signing-secret-0002").decode()
 
 
-def _healthy(sink):
-    try:
-        sink.call("GET", "/_sink/health")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def sinks():
     procs, out = [], {}
     for name, port in PORTS.items():
-        procs.append(subprocess.Popen([str(ROOT / "target" / "release" / "cde-sink"), "--listen", f"127.0.0.1:{port}"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        out[name] = Sink(f"http://127.0.0.1:{port}")
-    for s in out.values():
-        wait_until("a sink", lambda: _healthy(s))
+        p, out[name] = start_sink(port)
+        procs.append(p)
     yield out
     for p in procs:
         p.terminate()
