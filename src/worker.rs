@@ -88,7 +88,7 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
     session_settings();
     let database_settings = Own.run(database_settings);
 
-    let mut w = Worker::new(Own.run(Settings::read));
+    let mut w = Worker::new(Own.run(Settings::read), shared);
     let mut more = true; // look for work at once after a (re)start
     let mut last_start = Instant::now();
     let mut first = true;
@@ -212,12 +212,17 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
     leave(shared);
 }
 
-/// What the worker has done, for cde_worker_status.
-fn publish(shared: &shmem::WorkerShared, w: &Worker) {
+/// What the worker has done, for cde_worker_status: as soon as the outcomes are recorded.
+fn publish_counters(shared: &shmem::WorkerShared, w: &Worker) {
     shared.docs_sent.store(w.pump.counters.docs_sent, Ordering::Relaxed);
     shared.requests.store(w.pump.counters.requests, Ordering::Relaxed);
     shared.requests_failed.store(w.pump.counters.requests_failed, Ordering::Relaxed);
     shared.bytes_sent.store(w.pump.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// The counters, and the state once an iteration is over.
+fn publish(shared: &shmem::WorkerShared, w: &Worker) {
+    publish_counters(shared, w);
     // Requests out with a destination are work too.
     let state = if w.pump.in_flight() > 0 { shmem::WORKING } else { shmem::IDLE };
     shared.state.store(state, Ordering::Relaxed);
@@ -308,6 +313,8 @@ pub fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 
 /// What the worker keeps from one iteration to the next.
 struct Worker {
+    /// This database's slot: the counters are published there as soon as outcomes are recorded.
+    shared: &'static shmem::WorkerShared,
     settings: Settings,
     pump: Pump,
     destinations: Destinations,
@@ -336,8 +343,9 @@ struct Worker {
 impl Worker {
     /// Nothing here reads schema cde: in a database where cde is not (yet) installed at this
     /// version, anyone with CREATE there could have put a `cde.destinations` of their own.
-    fn new(settings: Settings) -> Worker {
+    fn new(settings: Settings, shared: &'static shmem::WorkerShared) -> Worker {
         Worker {
+            shared,
             settings,
             pump: Pump::new(SEND_BUDGET),
             destinations: Destinations::default(),
@@ -437,6 +445,7 @@ impl Worker {
                 Err(e) => self.feed_failed(&feed, &e),
             }
         }
+        publish_counters(self.shared, self);
         more
     }
 

@@ -14,8 +14,8 @@ SELECT cde_set_destination('search', 'http://127.0.0.1:9/ingest/', '{
     "compression": false, "headers": {"X-Tenant": "eu-1"}}');
 SELECT cde_set_destination('prices', 'https://prices.example.com', '{}');
 -- What operators see: state, limits in force, whether it signs and has a key; no secret, no path.
-SELECT name, endpoint, state, feeds, max_requests_per_second, batch_size, max_batch_bytes, timeout,
-       compression, signed, bearer_key, headers
+SELECT name, CASE WHEN name = 'default' THEN '(cde.endpoint)' ELSE endpoint END AS endpoint, state, feeds,
+       max_requests_per_second, batch_size, max_batch_bytes, timeout, compression, signed, bearer_key, headers
   FROM cde_destinations;
 SELECT count(*) AS rows_mentioning_a_secret FROM cde_destinations d
  WHERE d::text LIKE '%regress-bearer-key%' OR d::text LIKE '%whsec%' OR d::text LIKE '%/tmp/%';
