@@ -118,6 +118,12 @@ pub struct Posted {
 }
 
 impl Posted {
+    /// The destination answered (2xx, or a 4xx about the items: the destination works, the items
+    /// were the problem): a hold ends, and it is not failing.
+    pub fn answered(&self) -> bool {
+        self.requests > 0 && !self.unwell
+    }
+
     /// A slice nothing was done with yet: every item stays pending.
     pub fn unsent(pending: Pending) -> Posted {
         Posted {
@@ -199,8 +205,7 @@ pub fn record(feed: &FeedInfo, posted: &Posted) -> (i64, i64) {
         errors.push(error);
     }
     let first_error = posted.first_error.as_ref().map(|e| e.1.clone()).or(posted.misconfigured.as_ref().map(|m| m.2.clone()));
-    // Answering, rejections included: the destination works, the items were the problem.
-    let ok = posted.requests > 0 && !posted.unwell;
+    let ok = posted.answered();
     let hold = hold.map(|d| format!("{} milliseconds", d.as_millis()));
     Spi::connect_mut(|c| {
         c.update(

@@ -59,8 +59,6 @@ pub struct FeedReport {
     pub build_failures: i64,
     /// The first delivery failure, with its code.
     pub first_error: Option<(&'static str, String)>,
-    /// The destination answered as misconfigured (401, 404, TLS...): (status, reason, error).
-    pub misconfigured: Option<(Option<u16>, &'static str, String)>,
 }
 
 /// The feeds to iterate over: all, or `only`; with a `caller` (cde_sync_now(), cde_deliver()), the

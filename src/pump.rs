@@ -251,9 +251,6 @@ impl Pump {
         if r.first_error.is_none() {
             r.first_error = posted.first_error.clone();
         }
-        if r.misconfigured.is_none() {
-            r.misconfigured = posted.misconfigured.clone();
-        }
         self.refill(tx, &done.feed);
         let pass = self.passes.get_mut(&done.feed)?;
         let ended = (pass.in_flight == 0).then(|| {
@@ -266,7 +263,7 @@ impl Pump {
         Some(Heard {
             feed: info,
             destination: dest,
-            answered: posted.requests > 0 && !posted.unwell,
+            answered: posted.answered(),
             misconfigured: posted.misconfigured,
             ended,
         })
