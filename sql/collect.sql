@@ -104,7 +104,8 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         IF key_set IS NULL THEN
             -- No list to walk: the error is recorded on the feed, and the full rebuild queued again.
-            UPDATE cde.feeds SET last_error = 'rebuild of all keys failed: ' || SQLERRM, last_error_at = now()
+            UPDATE cde.feeds SET last_error = 'rebuild of all keys failed: ' || SQLERRM, last_error_at = now(),
+                                 build_failures = build_failures + 1
              WHERE name = f.name;
             r_failed := 1;
             INSERT INTO cde.queue (feed, all_keys) VALUES (f.name, true);
@@ -146,7 +147,8 @@ BEGIN
     ELSE
         DELETE FROM cde.retries WHERE feed = f.name AND key = k;
     END IF;
-    UPDATE cde.feeds SET last_error = 'key ' || k || ': build failed: ' || err, last_error_at = now()
+    UPDATE cde.feeds SET last_error = 'key ' || k || ': build failed: ' || err, last_error_at = now(),
+                         build_failures = build_failures + 1
      WHERE name = f.name;
 END $$;
 

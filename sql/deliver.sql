@@ -72,7 +72,9 @@ BEGIN
         last_sent_at  = CASE WHEN sent > 0 THEN now() ELSE last_sent_at END,
         hold_until    = CASE WHEN p_hold IS NOT NULL THEN now() + p_hold ELSE hold_until END,
         last_error    = coalesce(first_error, last_error),
-        last_error_at = CASE WHEN first_error IS NOT NULL THEN now() ELSE last_error_at END
+        last_error_at = CASE WHEN first_error IS NOT NULL THEN now() ELSE last_error_at END,
+        items_sent = items_sent + _record.sent, items_rejected = items_rejected + _record.rejected,
+        items_retried = items_retried + _record.retrying, items_dead = items_dead + _record.dead
      WHERE name = f.name;
     IF sent > 0 THEN
         UPDATE cde.destinations d SET items_sent = d.items_sent + sent WHERE d.name = coalesce(f.destination, 'default');

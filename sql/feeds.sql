@@ -70,6 +70,32 @@ LANGUAGE sql STABLE AS $$
     SELECT name, max(depth)::int FROM walk GROUP BY name ORDER BY max(depth), name
 $$;
 
+-- A feed table's row counts (cde.row_counts), kept by its statement triggers: each writing
+-- statement appends its net change by status and deleted flag. An update that moves no row
+-- between them (a pending document changed again) appends nothing.
+CREATE FUNCTION cde._count_rows() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    CASE TG_OP
+    WHEN 'INSERT' THEN
+        INSERT INTO cde.row_counts (feed, status, deleted, n)
+        SELECT TG_ARGV[0], r.status, r.deleted, count(*) FROM new_rows r GROUP BY r.status, r.deleted;
+    WHEN 'UPDATE' THEN
+        INSERT INTO cde.row_counts (feed, status, deleted, n)
+        SELECT TG_ARGV[0], r.status, r.deleted, sum(r.n)
+          FROM (SELECT o.status, o.deleted, -1 AS n FROM old_rows o
+                UNION ALL
+                SELECT x.status, x.deleted, 1 FROM new_rows x) AS r
+         GROUP BY r.status, r.deleted HAVING sum(r.n) <> 0;
+    WHEN 'DELETE' THEN
+        INSERT INTO cde.row_counts (feed, status, deleted, n)
+        SELECT TG_ARGV[0], r.status, r.deleted, -count(*) FROM old_rows r GROUP BY r.status, r.deleted;
+    WHEN 'TRUNCATE' THEN
+        DELETE FROM cde.row_counts c WHERE c.feed = TG_ARGV[0];
+    END CASE;
+    RETURN NULL;
+END $$;
+
 -- A feed's table, from its one definition (registration, and the upgrade from 0.1.0, which
 -- rebuilds every feed table): the extension owner's, with no right for anyone else.
 CREATE FUNCTION cde._create_feed_table(feed text) RETURNS void
@@ -94,6 +120,23 @@ BEGIN
             response_id  text          -- x-request-id of the response that delivered or rejected it
         )$t$, tbl);
     EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
+    -- Failed items (cde_failed_items, the oldest retrying one's age), and deletions (their count,
+    -- and the sent ones past cde.tombstone_retention): few rows each, found without a scan. The
+    -- statuses are cde._failed's, spelled out: an index may not depend on a function that an
+    -- upgrade recreates.
+    EXECUTE format('CREATE INDEX %I ON %s (status, modified_at) WHERE status IN (''retrying'', ''rejected'', ''dead'')',
+                   'feed_' || feed || '_failed', tbl);
+    EXECUTE format('CREATE INDEX %I ON %s (status, sent_at) WHERE deleted', 'feed_' || feed || '_deleted', tbl);
+    -- Its row counts (a transition table may serve one event only, hence a trigger per event).
+    DELETE FROM cde.row_counts c WHERE c.feed = _create_feed_table.feed;
+    EXECUTE format('CREATE TRIGGER cde_count_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION cde._count_rows(%L)', tbl, feed);
+    EXECUTE format('CREATE TRIGGER cde_count_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION cde._count_rows(%L)', tbl, feed);
+    EXECUTE format('CREATE TRIGGER cde_count_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows
+                    FOR EACH STATEMENT EXECUTE FUNCTION cde._count_rows(%L)', tbl, feed);
+    EXECUTE format('CREATE TRIGGER cde_count_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION cde._count_rows(%L)',
+                   tbl, feed);
     EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
     EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', tbl);
 END $$;
@@ -282,6 +325,7 @@ BEGIN
     DELETE FROM cde.queue q WHERE q.feed = f.name;
     DELETE FROM cde.feeds x WHERE x.name = f.name;   -- cascades to tracks and retries
     EXECUTE format('DROP TABLE IF EXISTS %s', f.feed_table);
+    DELETE FROM cde.row_counts c WHERE c.feed = f.name;
 END $$;
 
 COMMENT ON FUNCTION cde_drop_feed(text, bigint) IS 'Drop a feed: its capture triggers, feed table, queue and retries';

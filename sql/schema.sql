@@ -59,9 +59,28 @@ CREATE TABLE cde.feeds (
     last_error_at timestamptz,
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
-    destination   text REFERENCES cde.destinations   -- NULL: default (cde.endpoint)
+    destination   text REFERENCES cde.destinations,  -- NULL: default (cde.endpoint)
+    -- What came of its items, ever (counters for monitoring: docs/monitoring.md), kept by
+    -- cde._record and cde._build_failed.
+    items_sent     bigint NOT NULL DEFAULT 0,
+    items_rejected bigint NOT NULL DEFAULT 0,
+    items_retried  bigint NOT NULL DEFAULT 0,  -- sends that failed, to be tried again
+    items_dead     bigint NOT NULL DEFAULT 0,
+    build_failures bigint NOT NULL DEFAULT 0
 );
 COMMENT ON TABLE cde.feeds IS 'Registered feeds (cde_register_feed)';
+
+-- The rows of each feed table by status and deleted flag, so that the views never count a feed
+-- table (docs/monitoring.md): statement triggers on the feed table (cde._count_rows) append each
+-- writing statement's net change in its own transaction, and the worker folds them into one row
+-- per feed, status and flag (cde._housekeep). Exact: their sum is the count, in any snapshot.
+CREATE TABLE cde.row_counts (
+    feed    text NOT NULL,
+    status  text NOT NULL,
+    deleted boolean NOT NULL,
+    n       bigint NOT NULL
+);
+COMMENT ON TABLE cde.row_counts IS 'Rows of each feed table by status and deleted flag (sum of n), kept by triggers';
 
 -- Which tables a feed tracks, and how a change there maps to the feed's keys.
 CREATE TABLE cde.tracks (
@@ -172,3 +191,5 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
+-- Restored in the same snapshot as the feed tables' rows, before their triggers are created.
+SELECT pg_catalog.pg_extension_config_dump('cde.row_counts', '');

@@ -1,25 +1,46 @@
 -- What operators look at. Every column is documented in docs/operations.md.
 
--- Per-feed counts from the feed tables (one table per feed, hence a function).
+-- Nothing here counts a feed table or the whole queue: every view answers in milliseconds at any
+-- catalog size (docs/monitoring.md, "Cost"). Rows by status come from cde.row_counts, kept by
+-- triggers; the oldest waiting change from the first entry of an index.
+
+-- Per feed: the oldest row waiting to be sent (pending or retrying), from the feed table's
+-- indexes (one table per feed, hence a function), and its queued changes. The queue is counted
+-- exactly up to queue_sample rows of a feed; beyond, rows and keys are estimated from the first
+-- queue_sample (how densely the feed's ids run, times the span of its ids): queue_exact says which.
 CREATE FUNCTION cde._feed_counts()
-RETURNS TABLE (feed text, items bigint, unsent bigint, sent bigint, rejected bigint, retrying bigint,
-               dead bigint, deleted bigint, oldest_unsent timestamptz)
+RETURNS TABLE (feed text, oldest_unsent timestamptz, queue_rows bigint, queue_keys bigint, full_rebuilds bigint,
+               oldest_queued timestamptz, queue_exact boolean)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
+    queue_sample constant int := 10000;
     f cde.feeds;
+    s record;
+    last_id bigint;
 BEGIN
     FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
-        RETURN QUERY EXECUTE format($q$
-            SELECT %L::text,
-                   count(*),
-                   count(*) FILTER (WHERE status = 'pending'),
-                   count(*) FILTER (WHERE status = 'sent'),
-                   count(*) FILTER (WHERE status = 'rejected'),
-                   count(*) FILTER (WHERE status = 'retrying'),
-                   count(*) FILTER (WHERE status = 'dead'),
-                   count(*) FILTER (WHERE deleted),
-                   min(modified_at) FILTER (WHERE status IN ('pending', 'retrying'))
-              FROM %s$q$, f.name, f.feed_table);
+        feed := f.name;
+        EXECUTE format($q$
+            SELECT least((SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending'),
+                         (SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'retrying'))$q$, f.feed_table)
+           INTO oldest_unsent;
+        SELECT count(*) AS n, coalesce(sum(coalesce(cardinality(q.keys), 0)), 0) AS k,
+               count(*) FILTER (WHERE q.all_keys) AS a, min(q.queued_at) AS oldest, min(q.id) AS lo, max(q.id) AS hi
+          INTO s
+          FROM (SELECT q.id, q.keys, q.all_keys, q.queued_at FROM cde.queue q
+                 WHERE q.feed = f.name ORDER BY q.id LIMIT queue_sample) AS q;
+        queue_exact := s.n < queue_sample;
+        IF queue_exact THEN
+            queue_rows := s.n;
+            queue_keys := s.k;
+        ELSE
+            SELECT max(q.id) INTO last_id FROM cde.queue q WHERE q.feed = f.name;
+            queue_rows := round(s.n::numeric * (last_id - s.lo + 1) / (s.hi - s.lo + 1));
+            queue_keys := round(s.k::numeric * queue_rows / s.n);
+        END IF;
+        full_rebuilds := s.a;
+        oldest_queued := s.oldest;
+        RETURN NEXT;
     END LOOP;
 END $$;
 
@@ -34,10 +55,15 @@ SELECT w.running, w.pid, w.state, w.started_at, w.last_iteration_at, w.iteration
 COMMENT ON VIEW cde_worker_status IS 'The cde background worker of this database: whether it runs, what it has done';
 
 CREATE VIEW cde_feed_status AS
-WITH queued AS (
-    SELECT q.feed, sum(coalesce(cardinality(q.keys), 0)) AS keys, count(*) FILTER (WHERE q.all_keys) AS full_rebuilds,
-           min(q.queued_at) AS oldest
-      FROM cde.queue q GROUP BY q.feed
+WITH counts AS (
+    SELECT c.feed, sum(c.n) AS items,
+           sum(c.n) FILTER (WHERE c.status = 'pending') AS unsent,
+           sum(c.n) FILTER (WHERE c.status = 'sent') AS sent,
+           sum(c.n) FILTER (WHERE c.status = 'rejected') AS rejected,
+           sum(c.n) FILTER (WHERE c.status = 'retrying') AS retrying,
+           sum(c.n) FILTER (WHERE c.status = 'dead') AS dead,
+           sum(c.n) FILTER (WHERE c.deleted) AS deleted
+      FROM cde.row_counts c GROUP BY c.feed
 ), tracked AS (
     SELECT t.feed, array_agg(t.table_name ORDER BY t.table_name) AS tables FROM cde.tracks t GROUP BY t.feed
 )
@@ -45,26 +71,34 @@ SELECT f.name                                   AS feed,
        f.mode,
        f.depends_on,
        coalesce(tr.tables, '{}')                AS tracked_tables,
-       coalesce(c.items, 0)                     AS items,
-       coalesce(q.keys, 0) + coalesce(c.unsent, 0) AS pending,
-       coalesce(c.sent, 0)                      AS sent,
-       coalesce(c.rejected, 0)                  AS rejected,
-       coalesce(c.retrying, 0)                  AS retrying,
-       coalesce(c.dead, 0)                      AS dead,
-       coalesce(c.deleted, 0)                   AS deleted,
+       coalesce(c.items, 0)::bigint             AS items,
+       (coalesce(q.queue_keys, 0) + coalesce(c.unsent, 0))::bigint AS pending,
+       coalesce(c.sent, 0)::bigint              AS sent,
+       coalesce(c.rejected, 0)::bigint          AS rejected,
+       coalesce(c.retrying, 0)::bigint          AS retrying,
+       coalesce(c.dead, 0)::bigint              AS dead,
+       coalesce(c.deleted, 0)::bigint           AS deleted,
        f.last_sent_at,
-       CASE WHEN q.oldest IS NULL AND c.oldest_unsent IS NULL THEN interval '0'
-            ELSE now() - least(q.oldest, c.oldest_unsent) END AS lag,
+       CASE WHEN q.oldest_queued IS NULL AND q.oldest_unsent IS NULL THEN interval '0'
+            ELSE greatest(now() - least(q.oldest_queued, q.oldest_unsent), interval '0') END AS lag,
        f.last_error,
        f.last_error_at,
        greatest(f.hold_until, d.held_until)     AS hold_until,
        (SELECT w.running FROM cde._worker_status() w) AS worker_running,
        coalesce(d.held_error, d.disabled_error) AS destination_error,
-       coalesce(f.destination, 'default')       AS destination
+       coalesce(f.destination, 'default')       AS destination,
+       coalesce(q.queue_keys, 0)                AS queued_keys,
+       coalesce(q.queue_rows, 0)                AS queued_changes,
+       coalesce(q.queue_exact, true)            AS queue_exact,
+       f.items_sent                             AS sent_total,
+       f.items_rejected                         AS rejected_total,
+       f.items_retried                          AS retried_total,
+       f.items_dead                             AS dead_total,
+       f.build_failures                         AS build_failures_total
   FROM cde.feeds f
   LEFT JOIN cde.destinations d ON d.name = coalesce(f.destination, 'default')
-  LEFT JOIN cde._feed_counts() c ON c.feed = f.name
-  LEFT JOIN queued q ON q.feed = f.name
+  LEFT JOIN counts c ON c.feed = f.name
+  LEFT JOIN cde._feed_counts() q ON q.feed = f.name
   LEFT JOIN tracked tr ON tr.feed = f.name
  ORDER BY f.name;
 
@@ -81,7 +115,7 @@ BEGIN
         RETURN QUERY EXECUTE format($q$
             SELECT %L::text, t.key, t.status, t.http_status, t.error, t.attempts, r.next_attempt_at, t.response_id
               FROM %s t LEFT JOIN cde.retries r ON r.feed = %L AND r.key = t.key
-             WHERE cde._failed(t.status)
+             WHERE t.status IN ('retrying', 'rejected', 'dead')   -- cde._failed's, the index's
              ORDER BY t.key$q$, f.name, f.feed_table, f.name);
     END LOOP;
 END $$;

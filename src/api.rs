@@ -268,6 +268,7 @@ pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) ->
                 engine::load_feeds(feed.as_deref(), settings.legacy_interval.as_millis(), Some(caller))
             });
             let totals = until_done(&tx, &settings, &feeds, Duration::from_millis(300), Duration::from_secs(1));
+            tx.run(crate::housekeeping::run);
             for (f, t) in feeds.iter().zip(totals) {
                 pgrx::notice!("cde: feed {}: collected={} sent={} failed={}", f.name, t.0, t.1, t.2);
             }

@@ -24,6 +24,8 @@ pub static COMPRESSION: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_PAYLOADS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static PAUSE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static SYNC_BUILDERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static TOMBSTONE_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
+pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 
 pub fn init() {
     unsafe {
@@ -133,6 +135,22 @@ pub fn init() {
         0,
         64,
         GucFlags::default(),
+    );
+    int(
+        c"cde.tombstone_retention",
+        c"How long a delivered deletion stays in its feed table (-1: for ever).",
+        &TOMBSTONE_RETENTION_S,
+        -1,
+        i32::MAX,
+        GucFlags::UNIT_S,
+    );
+    int(
+        c"cde.history_retention",
+        c"How long a full sync run that ended stays in cde_sync_runs, with its events (-1: for ever).",
+        &HISTORY_RETENTION_S,
+        -1,
+        i32::MAX,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_bool_guc(
         c"cde.compression",

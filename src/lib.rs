@@ -33,6 +33,7 @@ extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["rebuild
 extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["collect"]);
 extension_sql_file!("../sql/sync.sql", name = "sync", requires = ["deliver"]);
 extension_sql_file!("../sql/destinations.sql", name = "destinations", requires = ["sync", destination::cde::_check_destination_options, destination::cde::_destination_roles, destination::cde::_check_endpoint]);
+extension_sql_file!("../sql/housekeeping.sql", name = "housekeeping", requires = ["destinations"]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 mod api;
@@ -45,6 +46,7 @@ mod deliver;
 mod destination;
 mod engine;
 mod gucs;
+mod housekeeping;
 mod launcher;
 mod locks;
 mod pump;

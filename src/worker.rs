@@ -10,6 +10,7 @@ use crate::builder::Builders;
 use crate::destination::{Destinations, DEFAULT};
 use crate::engine::{self, Txn};
 use crate::gucs::Settings;
+use crate::housekeeping;
 use crate::pump::{Heard, Pump};
 use crate::shmem::{self, now_micros};
 use crate::sync;
@@ -320,6 +321,7 @@ struct Worker {
     destinations: Destinations,
     builders: Builders,
     last_progress_log: Instant,
+    last_housekeeping: Option<Instant>,
     /// Destinations that answered as misconfigured (401, 404, TLS...) or gone (410): nothing is
     /// sent to them until then (a held one gets one request to see whether it was fixed). A
     /// reload releases them; so does cde_set_destination for a named one.
@@ -351,6 +353,7 @@ impl Worker {
             destinations: Destinations::default(),
             builders: Builders::default(),
             last_progress_log: Instant::now(),
+            last_housekeeping: None,
             held_until: HashMap::new(),
             failing: HashMap::new(),
             hold_read: false,
@@ -482,6 +485,12 @@ impl Worker {
                 log!("{line}");
             }
             self.last_progress_log = Instant::now();
+        }
+        if self.last_housekeeping.is_none_or(|at| at.elapsed() >= housekeeping::EVERY) {
+            if let Err(e) = guarded(|| Own.run(housekeeping::run)) {
+                warning!("cde: {STEP_FAILED} housekeeping failed and was rolled back, taken again later: {e}");
+            }
+            self.last_housekeeping = Some(Instant::now());
         }
         let feeds = match guarded(|| Own.run(|| engine::load_feeds(None, self.settings.legacy_interval.as_millis(), None))) {
             Ok(feeds) => feeds,

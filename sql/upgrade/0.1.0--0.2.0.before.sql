@@ -184,6 +184,19 @@ CREATE TABLE cde.destinations (
 INSERT INTO cde.destinations (name) VALUES ('default');
 COMMENT ON TABLE cde.destinations IS 'Where feeds are sent (cde_set_destination), and whether a failure holds or a 410 disabled them';
 ALTER TABLE cde.feeds ADD COLUMN destination text REFERENCES cde.destinations;   -- NULL: default (cde.endpoint)
+ALTER TABLE cde.feeds ADD COLUMN items_sent bigint NOT NULL DEFAULT 0,
+                      ADD COLUMN items_rejected bigint NOT NULL DEFAULT 0,
+                      ADD COLUMN items_retried bigint NOT NULL DEFAULT 0,
+                      ADD COLUMN items_dead bigint NOT NULL DEFAULT 0,
+                      ADD COLUMN build_failures bigint NOT NULL DEFAULT 0;
+-- Filled as the feed tables are rebuilt (.after.sql): their rows are inserted anew.
+CREATE TABLE cde.row_counts (
+    feed    text NOT NULL,
+    status  text NOT NULL,
+    deleted boolean NOT NULL,
+    n       bigint NOT NULL
+);
+COMMENT ON TABLE cde.row_counts IS 'Rows of each feed table by status and deleted flag (sum of n), kept by triggers';
 SELECT pg_catalog.pg_extension_config_dump('cde.feeds', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.tracks', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.queue', '');
@@ -195,5 +208,6 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.row_counts', '');
 
 -- The 0.2.0 objects follow.

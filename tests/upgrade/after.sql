@@ -16,5 +16,12 @@ BEGIN
     IF n <> 1 THEN RAISE EXCEPTION 'upgrade: the queued partition write was not delivered'; END IF;
     SELECT count(*) INTO n FROM cde.sync_runs WHERE status <> 'finished';
     IF n <> 0 THEN RAISE EXCEPTION 'upgrade: % full sync runs not finished', n; END IF;
+    -- The views' counts (cde.row_counts, filled as the feed tables were rebuilt) agree with the rows.
+    SELECT count(*) INTO n FROM cde_feed_status s
+     WHERE (s.items, s.sent, s.dead) IS DISTINCT FROM
+           (SELECT (count(*), count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'dead'))
+              FROM cde.feed_up_items WHERE s.feed = 'up_items')
+       AND s.feed = 'up_items';
+    IF n <> 0 THEN RAISE EXCEPTION 'upgrade: cde_feed_status does not count up_items as its feed table holds them'; END IF;
     RAISE NOTICE 'upgrade: everything in flight was delivered';
 END $$;
