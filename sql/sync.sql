@@ -337,7 +337,7 @@ SELECT r.id AS run_id, r.feeds, r.dry_run, r.status, r.current_phase,
        sum(p.planned)::bigint AS planned, sum(p.processed)::bigint AS processed, sum(p.sent)::bigint AS sent,
        sum(p.unchanged)::bigint AS unchanged, sum(p.deleted)::bigint AS deleted, sum(p.failed)::bigint AS failed,
        jsonb_object_agg(p.feed, jsonb_build_object(
-           'status', p.status, 'planned', p.planned, 'processed', p.processed, 'sent', p.sent,
+           'status', p.status, 'ordinal', p.ordinal, 'planned', p.planned, 'processed', p.processed, 'sent', p.sent,
            'unchanged', p.unchanged, 'deleted', p.deleted, 'failed', p.failed)) AS phases,
        r.started_at, r.finished_at, r.error,
        -- what an executing run is waiting for, when it waits for its current phase's delivery
