@@ -332,6 +332,62 @@ def bench_throughput(db, rows_per_statement=50, goal=20_000):
            "(no goal: writers and worker share 2 cores)", True)
 
 
+def bench_monitoring(db, changes=100_000, goal_ms=50):
+    """What a look at cde costs with a backlog: the worker paused, `changes` single-row UPDATEs
+    (each a row of the queue), then every status view read 5 times, and the real postgres_exporter
+    (monitoring/queries.yaml, as a pg_monitor member) scraped 5 times; the median of each. Then the
+    backlog is delivered."""
+    set_pause(db, True)
+    db.execute(f"""DO $$ BEGIN FOR i IN 1..{changes} LOOP
+                     UPDATE products SET name = 'monitoring ' || i WHERE id = 1 + (i * 7919) % {SCALE};
+                   END LOOP; END $$""")
+    queued = one(db, "SELECT count(*) FROM cde.queue")
+    items = one(db, "SELECT sum(items) FROM cde_feed_status")
+
+    def median_ms(fn, n=5):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+
+    views = ["cde_feed_status", "cde_failed_items", "cde_destinations", "cde_worker_status", "cde_sync_runs"]
+    figures = {v: median_ms(lambda: db.execute(f"SELECT * FROM {v}").fetchall()) for v in views}
+    db.execute("DROP ROLE IF EXISTS cde_bench_exporter")
+    db.execute("CREATE ROLE cde_bench_exporter LOGIN IN ROLE pg_monitor")
+    listen = "127.0.0.1:19188"
+    env = {"DATA_SOURCE_NAME": f"host={SOCKET} port={PORT} user=cde_bench_exporter dbname=cde sslmode=disable"}
+    proc = subprocess.Popen(["prometheus-postgres-exporter", f"--web.listen-address={listen}",
+                             f"--extend.query-path={ROOT / 'monitoring' / 'queries.yaml'}",
+                             "--disable-default-metrics", "--disable-settings-metrics"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def scrape():
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        assert "pg_exporter_last_scrape_error 0" in text, "the scrape had an error"
+        return text
+    try:
+        def ready():
+            try:
+                return scrape()
+            except OSError:
+                return None
+        wait("the exporter", ready, 15)
+        figures["one exporter scrape (HTTP, every query)"] = median_ms(scrape)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        db.execute("DROP ROLE cde_bench_exporter")
+    worst = max(figures.values())
+    report(f"status views and one exporter scrape at {items:,} items and {queued:,} queued changes (median of 5, worst)",
+           f"{worst:.1f} ms", f"<= {goal_ms} ms each", worst <= goal_ms,
+           ", ".join(f"{k} {v:.1f} ms" for k, v in figures.items()))
+    set_pause(db, False)
+    wait("the backlog delivered", lambda: one(db, "SELECT count(*) FROM cde.queue") == 0, 600)
+
+
 def main():
     # e.g. "bulk,throughput": load, full sync, then those
     only = set(filter(None, os.environ.get("CDE_BENCH_ONLY", "").split(","))) or None
@@ -346,7 +402,7 @@ def main():
             one(db, "SELECT cde_full_sync()")
             wait("the initial full sync", lambda: one(db, "SELECT count(*) FROM cde_sync_runs WHERE finished_at IS NULL") == 0, 7200)
             for name, bench in [("bulk", bench_bulk), ("full_sync", bench_full_sync), ("latency", bench_latency),
-                                ("throughput", bench_throughput)]:
+                                ("throughput", bench_throughput), ("monitoring", bench_monitoring)]:
                 if only is None or name in only:
                     bench(db)
     print("\n| benchmark | result | goal | met |\n|---|---|---|---|")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
-from conftest import PG_BIN, PORT, SOCKET, Db, fresh_catalog, reconnect, wait_until
+from conftest import PG_BIN, PORT, ROOT, SOCKET, Db, fresh_catalog, reconnect, wait_until
 
 BIN = PG_BIN
 REPLICA_PORT = PORT + 1
@@ -72,6 +73,13 @@ def test_a_standby_writes_nothing_and_a_promoted_one_delivers(db, sink, replica)
         assert standby.one("SELECT count(*) FROM cde_feed_status") == 5
         assert standby.one("SELECT pending FROM cde_feed_status WHERE feed = 'products'") > 0
         assert standby.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "preparing"
+        # The exporter's queries (monitoring/queries.yaml) answer, with no row: the standby exports
+        # nothing of cde, so no alert fires for it (the worker that is not running there first).
+        queries = yaml.safe_load((ROOT / "monitoring" / "queries.yaml").read_text())
+        for key, q in queries.items():
+            assert standby.rows(q["query"]) == [], key
+        assert all(db.rows(queries[k]["query"]) for k in ("cde_feed", "cde_worker", "cde_sync", "cde_destination")), \
+            "the same queries answer on the primary"
     assert sink.docs("products") == {}, "nothing may be delivered by either server yet"
 
     # Failover: the primary dies, the standby is promoted; its worker starts and delivers.
