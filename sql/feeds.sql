@@ -91,9 +91,37 @@ BEGIN
         INSERT INTO cde.row_counts (feed, status, deleted, n)
         SELECT TG_ARGV[0], r.status, r.deleted, -count(*) FROM old_rows r GROUP BY r.status, r.deleted;
     WHEN 'TRUNCATE' THEN
-        DELETE FROM cde.row_counts c WHERE c.feed = TG_ARGV[0];
+        -- The negation of what is counted, not a DELETE: a fold under way keeps the sum either way.
+        INSERT INTO cde.row_counts (feed, status, deleted, n)
+        SELECT c.feed, c.status, c.deleted, -sum(c.n) FROM cde.row_counts c
+         WHERE c.feed = TG_ARGV[0] AND c.status <> '*'
+         GROUP BY c.feed, c.status, c.deleted HAVING sum(c.n) <> 0;
     END CASE;
     RETURN NULL;
+END $$;
+
+-- Set a feed's counts to what its table holds, and mark them kept ('*'). Under a SHARE lock no
+-- writer of the table is in flight and every count they appended is committed: the difference
+-- between the table's rows and what is counted is exact. Appended, never deleted, so that a fold
+-- under way keeps the sum. Run when a feed table is created, by the housekeeping pass for a
+-- restored copy, and by a superuser after writes made with the triggers disabled.
+CREATE FUNCTION cde._recount(feed text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tbl regclass := format('cde.%I', 'feed_' || feed)::regclass;
+BEGIN
+    EXECUTE format('LOCK TABLE %s IN SHARE MODE', tbl);
+    EXECUTE format($q$
+        INSERT INTO cde.row_counts (feed, status, deleted, n)
+        SELECT $1, coalesce(a.status, c.status), coalesce(a.deleted, c.deleted), coalesce(a.n, 0) - coalesce(c.n, 0)
+          FROM (SELECT t.status, t.deleted, count(*) AS n FROM %s t GROUP BY t.status, t.deleted) AS a
+          FULL JOIN (SELECT r.status, r.deleted, sum(r.n) AS n FROM cde.row_counts r
+                      WHERE r.feed = $1 AND r.status <> '*' GROUP BY r.status, r.deleted) AS c
+            ON c.status = a.status AND c.deleted = a.deleted
+         WHERE coalesce(a.n, 0) <> coalesce(c.n, 0)
+        UNION ALL
+        SELECT $1, '*', false, 0 WHERE NOT EXISTS (SELECT 1 FROM cde.row_counts r WHERE r.feed = $1 AND r.status = '*')$q$, tbl)
+      USING feed;
 END $$;
 
 -- A feed's table, from its one definition (registration, and the upgrade from 0.1.0, which
@@ -124,11 +152,12 @@ BEGIN
     -- and the sent ones past cde.tombstone_retention): few rows each, found without a scan. The
     -- statuses are cde._failed's, spelled out: an index may not depend on a function that an
     -- upgrade recreates.
-    EXECUTE format('CREATE INDEX %I ON %s (status, modified_at) WHERE status IN (''retrying'', ''rejected'', ''dead'')',
-                   'feed_' || feed || '_failed', tbl);
-    EXECUTE format('CREATE INDEX %I ON %s (status, sent_at) WHERE deleted', 'feed_' || feed || '_deleted', tbl);
+    -- Named by PostgreSQL: a name of ours could be another feed's table (feed x's "feed_x_failed"
+    -- is feed x_failed's).
+    EXECUTE format('CREATE INDEX ON %s (status, modified_at) WHERE status IN (''retrying'', ''rejected'', ''dead'')', tbl);
+    EXECUTE format('CREATE INDEX ON %s (status, sent_at) WHERE deleted', tbl);
     -- Its row counts (a transition table may serve one event only, hence a trigger per event).
-    DELETE FROM cde.row_counts c WHERE c.feed = _create_feed_table.feed;
+    -- ALWAYS: a session with session_replication_role = replica is counted too.
     EXECUTE format('CREATE TRIGGER cde_count_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
                     FOR EACH STATEMENT EXECUTE FUNCTION cde._count_rows(%L)', tbl, feed);
     EXECUTE format('CREATE TRIGGER cde_count_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
@@ -137,6 +166,9 @@ BEGIN
                     FOR EACH STATEMENT EXECUTE FUNCTION cde._count_rows(%L)', tbl, feed);
     EXECUTE format('CREATE TRIGGER cde_count_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION cde._count_rows(%L)',
                    tbl, feed);
+    EXECUTE format('ALTER TABLE %1$s ENABLE ALWAYS TRIGGER cde_count_insert, ENABLE ALWAYS TRIGGER cde_count_update,
+                    ENABLE ALWAYS TRIGGER cde_count_delete, ENABLE ALWAYS TRIGGER cde_count_truncate', tbl);
+    PERFORM cde._recount(feed);   -- zero (counts of a feed of that name dropped before), and kept
     EXECUTE format('COMMENT ON TABLE %s IS %L', tbl, 'cde feed table of feed ' || feed || ': last document, hash and delivery state per key');
     EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', tbl);
 END $$;

@@ -74,6 +74,8 @@ COMMENT ON TABLE cde.feeds IS 'Registered feeds (cde_register_feed)';
 -- table (docs/monitoring.md): statement triggers on the feed table (cde._count_rows) append each
 -- writing statement's net change in its own transaction, and the worker folds them into one row
 -- per feed, status and flag (cde._housekeep). Exact: their sum is the count, in any snapshot.
+-- A row with status '*' (n = 0) says a feed's counts are kept: cde._recount, which sets them to
+-- what the table holds, adds it; a feed without it (a restored copy) is counted once.
 CREATE TABLE cde.row_counts (
     feed    text NOT NULL,
     status  text NOT NULL,
@@ -191,5 +193,5 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
--- Restored in the same snapshot as the feed tables' rows, before their triggers are created.
-SELECT pg_catalog.pg_extension_config_dump('cde.row_counts', '');
+-- cde.row_counts is not dumped: a restored copy counts its feed tables once their triggers are
+-- there (cde._housekeep), which a dump's rows could not (the worker may write them before).

@@ -5,18 +5,22 @@
 -- triggers; the oldest waiting change from the first entry of an index.
 
 -- Per feed: the oldest row waiting to be sent (pending or retrying), from the feed table's
--- indexes (one table per feed, hence a function), and its queued changes. The queue is counted
--- exactly up to queue_sample rows of a feed; beyond, rows and keys are estimated from the first
--- queue_sample (how densely the feed's ids run, times the span of its ids): queue_exact says which.
+-- indexes (one table per feed, hence a function), and its queued changes, never read whole:
+-- rows are counted exactly up to 2 x 10,000 of a feed (its oldest and newest 10,000 overlap);
+-- beyond, those two samples give how densely the feed's ids run (ids are shared by all feeds)
+-- over the span between them. Keys are counted in the oldest 1,000 rows (a row holds up to
+-- 5,000): exact up to 1,000 rows, else as many per row. queue_exact says which.
 CREATE FUNCTION cde._feed_counts()
 RETURNS TABLE (feed text, oldest_unsent timestamptz, queue_rows bigint, queue_keys bigint, full_rebuilds bigint,
                oldest_queued timestamptz, queue_exact boolean)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    queue_sample constant int := 10000;
+    sample constant int := 10000;
+    key_sample constant int := 1000;
     f cde.feeds;
-    s record;
-    last_id bigint;
+    a record;
+    b record;
+    k record;
 BEGIN
     FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
         feed := f.name;
@@ -24,22 +28,27 @@ BEGIN
             SELECT least((SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending'),
                          (SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'retrying'))$q$, f.feed_table)
            INTO oldest_unsent;
-        SELECT count(*) AS n, coalesce(sum(coalesce(cardinality(q.keys), 0)), 0) AS k,
-               count(*) FILTER (WHERE q.all_keys) AS a, min(q.queued_at) AS oldest, min(q.id) AS lo, max(q.id) AS hi
-          INTO s
-          FROM (SELECT q.id, q.keys, q.all_keys, q.queued_at FROM cde.queue q
-                 WHERE q.feed = f.name ORDER BY q.id LIMIT queue_sample) AS q;
-        queue_exact := s.n < queue_sample;
-        IF queue_exact THEN
-            queue_rows := s.n;
-            queue_keys := s.k;
+        SELECT count(*) AS n, count(*) FILTER (WHERE q.all_keys) AS full_rebuilds, min(q.queued_at) AS oldest,
+               min(q.id) AS lo, max(q.id) AS hi
+          INTO a
+          FROM (SELECT q.id, q.all_keys, q.queued_at FROM cde.queue q WHERE q.feed = f.name ORDER BY q.id LIMIT sample) AS q;
+        IF a.n < sample THEN
+            queue_rows := a.n;
         ELSE
-            SELECT max(q.id) INTO last_id FROM cde.queue q WHERE q.feed = f.name;
-            queue_rows := round(s.n::numeric * (last_id - s.lo + 1) / (s.hi - s.lo + 1));
-            queue_keys := round(s.k::numeric * queue_rows / s.n);
+            SELECT count(*) AS n, min(q.id) AS lo, max(q.id) AS hi INTO b
+              FROM (SELECT q.id FROM cde.queue q WHERE q.feed = f.name ORDER BY q.id DESC LIMIT sample) AS q;
+            IF b.lo <= a.hi THEN
+                SELECT count(*) INTO queue_rows FROM cde.queue q WHERE q.feed = f.name;   -- at most 2 x sample
+            ELSE
+                queue_rows := a.n + b.n + round((a.n + b.n)::numeric / ((a.hi - a.lo + 1) + (b.hi - b.lo + 1)) * (b.lo - a.hi - 1));
+            END IF;
         END IF;
-        full_rebuilds := s.a;
-        oldest_queued := s.oldest;
+        SELECT count(*) AS n, coalesce(sum(coalesce(cardinality(q.keys), 0)), 0) AS k INTO k
+          FROM (SELECT q.keys FROM cde.queue q WHERE q.feed = f.name ORDER BY q.id LIMIT key_sample) AS q;
+        queue_exact := queue_rows <= key_sample;
+        queue_keys := CASE WHEN queue_exact THEN k.k ELSE round(k.k::numeric * queue_rows / k.n) END;
+        full_rebuilds := a.full_rebuilds;
+        oldest_queued := a.oldest;
         RETURN NEXT;
     END LOOP;
 END $$;

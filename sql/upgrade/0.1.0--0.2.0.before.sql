@@ -208,6 +208,5 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
-SELECT pg_catalog.pg_extension_config_dump('cde.row_counts', '');
 
 -- The 0.2.0 objects follow.

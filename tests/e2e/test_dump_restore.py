@@ -32,8 +32,6 @@ def state(db):
         "runs": db.rows("SELECT status, feeds FROM cde.sync_runs ORDER BY id"),
         "events": db.one("SELECT count(*) FROM cde.sync_events"),
         "triggers": db.rows("SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE tgname LIKE 'cde\\_capture%%' ORDER BY 1, 2"),
-        # The views' counts (cde.row_counts, kept by the feed tables' triggers) agree with the rows.
-        "counted": db.rows("""SELECT s.feed, s.items, s.sent, s.retrying FROM cde_feed_status s ORDER BY 1"""),
         "count_triggers": db.one("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'cde\\_count\\_%%'"),
     }
 
@@ -51,8 +49,10 @@ def test_a_dump_restored_into_a_new_database_is_a_working_copy(catalog, sink, tm
                 FROM cde.feeds WHERE name = 'categories'""")
     before = state(db)
     assert before["retries"] == 1 and before["runs"] and before["triggers"]
+    counted = lambda c: c.rows("SELECT s.feed, s.items, s.sent, s.retrying FROM cde_feed_status s ORDER BY 1")
+    before_counted = counted(db)
     assert ("products", *db.rows("""SELECT count(*), count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'retrying')
-                                      FROM cde.feed_products""")[0]) in before["counted"]
+                                      FROM cde.feed_products""")[0]) in before_counted
     assert [d[0] for d in before["destinations"]] == ["copied", "default"]
 
     copy = f"cde_copy_{fmt}"
@@ -71,16 +71,23 @@ def test_a_dump_restored_into_a_new_database_is_a_working_copy(catalog, sink, tm
     with psycopg.connect(host=SOCKET, port=PORT, user="postgres", dbname=copy, autocommit=True) as conn:
         c = Db(conn)
         assert state(c) == before
+
         # Writes are captured in the copy, and delivered from it (to the same endpoint: see
         # docs/operations.md, "Dump and restore", to keep a copy quiet).
         c.run("UPDATE products SET name = %s WHERE id = 3", f"from the {fmt} copy")
         assert c.one("SELECT count(*) FROM cde.queue WHERE feed = 'products'") == 1
         c.run("CALL cde_deliver('products')")
         assert (sink.doc("products", 3) or {}).get("data", {}).get("name") == f"from the {fmt} copy"
-        # ...and counted there by the restored triggers.
-        assert c.one("SELECT items FROM cde_feed_status WHERE feed = 'products'") == c.one("SELECT count(*) FROM cde.feed_products")
-        assert c.one("SELECT sent FROM cde_feed_status WHERE feed = 'products'") == \
-            c.one("SELECT count(*) FROM cde.feed_products WHERE status = 'sent'")
+        # The views' counts are not dumped: the copy counts its feed tables once, at the
+        # housekeeping pass of its worker or of CALL cde_deliver() (the test cluster serves only
+        # database cde), then its triggers count every write.
+        agree = """SELECT (s.items, s.sent, s.retrying) = (SELECT count(*), count(*) FILTER (WHERE status = 'sent'),
+                                                            count(*) FILTER (WHERE status = 'retrying') FROM cde.feed_products)
+                     FROM cde_feed_status s WHERE s.feed = 'products'"""
+        assert c.one(agree) and c.one("SELECT items > 0 FROM cde_feed_status WHERE feed = 'products'")
+        c.run("DELETE FROM products WHERE id = 4")
+        c.run("CALL cde_deliver('products')")
+        assert c.one(agree)
         # Re-tracking in the copy leaves nothing orphaned.
         c.run("SELECT cde_track('products', 'products')")
         assert state(c)["triggers"] == before["triggers"]
