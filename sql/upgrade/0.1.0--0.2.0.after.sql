@@ -21,10 +21,14 @@ BEGIN
         PERFORM cde._create_feed_table(f.name);
         -- Made by this script, it would be the extension's member; a feed table is not (a dump keeps it).
         EXECUTE pg_catalog.format('ALTER EXTENSION cde DROP TABLE cde.%I', 'feed_' || f.name);
-        -- As the extension's owner, a superuser: row security does not apply to it.
+        -- As the extension's owner, a superuser: row security does not apply to it. Counted once
+        -- after, not by the insert trigger (which would hold every row in a transition table).
+        EXECUTE pg_catalog.format('ALTER TABLE cde.%I DISABLE TRIGGER cde_count_insert', 'feed_' || f.name);
         EXECUTE pg_catalog.format($q$INSERT INTO cde.%I (key, doc, hash, deleted, status, http_status, error, attempts, modified_at, sent_at)
                                       SELECT key, doc, hash, deleted, status, http_status, error, attempts, modified_at, sent_at FROM ONLY cde.%I$q$,
                                   'feed_' || f.name, 'feed_' || f.name || '_0_1_0');
+        EXECUTE pg_catalog.format('ALTER TABLE cde.%I ENABLE ALWAYS TRIGGER cde_count_insert', 'feed_' || f.name);
+        PERFORM cde._recount(f.name);
         EXECUTE pg_catalog.format('DROP TABLE cde.%I', 'feed_' || f.name || '_0_1_0');   -- a view of yours over it stops the update: drop it first
         UPDATE cde.feeds SET feed_table = pg_catalog.format('cde.%I', 'feed_' || f.name)::regclass WHERE name = f.name;
     END LOOP;
