@@ -360,7 +360,8 @@ def bench_monitoring(db, changes=100_000, goal_ms=50):
     env = {"DATA_SOURCE_NAME": f"host={SOCKET} port={PORT} user=cde_bench_exporter dbname=cde sslmode=disable"}
     proc = subprocess.Popen(["prometheus-postgres-exporter", f"--web.listen-address={listen}",
                              f"--extend.query-path={ROOT / 'monitoring' / 'queries.yaml'}",
-                             "--disable-default-metrics", "--disable-settings-metrics"],
+                             "--disable-default-metrics", "--disable-settings-metrics",
+                             "--no-collector.bgwriter", "--no-collector.database"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def scrape():
