@@ -356,8 +356,7 @@ BEGIN
     END LOOP;
     DELETE FROM cde.queue q WHERE q.feed = f.name;
     DELETE FROM cde.feeds x WHERE x.name = f.name;   -- cascades to tracks and retries
-    EXECUTE format('DROP TABLE IF EXISTS %s', f.feed_table);
-    DELETE FROM cde.row_counts c WHERE c.feed = f.name;
+    EXECUTE format('DROP TABLE IF EXISTS %s', f.feed_table);   -- its counts go at the next fold
 END $$;
 
 COMMENT ON FUNCTION cde_drop_feed(text, bigint) IS 'Drop a feed: its capture triggers, feed table, queue and retries';

@@ -11,8 +11,8 @@
 -- over the span between them. Keys are counted in the oldest 1,000 rows (a row holds up to
 -- 5,000): exact up to 1,000 rows, else as many per row. queue_exact says which.
 CREATE FUNCTION cde._feed_counts()
-RETURNS TABLE (feed text, oldest_unsent timestamptz, queue_rows bigint, queue_keys bigint, full_rebuilds bigint,
-               oldest_queued timestamptz, queue_exact boolean)
+RETURNS TABLE (feed text, oldest_unsent timestamptz, queue_rows bigint, queue_keys bigint, oldest_queued timestamptz,
+               queue_exact boolean)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     sample constant int := 10000;
@@ -28,10 +28,9 @@ BEGIN
             SELECT least((SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending'),
                          (SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'retrying'))$q$, f.feed_table)
            INTO oldest_unsent;
-        SELECT count(*) AS n, count(*) FILTER (WHERE q.all_keys) AS full_rebuilds, min(q.queued_at) AS oldest,
-               min(q.id) AS lo, max(q.id) AS hi
+        SELECT count(*) AS n, min(q.queued_at) AS oldest, min(q.id) AS lo, max(q.id) AS hi
           INTO a
-          FROM (SELECT q.id, q.all_keys, q.queued_at FROM cde.queue q WHERE q.feed = f.name ORDER BY q.id LIMIT sample) AS q;
+          FROM (SELECT q.id, q.queued_at FROM cde.queue q WHERE q.feed = f.name ORDER BY q.id LIMIT sample) AS q;
         IF a.n < sample THEN
             queue_rows := a.n;
         ELSE
@@ -47,7 +46,6 @@ BEGIN
           FROM (SELECT q.keys FROM cde.queue q WHERE q.feed = f.name ORDER BY q.id LIMIT key_sample) AS q;
         queue_exact := queue_rows <= key_sample;
         queue_keys := CASE WHEN queue_exact THEN k.k ELSE round(k.k::numeric * queue_rows / k.n) END;
-        full_rebuilds := a.full_rebuilds;
         oldest_queued := a.oldest;
         RETURN NEXT;
     END LOOP;
