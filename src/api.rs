@@ -67,7 +67,7 @@ fn until_done(
         let mut add = |r: &engine::FeedReport, more: &mut bool| {
             let t = &mut totals[index[r.feed.as_str()]];
             *t = (t.0 + r.collected, t.1 + r.sent, t.2 + r.failed);
-            *more |= r.more;
+            *more |= r.more || r.deferred;
         };
         for f in feeds {
             // As the worker decides (src/worker.rs, sends_to): a feed whose dependency has a pass
@@ -80,7 +80,7 @@ fn until_done(
             let dest = destinations
                 .get(&f.destination)
                 .filter(|d| d.sendable() && !held.contains(&d.name) && f.allowed && !deferred && !pump.busy(&f.name));
-            let (r, first) = engine::feed_iteration(tx, f, true, dest.as_deref(), collect_budget);
+            let (r, first) = engine::feed_iteration(tx, f, true, dest.as_deref(), collect_budget, &f.depends_on);
             match (first, dest) {
                 (Some(first), Some(dest)) => pump.start(tx, f, dest, first, r),
                 _ => add(&r, &mut more),

@@ -58,6 +58,13 @@ pub fn collect(feed: &str) -> Collected {
     .unwrap_or_else(|e| error!("cde: collecting feed {feed} failed: {e}"))
 }
 
+/// Whether any of `feeds` has changes queued, not yet collected.
+pub fn queued(feeds: &[String]) -> bool {
+    Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT FROM cde.queue WHERE feed = ANY ($1))", &[feeds.to_vec().into()])
+        .unwrap_or_else(|e| error!("cde: reading the queue failed: {e}"))
+        .unwrap_or(false)
+}
+
 /// Put the feed's due retries back in line; returns how many.
 pub fn retry_due(feed: &str) -> i64 {
     Spi::get_one_with_args::<i64>("SELECT cde._retry_due($1)", &[feed.into()])

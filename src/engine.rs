@@ -55,6 +55,8 @@ pub struct FeedReport {
     pub elapsed_ms: u128,
     /// Collecting stopped at its time budget with more queued: call again soon.
     pub more: bool,
+    /// Changes of a feed it depends on were still queued: no pass began, call again soon.
+    pub deferred: bool,
     /// Documents that could not be built this iteration (CDE-101).
     pub build_failures: i64,
     /// The first delivery failure, with its code.
@@ -105,6 +107,7 @@ pub fn feed_iteration(
     force_send: bool,
     dest: Option<&Destination>,
     collect_budget: Duration,
+    defer_to: &[String],
 ) -> (FeedReport, Option<Pending>) {
     let started = Instant::now();
     let mut report = FeedReport { feed: feed.name.clone(), ..Default::default() };
@@ -119,21 +122,28 @@ pub fn feed_iteration(
             let c = collect::collect(&feed.name);
             let tail = (c.drained == 0 || last_round).then(|| {
                 let due = collect::retry_due(&feed.name);
-                let pending = sending.map(|d| deliver::read_pending(feed, deliver::read_limit(d, feed), None));
+                // A write committed since those feeds collected, and seen by this collect, may
+                // have queued both a category and the products that name it: the category goes
+                // first. Asked after collecting, so that no such write can slip in between.
+                let deferred = sending.is_some() && !defer_to.is_empty() && collect::queued(defer_to);
+                let pending = sending
+                    .filter(|_| !deferred)
+                    .map(|d| deliver::read_pending(feed, deliver::read_limit(d, feed), None));
                 if sending.is_some() && feed.legacy && (feed.legacy_due || force_send) {
                     Spi::run_with_args("UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1", &[feed.name.as_str().into()])
                         .unwrap_or_else(|e| error!("cde: {e}"));
                 }
-                (due, pending)
+                (due, pending, deferred)
             });
             (c, tail)
         });
         report.collected += c.changed + c.deleted;
         report.failed += c.failed;
         report.build_failures += c.failed;
-        if let Some((due, pending)) = tail {
+        if let Some((due, pending, deferred)) = tail {
             report.retries_due = due;
             report.more = c.drained != 0;
+            report.deferred = deferred;
             break pending;
         }
     };

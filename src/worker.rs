@@ -506,11 +506,21 @@ impl Worker {
                 continue; // backing off alone
             }
             let dest = self.sends_to(feed);
-            let r = guarded(|| engine::feed_iteration(&Own, feed, false, dest.as_deref(), COLLECT_BUDGET));
+            // Waits for the changes still queued for the feeds it depends on, as for their passes
+            // (sends_to), and as long.
+            let waits = self.deferred_since.get(&feed.name).is_none_or(|since| since.elapsed() < MAX_DEFER);
+            let defer_to: &[String] = if waits { &feed.depends_on } else { &[] };
+            let r = guarded(|| engine::feed_iteration(&Own, feed, false, dest.as_deref(), COLLECT_BUDGET, defer_to));
             match r {
                 Ok((r, first)) => {
                     self.failing.remove(&feed.name);
                     more |= r.more;
+                    if r.deferred {
+                        self.deferred_since.entry(feed.name.clone()).or_insert_with(Instant::now);
+                        self.deferred = true;
+                    } else if !feed.depends_on.iter().any(|d| self.pump.busy(d)) {
+                        self.deferred_since.remove(&feed.name);
+                    }
                     match (first, dest) {
                         (Some(first), Some(dest)) => {
                             let pump = &mut self.pump;
@@ -561,7 +571,6 @@ impl Worker {
         }
         self.refused.remove(&feed.name);
         let d = self.destinations.get(&feed.destination).filter(|d| d.sendable())?;
-        self.deferred_since.remove(&feed.name);
         match self.held_until.get(&d.name) {
             Some(until) if Instant::now() < *until => None,
             Some(_) => {

@@ -31,6 +31,33 @@ def test_dependent_keys_reach_the_sink(catalog, sink):
     assert sink.doc("categories", 3)["data"]["name"] == "Renamed"
 
 
+def test_a_category_committed_mid_iteration_still_goes_first(catalog, sink):
+    # A feed between categories and products in the worker's order that takes a while to build
+    # holds an iteration open there; the rename commits meanwhile, after categories collected and
+    # before products do. Products must not go before the category they now name.
+    catalog.run("DROP TABLE IF EXISTS slow")
+    catalog.run("CREATE TABLE slow (id int PRIMARY KEY, name text)")
+    catalog.run("INSERT INTO slow VALUES (1, 'a')")
+    catalog.run("""SELECT cde_register_feed('collections',
+                     'SELECT s.id, s.name FROM slow s, LATERAL (SELECT pg_sleep(0.8)) nap',
+                     depends_on => '{attributes}')""")
+    catalog.run("SELECT cde_track('collections', 'slow')")
+    order = [r[0] for r in catalog.rows("SELECT name FROM cde._feeds_in_order() ORDER BY depth, name")]
+    assert order.index("categories") < order.index("collections") < order.index("products"), order
+    members = {str(r[0]) for r in catalog.rows("SELECT id FROM products WHERE category_id = 3")}
+
+    catalog.run("UPDATE slow SET name = 'b' WHERE id = 1")
+    wait_until("the worker building collections", lambda: catalog.one(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cde worker' AND wait_event = 'PgSleep'") == 1)
+    catalog.run("UPDATE categories SET name = 'Renamed' WHERE id = 3")
+    wait_until("every product of category 3 re-sent",
+               lambda: all((sink.doc("products", k) or {}).get("data", {}).get("category", {}).get("name") == "Renamed" for k in members))
+    log = sink.log()
+    category = min(i for i, r in enumerate(log) if r["feed"] == "categories" and "3" in r["keys"])
+    products = min(i for i, r in enumerate(log) if r["feed"] == "products" and members & set(r["keys"]))
+    assert category < products, [(r["feed"], r["keys"][:3]) for r in log]
+
+
 def test_legacy_feeds_wait_for_their_pass(catalog, sink):
     catalog.configure(legacy_interval="3s")
     catalog.run("UPDATE prices SET amount = 12345 WHERE product_id = 5 AND currency = 'EUR'")
