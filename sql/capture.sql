@@ -19,25 +19,62 @@
 -- What "keys" means: a query yielding one text column, the touched keys, over the transition
 -- tables named in "sources". Expressions read the tables directly (a cheap UNION ALL, no
 -- deduplication: the collector does that once for many statements); a SELECT sees them as the
--- relation "changed".
+-- relation "changed". NULL keys: the feed's key columns of the changed row. For a feed keyed by
+-- several columns, an expression is a list of as many ("product_id, store_id") and a SELECT
+-- returns as many columns, in the order of the feed's key columns; the key is made of them as the
+-- source query's is (cde._key_sql).
 CREATE FUNCTION cde._keys_query(f cde.feeds, keys text, sources text[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
+        WHEN cardinality(f.key_columns) = 1 AND keys ~* '^\s*(select|with)\s' THEN
+            format('WITH changed AS (%s) SELECT (k)::text FROM (%s) AS x(k)', changed, keys)
+        WHEN cardinality(f.key_columns) = 1 THEN
+            (SELECT string_agg(format('SELECT (%s)::text FROM %I', coalesce(keys, quote_ident(f.key_columns[1])), s), ' UNION ALL ')
+               FROM unnest(sources) AS s)
         WHEN keys ~* '^\s*(select|with)\s' THEN
-            format('WITH changed AS (%s) SELECT (k)::text FROM (%s) AS x(k)',
-                   (SELECT string_agg(format('SELECT * FROM %I', s), ' UNION ALL ') FROM unnest(sources) AS s), keys)
+            format('WITH changed AS (%s) SELECT %s FROM (%s) AS x(%s)', changed, composed, keys, aliases)
         ELSE
-            (SELECT string_agg(format('SELECT (%s)::text FROM %I', coalesce(keys, quote_ident(f.key_column)), s), ' UNION ALL ')
+            (SELECT string_agg(format('SELECT %s FROM (SELECT %s FROM %I) AS x(%s)', composed,
+                                      coalesce(keys, (SELECT string_agg(quote_ident(c), ', ') FROM unnest(f.key_columns) AS c)), s, aliases),
+                               ' UNION ALL ')
                FROM unnest(sources) AS s)
     END
+      FROM (SELECT (SELECT string_agg(format('SELECT * FROM %I', s), ' UNION ALL ') FROM unnest(sources) AS s) AS changed,
+                   (SELECT string_agg('k' || n, ', ' ORDER BY n) FROM generate_series(1, cardinality(f.key_columns)) AS n) AS aliases,
+                   cde._key_sql(ARRAY(SELECT 'x.k' || n FROM generate_series(1, cardinality(f.key_columns)) AS n)) AS composed) AS p
 $$;
 
 -- Does this keys definition fit this table? Runs it over no rows, as the feed's owner (the row
 -- type stands for the transition tables: no right on the table itself is needed, as in the
--- trigger); raises if not.
+-- trigger); raises if not. Keys of several columns must give exactly as many values: a column
+-- alias list may name fewer columns than there are, so they are run with as many aliases as the
+-- key has columns (which fails when they give fewer) and with one more (which must fail).
 CREATE FUNCTION cde._check_keys(f cde.feeds, source_table regclass, keys text) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    n     int := cardinality(f.key_columns);
+    probe text;
+    fits  boolean;
 BEGIN
+    IF n > 1 AND keys IS NOT NULL THEN
+        probe := format('WITH changed AS (SELECT (NULL::%s).* LIMIT 0) SELECT count(*)::text FROM (%s) AS x',
+                        source_table, CASE WHEN keys ~* '^\s*(select|with)\s' THEN keys ELSE format('SELECT %s FROM changed', keys) END);
+        FOREACH fits IN ARRAY ARRAY[true, false] LOOP
+            BEGIN
+                PERFORM cde._query_as(f.owner, f.search_path,
+                    format('%s(%s)', probe, (SELECT string_agg('k' || i, ', ') FROM generate_series(1, n + (NOT fits)::int) AS i)));
+                IF NOT fits THEN
+                    RAISE EXCEPTION 'they give more values than the feed has key columns (%)', array_to_string(f.key_columns, ', ')
+                        USING ERRCODE = 'invalid_parameter_value';
+                END IF;
+            EXCEPTION WHEN invalid_column_reference THEN   -- "x has k columns available but m specified"
+                IF fits THEN
+                    RAISE EXCEPTION 'they give fewer values than the feed has key columns (%)', array_to_string(f.key_columns, ', ')
+                        USING ERRCODE = 'invalid_parameter_value';
+                END IF;
+            END;
+        END LOOP;
+    END IF;
     PERFORM cde._query_as(f.owner, f.search_path,
         format('WITH probe AS (SELECT (NULL::%s).* LIMIT 0) SELECT count(*)::text FROM (%s) AS c',
                source_table, cde._keys_query(f, keys, ARRAY['probe'])));
@@ -78,9 +115,9 @@ BEGIN
         PERFORM cde._check_keys(f, source_table, keys);
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'cde_track: keys % do not fit table % for feed %: %',
-            coalesce(quote_literal(keys), 'NULL (the key column ' || quote_ident(f.key_column) || ')'), source_table, f.name, SQLERRM
+            coalesce(quote_literal(keys), 'NULL (the key columns ' || array_to_string(f.key_columns, ', ') || ')'), source_table, f.name, SQLERRM
             USING ERRCODE = SQLSTATE,
-                  HINT = 'keys is NULL (the feed''s key column of the changed row), an expression over the changed row, or a SELECT over the relation "changed".';
+                  HINT = 'keys is NULL (the feed''s key columns of the changed row), an expression over the changed row, or a SELECT over the relation "changed", giving as many values as the feed has key columns.';
     END;
 
     INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys)
@@ -98,14 +135,15 @@ ALTER FUNCTION cde._capture_keys() SECURITY DEFINER SET search_path = pg_catalog
 REVOKE ALL ON FUNCTION cde._capture(), cde._capture_keys() FROM PUBLIC;
 
 -- The column a feed's keys are, when they are a plain column of the table whose text form is
--- its output (NULL keys: the feed's key column). Such feeds are captured by cde._capture(), in
+-- its output (NULL keys: the feed's key column, if it has one). Such feeds are captured by cde._capture(), in
 -- Rust; any other keys by a generated PL/pgSQL function. The types listed render the same
 -- through their output function as through a cast to text, which the rest of cde uses.
 CREATE FUNCTION cde._key_column(f cde.feeds, tbl oid, keys text) RETURNS name
 LANGUAGE sql STABLE AS $$
     SELECT a.attname FROM pg_attribute a
      WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
-       AND a.attname = coalesce(btrim(keys), f.key_column)
+       AND cardinality(f.key_columns) = 1
+       AND a.attname = coalesce(btrim(keys), f.key_columns[1])
        AND (keys IS NULL OR keys ~ '^\s*[a-z_][a-z0-9_]*\s*$')
        AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'text'::regtype,
                           'varchar'::regtype, 'uuid'::regtype, 'numeric'::regtype)

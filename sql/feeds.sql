@@ -176,7 +176,7 @@ END $$;
 CREATE FUNCTION cde_register_feed(
     feed         text,
     source_query text,
-    key_column   text    DEFAULT 'id',
+    key_column   text    DEFAULT NULL,           -- NULL: 'id', unless key_columns
     mode         text    DEFAULT 'immediate',
     depends_on   text[]  DEFAULT '{}',
     batch_size   int     DEFAULT NULL,
@@ -184,6 +184,7 @@ CREATE FUNCTION cde_register_feed(
     -- is evaluated in the caller's session, before this function pins its own).
     search_path  name[]  DEFAULT pg_catalog.current_schemas(false),
     destination  text    DEFAULT NULL,           -- NULL: the default one (cde.endpoint)
+    key_columns  text[]  DEFAULT NULL,           -- a key of several columns
     ticket       bigint  DEFAULT cde._ticket()   -- who calls (src/trust.rs): never pass it
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -192,7 +193,10 @@ DECLARE
     query      text := regexp_replace(coalesce(source_query, ''), '[\s;]+$', '');
     owner      regrole := caller;     -- the source query runs with this role's rights
     path       text := cde._fixed_search_path(cde_register_feed.search_path);
+    keys       text[];
+    key_types  regtype[] := '{}';
     key_type   regtype;
+    col        text;
     doc_type   regtype;
     has_doc    boolean := true;
     tbl        text;
@@ -213,8 +217,17 @@ BEGIN
         RAISE EXCEPTION 'cde: batch_size must be at least 1 (got %) for feed %', batch_size, feed
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF key_column IS NULL OR key_column = '' THEN
-        RAISE EXCEPTION 'cde: key_column must name a column of the source query of feed %', feed
+    IF key_column IS NOT NULL AND key_columns IS NOT NULL THEN
+        RAISE EXCEPTION 'cde: feed % is given both key_column and key_columns', feed
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'key_columns => ''{a,b}'' alone names a key of several columns.';
+    END IF;
+    keys := coalesce(key_columns, ARRAY[coalesce(key_column, 'id')]);
+    IF cardinality(keys) IS NULL OR cardinality(keys) = 0 OR EXISTS (SELECT 1 FROM unnest(keys) AS c WHERE c IS NULL OR c = '') THEN
+        RAISE EXCEPTION 'cde: the key columns of feed % must name columns of its source query (got %)', feed, coalesce(keys::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT count(DISTINCT c) FROM unnest(keys) AS c) <> cardinality(keys) THEN
+        RAISE EXCEPTION 'cde: the key columns of feed % name a column twice: %', feed, keys
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF query = '' THEN
@@ -245,27 +258,30 @@ BEGIN
     END LOOP;
 
     -- The query must plan and run (with no rows), with the caller's rights, and have the key
-    -- column; its type is the key's own type. pg_typeof over a null-extended row reads a column's
-    -- type without a row.
-    BEGIN
-        key_type := cde._query_as(owner, path,
-            format('SELECT pg_typeof(s.%I)::regtype::oid::text FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (
+    -- columns; their types are the key's own types. pg_typeof over a null-extended row reads a
+    -- column's type without a row.
+    FOREACH col IN ARRAY keys LOOP
+        BEGIN
+            key_type := cde._query_as(owner, path,
+                format('SELECT pg_typeof(s.%I)::regtype::oid::text FROM (VALUES (1)) AS d(x) LEFT JOIN (SELECT * FROM (
 %s
 ) AS q LIMIT 0) AS s ON true',
-                   key_column, query))::oid::regtype;
-    EXCEPTION
-        WHEN undefined_column THEN
-            IF SQLERRM LIKE '%s.' || key_column || '%' OR SQLERRM LIKE '%' || quote_ident(key_column) || '%' THEN
-                RAISE EXCEPTION 'cde: the source query of feed % has no key column %', feed, quote_ident(key_column)
-                    USING ERRCODE = 'undefined_column', DETAIL = SQLERRM;
-            END IF;
-            RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
-        WHEN OTHERS THEN
-            RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
-    END;
-    IF (SELECT typarray FROM pg_type WHERE oid = key_type) = 0 THEN
-        RAISE EXCEPTION 'cde: key column % of feed % has type %, which has no array type', key_column, feed, key_type;
-    END IF;
+                       col, query))::oid::regtype;
+        EXCEPTION
+            WHEN undefined_column THEN
+                IF SQLERRM LIKE '%s.' || col || '%' OR SQLERRM LIKE '%' || quote_ident(col) || '%' THEN
+                    RAISE EXCEPTION 'cde: the source query of feed % has no key column %', feed, quote_ident(col)
+                        USING ERRCODE = 'undefined_column', DETAIL = SQLERRM;
+                END IF;
+                RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
+            WHEN OTHERS THEN
+                RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
+        END;
+        IF (SELECT typarray FROM pg_type WHERE oid = key_type) = 0 THEN
+            RAISE EXCEPTION 'cde: key column % of feed % has type %, which has no array type', col, feed, key_type;
+        END IF;
+        key_types := key_types || key_type;
+    END LOOP;
 
     BEGIN
         doc_type := cde._query_as(owner, path,
@@ -302,25 +318,26 @@ BEGIN
         EXECUTE format('DROP FUNCTION cde.%I(text[], text, text, int, int, int)', 'rebuild_' || feed);
     END IF;
 
-    INSERT INTO cde.feeds AS f (name, source_query, key_column, key_type, doc_column, mode, depends_on,
+    INSERT INTO cde.feeds AS f (name, source_query, key_columns, key_types, doc_column, mode, depends_on,
                                 batch_size, owner, search_path, feed_table, destination)
-    VALUES (feed, query, key_column, key_type, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
+    VALUES (feed, query, keys, key_types, has_doc, mode, coalesce(depends_on, '{}'), batch_size,
             owner, path, tbl::regclass, nullif(cde_register_feed.destination, 'default'))
     ON CONFLICT (name) DO UPDATE
-       SET source_query = excluded.source_query, key_column = excluded.key_column, key_type = excluded.key_type,
+       SET source_query = excluded.source_query, key_columns = excluded.key_columns, key_types = excluded.key_types,
            doc_column = excluded.doc_column, mode = excluded.mode, depends_on = excluded.depends_on,
            batch_size = excluded.batch_size, owner = excluded.owner, search_path = excluded.search_path,
            destination = excluded.destination, updated_at = now();
 
     -- A new definition may yield other documents for every key: rebuild them all. Unchanged
-    -- documents keep their hash and are not sent again.
-    IF old.name IS NOT NULL AND (old.source_query, old.key_column) IS DISTINCT FROM (query, key_column) THEN
+    -- documents keep their hash and are not sent again; with other key columns, every key is
+    -- another one (the old ones are sent as deleted).
+    IF old.name IS NOT NULL AND (old.source_query, old.key_columns) IS DISTINCT FROM (query, keys) THEN
         INSERT INTO cde.queue (feed, all_keys) VALUES (feed, true);
         PERFORM cde._changes_recorded();
     END IF;
 END $fn$;
 
-COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[], text, bigint) IS
+COMMENT ON FUNCTION cde_register_feed(text, text, text, text, text[], int, name[], text, text[], bigint) IS
     'Register (or redefine) a feed: one source query yielding one JSON document per entity key';
 
 -- A search_path of these schemas (the registering session's, resolved), with pg_catalog first

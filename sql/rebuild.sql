@@ -22,33 +22,48 @@ COMMENT ON FUNCTION cde._source(text, text, text[], text, int, int, int) IS
     'A feed''s source query (cde._source_sql) run as the feed''s owner: key, document, order';
 
 -- The source query of a feed in the shape of a mode. Parameters: $1 keys (text[]), $2 after
--- (text), $3 n (int), $4 lane (int), $5 lanes (int). Keys are compared in the key's own type, so
--- that the planner uses the underlying table's index.
---   keys    the documents of these keys (NULL: every key), in no order
+-- (text), $3 n (int), $4 lane (int), $5 lanes (int). Keys are compared in the key columns' own
+-- types, so that the planner uses the underlying table's index: one column with "= ANY", several
+-- with a semi-join on their values (cde._key_parts) and a row comparison for "after".
+--   all     every key's document, in no order
+--   keys    the documents of the keys $1, in no order
 --   exists  which of these keys the source still has (no document built: naming none lets the
 --           planner skip building it)
---   chunk   the next n keys after "after" in the key's own order, of lane $4 of $5 (the lane
+--   chunk   the next n keys after "after" in the key columns' order, of lane $4 of $5 (the lane
 --           filter applies to the key alone, below the documents: other lanes' rows are scanned,
 --           not built), numbered in that order
 --   count   how many rows the source has, in "o"
 CREATE FUNCTION cde._source_sql(f cde.feeds, mode text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
-    k    text := format('s.%I', f.key_column);
-    typ  text := format_type(f.key_type, NULL);
-    doc  text := CASE WHEN f.doc_column THEN 's.doc::jsonb' ELSE 'to_jsonb(s)' END;
-    src  text := E'(\n' || f.source_query || E'\n) AS s';
+    cols   text[] := ARRAY(SELECT format('s.%I', c) FROM unnest(f.key_columns) WITH ORDINALITY AS x(c, n) ORDER BY n);
+    typs   text[] := ARRAY(SELECT format_type(t, NULL) FROM unnest(f.key_types) WITH ORDINALITY AS x(t, n) ORDER BY n);
+    k      text := cde._key_sql(cols);
+    doc    text := CASE WHEN f.doc_column THEN 's.doc::jsonb' ELSE 'to_jsonb(s)' END;
+    src    text := E'(\n' || f.source_query || E'\n) AS s';
+    wanted text;    -- the row's key is one of $1
+    after  text;    -- the row's key comes after $2
 BEGIN
+    IF cardinality(cols) = 1 THEN
+        wanted := format('%s = ANY ($1::%s[])', cols[1], typs[1]);
+        after := format('%s > $2::%s', cols[1], typs[1]);
+    ELSE
+        wanted := format(E'(%s) IN (SELECT %s\n   FROM pg_catalog.unnest($1::text[]) AS w(k), LATERAL (SELECT cde._key_parts(w.k) AS p) AS x)',
+                         array_to_string(cols, ', '),
+                         (SELECT string_agg(format('(x.p[%s])::%s', n, t), ', ' ORDER BY n) FROM unnest(typs) WITH ORDINALITY AS y(t, n)));
+        after := format('(%s) > (%s)', array_to_string(cols, ', '),
+                        (SELECT string_agg(format('(cde._key_parts($2))[%s]::%s', n, t), ', ' ORDER BY n) FROM unnest(typs) WITH ORDINALITY AS y(t, n)));
+    END IF;
     CASE mode
+    WHEN 'all' THEN
+        RETURN format(E'SELECT %1$s AS key, %2$s AS doc, NULL::bigint AS o\n  FROM %3$s', k, doc, src);
     WHEN 'keys' THEN
-        RETURN format(E'SELECT (%1$s)::text AS key, %2$s AS doc, NULL::bigint AS o\n  FROM %3$s\n WHERE ($1 IS NULL OR %1$s = ANY ($1::%4$s[]))',
-                      k, doc, src, typ);
+        RETURN format(E'SELECT %1$s AS key, %2$s AS doc, NULL::bigint AS o\n  FROM %3$s\n WHERE %4$s', k, doc, src, wanted);
     WHEN 'exists' THEN
-        RETURN format(E'SELECT (%1$s)::text AS key, NULL::jsonb AS doc, NULL::bigint AS o\n  FROM %2$s\n WHERE %1$s = ANY ($1::%3$s[])',
-                      k, src, typ);
+        RETURN format(E'SELECT %1$s AS key, NULL::jsonb AS doc, NULL::bigint AS o\n  FROM %2$s\n WHERE %3$s', k, src, wanted);
     WHEN 'chunk' THEN
-        RETURN format(E'SELECT (%1$s)::text AS key, %2$s AS doc, row_number() OVER () AS o\n  FROM (SELECT * FROM %3$s\n         WHERE ($2 IS NULL OR %1$s > $2::%4$s)\n           AND ($5 = 1 OR cde._in_lane((%1$s)::text, $4, $5))\n         ORDER BY %1$s LIMIT $3) AS s',
-                      k, doc, src, typ);
+        RETURN format(E'SELECT %1$s AS key, %2$s AS doc, row_number() OVER () AS o\n  FROM (SELECT * FROM %3$s\n         WHERE ($2 IS NULL OR %4$s)\n           AND ($5 = 1 OR cde._in_lane(%1$s, $4, $5))\n         ORDER BY %5$s LIMIT $3) AS s',
+                      k, doc, src, after, array_to_string(cols, ', '));
     WHEN 'count' THEN
         RETURN format(E'SELECT NULL::text AS key, NULL::jsonb AS doc, count(*) AS o\n  FROM %s', src);
     ELSE

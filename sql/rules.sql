@@ -34,3 +34,25 @@ LANGUAGE sql AS $$
         RETURNING cardinality(keys) AS n)
     SELECT coalesce(sum(n), 0)::bigint FROM queued
 $$;
+
+-- A feed's key, on the wire and in its feed table (docs/protocol.md, "Keys"). One key column: its
+-- text form, as it is. Several: their text forms, each with "%" written "%25" and "|" written
+-- "%7C", joined by "|", so that splitting on "|" and then decoding each part gives the values
+-- back. NULL when any part is NULL. This is the SQL expression over the given expressions, placed
+-- in source queries and captures (never a call per row); cde._key_parts is its inverse.
+CREATE FUNCTION cde._key_sql(exprs text[]) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN cardinality(exprs) = 1 THEN format('(%s)::text', exprs[1])
+           ELSE '(' || string_agg(format($f$pg_catalog.replace(pg_catalog.replace((%s)::text, '%%', '%%25'), '|', '%%7C')$f$, e),
+                                  $s$ || '|' || $s$ ORDER BY n) || ')'
+           END
+      FROM unnest(exprs) WITH ORDINALITY AS x(e, n)
+$$;
+
+-- The parts of a composite key (cde._key_sql), as text. "%7C" is decoded before "%25": the other
+-- way round, "%257C" (a literal "%7C") would come back as "|".
+CREATE FUNCTION cde._key_parts(key text) RETURNS text[]
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT pg_catalog.array_agg(pg_catalog.replace(pg_catalog.replace(x.p, '%7C', '|'), '%25', '%') ORDER BY x.n)
+      FROM pg_catalog.unnest(pg_catalog.string_to_array(key, '|')) WITH ORDINALITY AS x(p, n)
+$$;

@@ -43,8 +43,6 @@ COMMENT ON TABLE cde.destinations IS 'Where feeds are sent (cde_set_destination)
 CREATE TABLE cde.feeds (
     name          text PRIMARY KEY,
     source_query  text NOT NULL,
-    key_column    text NOT NULL,
-    key_type      regtype NOT NULL,        -- the key column's own type: rebuilds filter in it
     doc_column    boolean NOT NULL,        -- the query has a json/jsonb column "doc"
     mode          text NOT NULL CHECK (mode IN ('immediate', 'legacy')),
     depends_on    text[] NOT NULL DEFAULT '{}',
@@ -66,7 +64,11 @@ CREATE TABLE cde.feeds (
     items_rejected bigint NOT NULL DEFAULT 0,
     items_retried  bigint NOT NULL DEFAULT 0,  -- sends that failed, to be tried again
     items_dead     bigint NOT NULL DEFAULT 0,
-    build_failures bigint NOT NULL DEFAULT 0
+    build_failures bigint NOT NULL DEFAULT 0,
+    -- The columns of the source query that make an entity's key, and their own types (rebuilds
+    -- filter in them). Several: a composite key (cde._key_sql).
+    key_columns   text[] NOT NULL CHECK (cardinality(key_columns) >= 1),
+    key_types     regtype[] NOT NULL CHECK (cardinality(key_types) = cardinality(key_columns))
 );
 COMMENT ON TABLE cde.feeds IS 'Registered feeds (cde_register_feed)';
 

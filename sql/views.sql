@@ -177,12 +177,12 @@ COMMENT ON VIEW cde_destinations IS 'Where feeds are sent: state, counters and t
 -- Privileges (docs/security.md). Management is for superusers and the roles they delegate it to
 -- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
 -- function there is executable by PUBLIC but pure ones (a source query runs cde._in_lane as its
--- feed's owner). The management functions and the view helpers run as the extension's owner with a
+-- feed's owner, and cde._key_parts). The management functions and the view helpers run as the extension's owner with a
 -- fixed search_path; they act for the role that called them (its ticket, src/trust.rs) and check
 -- what it may do.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cde._doc_hash(anyelement), cde._in_lane(text, int, int), cde._lane(text, int),
-                          cde._chunk_size() TO PUBLIC;
+                          cde._chunk_size(), cde._key_parts(text) TO PUBLIC;
 -- The management functions' last argument defaults to a ticket (src/trust.rs): taking one only
 -- ever binds a role's own identity, and grants nothing.
 GRANT EXECUTE ON FUNCTION cde._ticket() TO PUBLIC;
@@ -190,7 +190,7 @@ GRANT EXECUTE ON FUNCTION cde._ticket() TO PUBLIC;
 -- The management functions, for cde_grant_admin and the checks of docs/security.md.
 CREATE FUNCTION cde._management_functions() RETURNS regprocedure[]
 LANGUAGE sql STABLE AS $$
-    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], text, bigint)',
+    SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], text, text[], bigint)',
                  '@extschema@.cde_drop_feed(text, bigint)',
                  '@extschema@.cde_track(text, regclass, text, bigint)', '@extschema@.cde_untrack(text, regclass, bigint)',
                  '@extschema@.cde_sync_now(text, bigint)', '@extschema@.cde_retry_failed(text, bigint)',

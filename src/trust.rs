@@ -203,7 +203,10 @@ pub unsafe extern "C-unwind" fn cde_source(fcinfo: pg_sys::FunctionCallInfo) -> 
     use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
     unsafe {
         let feed: String = pg_getarg::<&str>(fcinfo, 0).unwrap_or_else(|| error!("cde._source: feed is NULL")).to_string();
-        let mode: String = pg_getarg::<&str>(fcinfo, 1).unwrap_or_else(|| error!("cde._source: mode is NULL")).to_string();
+        let mut mode: String = pg_getarg::<&str>(fcinfo, 1).unwrap_or_else(|| error!("cde._source: mode is NULL")).to_string();
+        if mode == "keys" && pg_arg_is_null(fcinfo, 2) {
+            mode = "all".into(); // no keys given: every key, with no filter for the planner to keep
+        }
         let (owner, path, query) = Spi::connect(|c| {
             let r = c
                 .select(

@@ -189,6 +189,12 @@ ALTER TABLE cde.feeds ADD COLUMN items_sent bigint NOT NULL DEFAULT 0,
                       ADD COLUMN items_retried bigint NOT NULL DEFAULT 0,
                       ADD COLUMN items_dead bigint NOT NULL DEFAULT 0,
                       ADD COLUMN build_failures bigint NOT NULL DEFAULT 0;
+-- Keys of several columns: a feed's key column becomes a list of one.
+ALTER TABLE cde.feeds ADD COLUMN key_columns text[] CHECK (cardinality(key_columns) >= 1),
+                      ADD COLUMN key_types regtype[] CHECK (cardinality(key_types) = cardinality(key_columns));
+UPDATE cde.feeds SET key_columns = ARRAY[key_column], key_types = ARRAY[key_type];
+ALTER TABLE cde.feeds ALTER COLUMN key_columns SET NOT NULL, ALTER COLUMN key_types SET NOT NULL,
+                      DROP COLUMN key_column, DROP COLUMN key_type;
 -- Filled as the feed tables are rebuilt (.after.sql): their rows are inserted anew.
 CREATE TABLE cde.row_counts (
     feed    text NOT NULL,

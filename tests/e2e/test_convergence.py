@@ -177,10 +177,10 @@ def test_the_sink_converges_to_the_database(db, sink):
 
         lost, checked, rejected_ok = 0, 0, 0
         for feed, query in db.rows("SELECT name, source_query FROM cde.feeds ORDER BY name"):
-            key_col = db.one("SELECT key_column FROM cde.feeds WHERE name = %s", feed)
+            key = db.one("SELECT cde._key_sql(ARRAY(SELECT 's.' || quote_ident(c) FROM unnest(key_columns) AS c)) FROM cde.feeds WHERE name = %s", feed)
             has_doc = db.one("SELECT doc_column FROM cde.feeds WHERE name = %s", feed)
             want = {str(k): d for k, d in db.rows(
-                f"SELECT s.{key_col}::text, {'s.doc::jsonb' if has_doc else 'to_jsonb(s)'} FROM ({query}) s")}
+                f"SELECT {key}, {'s.doc::jsonb' if has_doc else 'to_jsonb(s)'} FROM ({query}) s")}
             rejected = {k for (k,) in db.rows(f"SELECT key FROM cde.feed_{feed} WHERE status = 'rejected'")}
             poisoned = {k for k, d in want.items() if POISON in str(d)}
             assert rejected == poisoned, f"{feed}: rejected {sorted(rejected ^ poisoned)[:5]}"

@@ -79,8 +79,8 @@ def shop(db, sink, sinks, secrets):
 
 def move(db, feed, destination):
     """Register the feed again as it is, sending to `destination`."""
-    db.run("""SELECT cde_register_feed(name, source_query, key_column, mode, depends_on, batch_size,
-                                       destination => %s) FROM cde.feeds WHERE name = %s""", destination, feed)
+    db.run("""SELECT cde_register_feed(name, source_query, NULL, mode, depends_on, batch_size,
+                                       destination => %s, key_columns => key_columns) FROM cde.feeds WHERE name = %s""", destination, feed)
 
 
 def state(db, name):

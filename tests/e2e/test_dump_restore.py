@@ -23,7 +23,7 @@ def pg(tool, *args):
 def state(db):
     """What a copy must have, in names (no OID)."""
     return {
-        "feeds": db.rows("SELECT name, source_query, key_column, key_type::text, mode, depends_on, owner::text, feed_table::text,"
+        "feeds": db.rows("SELECT name, source_query, key_columns, key_types::text, mode, depends_on, owner::text, feed_table::text,"
                          " destination FROM cde.feeds ORDER BY name"),
         "destinations": db.rows("SELECT name, endpoint, options::text FROM cde.destinations ORDER BY name"),
         "tracks": db.rows("SELECT feed, source_table::text, keys FROM cde.tracks ORDER BY 1, 2"),
@@ -45,7 +45,8 @@ def test_a_dump_restored_into_a_new_database_is_a_working_copy(catalog, sink, tm
     wait_until("the retry", lambda: db.one("SELECT count(*) FROM cde.retries") == 1)
     # A destination of its own for one feed (its row refers to it: restored in that order).
     db.run("SELECT cde_set_destination('copied', current_setting('cde.endpoint'), '{\"headers\": {\"X-Copy\": \"1\"}}')")
-    db.run("""SELECT cde_register_feed(name, source_query, key_column, mode, depends_on, batch_size, destination => 'copied')
+    db.run("""SELECT cde_register_feed(name, source_query, NULL, mode, depends_on, batch_size, destination => 'copied',
+                                     key_columns => key_columns)
                 FROM cde.feeds WHERE name = 'categories'""")
     before = state(db)
     assert before["retries"] == 1 and before["runs"] and before["triggers"]

@@ -47,7 +47,7 @@ SELECT * FROM (
     SELECT 'trigger', tgrelid::regclass::text || '.' || tgname, pg_get_triggerdef(oid)
       FROM pg_trigger WHERE tgname LIKE 'cde\_capture%'
     UNION ALL
-    SELECT 'feed', name, concat_ws(' | ', source_query, key_column, key_type, doc_column, mode, depends_on, batch_size, owner, search_path, feed_table)
+    SELECT 'feed', name, concat_ws(' | ', source_query, key_columns, key_types, doc_column, mode, depends_on, batch_size, owner, search_path, feed_table)
       FROM cde.feeds
     UNION ALL
     SELECT 'track', feed || ' ' || table_name, concat_ws(' | ', source_table, keys) FROM cde.tracks

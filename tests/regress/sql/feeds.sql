@@ -12,7 +12,7 @@ SELECT cde_register_feed('products',
     $$SELECT p.id, jsonb_build_object('sku', p.sku, 'category', c.name, 'price', p.price) AS doc
         FROM products p LEFT JOIN categories c ON c.id = p.category_id;$$,
     depends_on => '{categories}', batch_size => 100);
-SELECT name, key_column, key_type, doc_column, mode, depends_on, batch_size, feed_table
+SELECT name, key_columns, key_types, doc_column, mode, depends_on, batch_size, feed_table
   FROM cde.feeds ORDER BY name;
 SELECT name, depth FROM cde._feeds_in_order();
 

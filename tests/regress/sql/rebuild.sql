@@ -8,7 +8,7 @@ INSERT INTO products VALUES (1, 'one', 10), (2, 'two', 20), (3, 'three', 30);
 SELECT cde_register_feed('products', $$SELECT id, jsonb_build_object('name', name, 'price', price) AS doc
                                          FROM products -- a trailing comment$$);
 \pset format unaligned
-SELECT m.mode, cde._source_sql(f, m.mode) FROM cde.feeds f, unnest('{keys,exists,chunk,count}'::text[]) AS m(mode);
+SELECT m.mode, cde._source_sql(f, m.mode) FROM cde.feeds f, unnest('{all,keys,exists,chunk,count}'::text[]) AS m(mode);
 \pset format aligned
 -- A query without a "doc" column: the whole row is the document.
 SELECT cde_register_feed('names', 'SELECT id, name FROM products');

@@ -10,7 +10,7 @@ SELECT cde_grant_admin('regress_admin');
 SELECT cde_grant_admin('regress_other_admin');
 -- What the grant gave: the management functions, the views, USAGE on schema cde; not pg_monitor.
 SELECT pg_has_role('regress_admin', 'pg_monitor', 'MEMBER') AS in_pg_monitor,
-       has_function_privilege('regress_admin', 'cde_register_feed(text, text, text, text, text[], int, name[], text, bigint)', 'EXECUTE') AS may_register,
+       has_function_privilege('regress_admin', 'cde_register_feed(text, text, text, text, text[], int, name[], text, text[], bigint)', 'EXECUTE') AS may_register,
        has_table_privilege('regress_admin', 'cde_feed_status', 'SELECT') AS reads_status,
        has_schema_privilege('regress_admin', 'cde', 'CREATE') AS creates_in_cde;
 
