@@ -39,3 +39,13 @@ SELECT cde_register_feed('product_relations',
     'SELECT id, product_id, related_id, kind FROM product_relations',
     depends_on => '{products}');
 SELECT cde_track('product_relations', 'product_relations');
+
+-- Stock per (product, store): a key of two columns, sent as "<product_id>|<store>"
+-- (docs/protocol.md, "Keys"). Renaming a store touches every stock row of it.
+SELECT cde_register_feed('stock',
+    $$SELECT s.product_id, s.store, jsonb_build_object('product_id', s.product_id, 'store', s.store,
+                                                     'store_name', st.name, 'quantity', s.quantity) AS doc
+        FROM stock s JOIN stores st ON st.code = s.store$$,
+    key_columns => '{product_id,store}', depends_on => '{products}');
+SELECT cde_track('stock', 'stock');
+SELECT cde_track('stock', 'stores', 'SELECT s.product_id, s.store FROM stock s JOIN changed c ON c.code = s.store');

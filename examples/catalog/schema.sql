@@ -1,11 +1,11 @@
 -- A sample commerce catalog: attributes, categories, products with attribute values and prices,
--- and product relations. Size: psql -v products=N (default 1000).
+-- product relations, and stock per (product, store). Size: psql -v products=N (default 1000).
 \if :{?products}
 \else
 \set products 1000
 \endif
 
-DROP TABLE IF EXISTS product_relations, prices, product_attributes, products, categories, attributes CASCADE;
+DROP TABLE IF EXISTS stock, stores, product_relations, prices, product_attributes, products, categories, attributes CASCADE;
 
 CREATE TABLE attributes (
     id     int PRIMARY KEY,
@@ -47,6 +47,18 @@ CREATE TABLE product_relations (
     kind       text NOT NULL
 );
 CREATE INDEX ON product_relations (product_id);
+CREATE TABLE stores (
+    code  text PRIMARY KEY,
+    name  text NOT NULL
+);
+-- Keyed by two columns: one document per (product, store).
+CREATE TABLE stock (
+    product_id bigint REFERENCES products ON DELETE CASCADE,
+    store      text REFERENCES stores ON DELETE CASCADE,
+    quantity   int NOT NULL,
+    PRIMARY KEY (product_id, store)
+);
+CREATE INDEX ON stock (store);
 
 INSERT INTO attributes
 SELECT i, 'attr_' || i, 'Attribute ' || i, CASE WHEN i % 3 = 0 THEN 'number' ELSE 'text' END
@@ -74,4 +86,10 @@ INSERT INTO product_relations
 SELECT i, i, 1 + (i * 13) % :products, CASE WHEN i % 2 = 0 THEN 'related' ELSE 'upsell' END
   FROM generate_series(1, :products / 2) i;
 
-ANALYZE attributes, categories, products, product_attributes, prices, product_relations;
+INSERT INTO stores VALUES ('berlin', 'Berlin Mitte'), ('paris', 'Paris Nord');
+
+INSERT INTO stock
+SELECT p, s, (p * 7) % 50
+  FROM generate_series(1, :products) p, unnest(ARRAY['berlin', 'paris']) s;
+
+ANALYZE attributes, categories, products, product_attributes, prices, product_relations, stores, stock;

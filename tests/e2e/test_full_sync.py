@@ -14,7 +14,7 @@ def test_phases_arrive_in_dependency_order(db, sink):
     assert events[:3] == ["preparing", "planned", "executing"] and events[-1] == "finished"
     phases = [r[0] for r in db.rows(
         "SELECT feed FROM cde.sync_events WHERE run_id = %s AND message LIKE 'phase started%%' ORDER BY at", run)]
-    assert phases == ["attributes", "categories", "products", "prices", "product_relations"]
+    assert phases == ["attributes", "categories", "products", "prices", "product_relations", "stock"]
 
     # At the sink: every category arrived before the first product.
     log = sink.log()
@@ -22,12 +22,15 @@ def test_phases_arrive_in_dependency_order(db, sink):
     last_category = max(i for i, r in enumerate(log) if r["feed"] == "categories")
     assert last_category < first_product
     assert len(sink.docs("products")) == 3000 and len(sink.docs("categories")) == 60
+    # Stock, keyed by (product, store): one document per pair, under "<product_id>|<store>".
+    assert len(sink.docs("stock")) == 6000
+    assert sink.doc("stock", "42|paris")["data"] == {"product_id": 42, "store": "paris", "store_name": "Paris Nord", "quantity": 42 * 7 % 50}
 
     # A second run sends nothing: everything is unchanged.
     sink.reset()
     run = full_sync_and_wait(db)
     sent, unchanged = db.rows("SELECT sent, unchanged FROM cde_sync_runs WHERE run_id = %s", run)[0]
-    assert sent == 0 and unchanged == 3000 + 60 + 20 + 3000 + 1500
+    assert sent == 0 and unchanged == 3000 + 60 + 20 + 3000 + 1500 + 6000
     assert sink.stats()["items_received"] == 0
 
 
