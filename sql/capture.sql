@@ -81,6 +81,7 @@ BEGIN
 END $$;
 
 CREATE FUNCTION cde_track(feed text, source_table regclass, keys text DEFAULT NULL,
+                          replicated boolean DEFAULT false,   -- capture writes applied by logical replication too
                           ticket bigint DEFAULT cde._ticket()) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -120,19 +121,24 @@ BEGIN
                   HINT = 'keys is NULL (the feed''s key columns of the changed row), an expression over the changed row, or a SELECT over the relation "changed", giving as many values as the feed has key columns.';
     END;
 
-    INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys)
-    VALUES (f.name, source_table, source_table::text, keys)
-    ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE SET keys = excluded.keys, table_name = excluded.table_name;
+    IF replicated IS NULL THEN
+        RAISE EXCEPTION 'cde_track: replicated is NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys, replicated)
+    VALUES (f.name, source_table, source_table::text, keys, replicated)
+    ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE
+       SET keys = excluded.keys, table_name = excluded.table_name, replicated = excluded.replicated;
     PERFORM cde._install_capture(source_table::oid);
 END $fn$;
 
-COMMENT ON FUNCTION cde_track(text, regclass, text, bigint) IS
+COMMENT ON FUNCTION cde_track(text, regclass, text, boolean, bigint) IS
     'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
 
 -- The Rust capture triggers run with the rights of the extension's owner (see above).
 ALTER FUNCTION cde._capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION cde._capture_keys() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-REVOKE ALL ON FUNCTION cde._capture(), cde._capture_keys() FROM PUBLIC;
+ALTER FUNCTION cde._capture_row() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION cde._capture(), cde._capture_keys(), cde._capture_row() FROM PUBLIC;
 
 -- The column a feed's keys are, when they are a plain column of the table whose text form is
 -- its output (NULL keys: the feed's key column, if it has one). Such feeds are captured by cde._capture(), in
@@ -198,6 +204,11 @@ $$;
 -- (cde._capture, its arguments naming each feed and column), one for TRUNCATE (every feed), and
 -- when some feed's keys are an expression or a query, one more per operation for those
 -- (cde._capture_keys, its arguments naming the feeds). "call" is the trigger's function call.
+-- These fire for the writes of ordinary sessions only. Logical replication applies its writes
+-- with session_replication_role = replica and fires row triggers only: for the feeds whose
+-- tracks ask for them (replicated), row triggers cde_capture_replica_ins/upd/del
+-- (cde._capture_row) and a TRUNCATE trigger cde_capture_replica_trn, enabled for replica
+-- sessions only (ENABLE REPLICA), so that no write is captured twice.
 CREATE FUNCTION cde._wanted_triggers(tbl oid, OUT tgname text, OUT call text, OUT feeds text[])
 RETURNS SETOF record
 LANGUAGE plpgsql STABLE AS $$
@@ -205,6 +216,7 @@ DECLARE
     simple text;      -- cde._capture's arguments: 'feed', 'column', ...
     every  text;      -- the TRUNCATE trigger's: every feed tracking the table
     others text;      -- cde._capture_keys's: the feeds whose keys are not a plain column
+    replicas text;    -- the feeds that capture replicated writes too
     names  text[];
     op     text;
 BEGIN
@@ -218,6 +230,8 @@ BEGIN
            (SELECT array_agg(DISTINCT feed ORDER BY feed) FROM t)
       INTO simple, every, others, names
       FROM t;
+    SELECT string_agg(DISTINCT format('%L', t.feed), ', ') INTO replicas
+      FROM cde.tracks t WHERE t.source_table = ANY (cde._ancestry(tbl)) AND t.replicated;
     IF names IS NULL THEN
         RETURN;
     END IF;
@@ -229,8 +243,16 @@ BEGIN
         IF others IS NOT NULL THEN
             tgname := 'cde_capture_sql_' || op; call := format('cde._capture_keys(%s)', others); RETURN NEXT;
         END IF;
+        IF replicas IS NOT NULL THEN
+            tgname := 'cde_capture_replica_' || op; call := format('cde._capture_row(%s)', replicas); RETURN NEXT;
+        END IF;
     END LOOP;
     tgname := 'cde_capture_trn'; call := format('cde._capture(%s)', every); RETURN NEXT;
+    IF replicas IS NOT NULL THEN
+        SELECT string_agg(format('%L, %L', x.feed, ''), ', ' ORDER BY x.feed) INTO replicas
+          FROM (SELECT DISTINCT t.feed FROM cde.tracks t WHERE t.source_table = ANY (cde._ancestry(tbl)) AND t.replicated) AS x;
+        tgname := 'cde_capture_replica_trn'; call := format('cde._capture(%s)', replicas); RETURN NEXT;
+    END IF;
 END $$;
 
 -- The capture triggers a table has: name and function call, as cde._wanted_triggers spells them.
@@ -243,7 +265,7 @@ LANGUAGE sql STABLE AS $$
                      FROM unnest((string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs]) WITH ORDINALITY AS x(a, n)))
       FROM pg_trigger t
      WHERE t.tgrelid = tbl AND t.tgname LIKE 'cde\_capture\_%'
-       AND t.tgfoid IN ('cde._capture()'::regprocedure, 'cde._capture_keys()'::regprocedure)
+       AND t.tgfoid IN ('cde._capture()'::regprocedure, 'cde._capture_keys()'::regprocedure, 'cde._capture_row()'::regprocedure)
 $$;
 
 -- Give one table the capture triggers it should have (none when no tracked table is at or
@@ -283,17 +305,21 @@ BEGIN
     FOR op IN SELECT c.tgname FROM cde._current_triggers(tbl) c LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', op.tgname, tbl::regclass);
     END LOOP;
-    FOR w IN SELECT * FROM cde._wanted_triggers(tbl) LOOP
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s',
+    FOR w IN SELECT *, substring(x.tgname from '[^_]+$') AS op, x.tgname LIKE 'cde\_capture\_replica\_%' AS replica
+               FROM cde._wanted_triggers(tbl) AS x LOOP
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH %s EXECUTE FUNCTION %s',
                        w.tgname,
-                       CASE split_part(w.tgname, '_', 3 + (w.tgname LIKE 'cde\_capture\_sql\_%')::int)
-                            WHEN 'ins' THEN 'INSERT' WHEN 'upd' THEN 'UPDATE' WHEN 'del' THEN 'DELETE' ELSE 'TRUNCATE' END,
+                       CASE w.op WHEN 'ins' THEN 'INSERT' WHEN 'upd' THEN 'UPDATE' WHEN 'del' THEN 'DELETE' ELSE 'TRUNCATE' END,
                        tbl::regclass,
-                       CASE split_part(w.tgname, '_', 3 + (w.tgname LIKE 'cde\_capture\_sql\_%')::int)
-                            WHEN 'ins' THEN 'REFERENCING NEW TABLE AS new_rows'
-                            WHEN 'upd' THEN 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
-                            WHEN 'del' THEN 'REFERENCING OLD TABLE AS old_rows' ELSE '' END,
+                       CASE WHEN w.replica THEN ''
+                            WHEN w.op = 'ins' THEN 'REFERENCING NEW TABLE AS new_rows'
+                            WHEN w.op = 'upd' THEN 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
+                            WHEN w.op = 'del' THEN 'REFERENCING OLD TABLE AS old_rows' ELSE '' END,
+                       CASE WHEN w.replica AND w.op <> 'trn' THEN 'ROW' ELSE 'STATEMENT' END,
                        w.call);
+        IF w.replica THEN
+            EXECUTE format('ALTER TABLE %s ENABLE REPLICA TRIGGER %I', tbl::regclass, w.tgname);
+        END IF;
     END LOOP;
 END $fn$;
 

@@ -33,6 +33,8 @@ COMMENT ON FUNCTION cde._source(text, text, text[], text, int, int, int) IS
 --           filter applies to the key alone, below the documents: other lanes' rows are scanned,
 --           not built), numbered in that order
 --   count   how many rows the source has, in "o"
+--   nulls   how many rows have a NULL key (any key column NULL), in "o" (cde_check_feed)
+--   duplicates  keys of more than one row, with how many, at most 100 (cde_check_feed)
 CREATE FUNCTION cde._source_sql(f cde.feeds, mode text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
@@ -66,6 +68,11 @@ BEGIN
                       k, doc, src, after, array_to_string(cols, ', '));
     WHEN 'count' THEN
         RETURN format(E'SELECT NULL::text AS key, NULL::jsonb AS doc, count(*) AS o\n  FROM %s', src);
+    WHEN 'nulls' THEN
+        RETURN format(E'SELECT NULL::text AS key, NULL::jsonb AS doc, count(*) AS o\n  FROM %s\n WHERE %s IS NULL', src, k);
+    WHEN 'duplicates' THEN
+        RETURN format(E'SELECT %1$s AS key, NULL::jsonb AS doc, count(*) AS o\n  FROM %2$s\n WHERE %1$s IS NOT NULL\n GROUP BY %1$s HAVING count(*) > 1\n ORDER BY count(*) DESC, %1$s LIMIT 100',
+                      k, src);
     ELSE
         RAISE EXCEPTION 'cde._source_sql: unknown mode %', mode;
     END CASE;

@@ -92,7 +92,8 @@ CREATE TABLE cde.tracks (
     source_table  regclass NOT NULL,       -- a name in a dump, so that a restored copy tracks its own tables
     table_name    text NOT NULL,
     keys          text,                    -- NULL, an expression over the changed row, or a SELECT over "changed"
-    PRIMARY KEY (feed, source_table)
+    PRIMARY KEY (feed, source_table),
+    replicated    boolean NOT NULL DEFAULT false   -- writes applied by logical replication are captured too
 );
 COMMENT ON TABLE cde.tracks IS 'Tracked tables (cde_track); cde._install_capture turns a table''s tracks into its capture triggers';
 

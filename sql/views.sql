@@ -192,10 +192,11 @@ CREATE FUNCTION cde._management_functions() RETURNS regprocedure[]
 LANGUAGE sql STABLE AS $$
     SELECT ARRAY['@extschema@.cde_register_feed(text, text, text, text, text[], int, name[], text, text[], bigint)',
                  '@extschema@.cde_drop_feed(text, bigint)',
-                 '@extschema@.cde_track(text, regclass, text, bigint)', '@extschema@.cde_untrack(text, regclass, bigint)',
+                 '@extschema@.cde_track(text, regclass, text, boolean, bigint)', '@extschema@.cde_untrack(text, regclass, bigint)',
                  '@extschema@.cde_sync_now(text, bigint)', '@extschema@.cde_retry_failed(text, bigint)',
                  '@extschema@.cde_resync(text, text[], bigint)', '@extschema@.cde_full_sync(text, boolean, bigint)',
-                 '@extschema@.cde_cancel_sync(bigint, bigint)', '@extschema@.cde_deliver(text)']::regprocedure[]
+                 '@extschema@.cde_cancel_sync(bigint, bigint)', '@extschema@.cde_deliver(text)',
+                 '@extschema@.cde_check_feed(text, int, bigint)']::regprocedure[]
 $$;
 REVOKE ALL ON FUNCTION cde._management_functions() FROM PUBLIC;
 

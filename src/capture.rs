@@ -130,6 +130,72 @@ mod cde {
         CHANGES_IN_XACT.store(true, Ordering::Relaxed);
         Ok(None)
     }
+
+    /// The capture trigger for writes applied by logical replication: row level, enabled for
+    /// replica sessions only (sql/capture.sql), since the apply worker fires row triggers and no
+    /// statement trigger. Its arguments name the feeds whose tracks ask for replicated writes.
+    /// A row's keys come from the same SQL as a statement's (`cde._keys_query`), over a relation
+    /// `cde_row` holding its images (the old and the new one of an update), run as the feed's
+    /// owner with the feed's search_path; SECURITY DEFINER (sql/capture.sql) to queue them.
+    #[pg_trigger]
+    fn _capture_row<'a>(
+        trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+        let feeds: Vec<String> = trigger.extra_args()?;
+        let td = trigger.trigger_data();
+        let (relid, reltype, images) = unsafe {
+            let rel = td.tg_relation;
+            let tuples = match td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK {
+                pg_sys::TRIGGER_EVENT_UPDATE => vec![td.tg_trigtuple, td.tg_newtuple],
+                _ => vec![td.tg_trigtuple],
+            };
+            let images: Vec<pg_sys::Datum> =
+                tuples.into_iter().filter(|t| !t.is_null()).map(|t| pg_sys::heap_copy_tuple_as_datum(t, (*rel).rd_att)).collect();
+            ((*rel).rd_id, (*(*rel).rd_rel).reltype, images)
+        };
+        let rows = (1..=images.len()).map(|i| format!("SELECT (${i}).*")).collect::<Vec<_>>().join(" UNION ALL ");
+        let queued: Vec<(String, Vec<String>)> = Spi::connect(|c| {
+            let found = c.select(
+                "SELECT DISTINCT ON (t.feed, t.keys) t.feed,
+                        format('WITH cde_row AS (%s) SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL',
+                               $3, cde._keys_query(f, t.keys, '{cde_row}')),
+                        f.owner::oid, f.search_path
+                   FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+                  WHERE t.source_table = ANY (cde._ancestry($1)) AND t.feed = ANY ($2) AND t.replicated
+                  ORDER BY t.feed, t.keys",
+                None,
+                &[relid.into(), feeds.into(), rows.as_str().into()],
+            )?;
+            let mut plans = Vec::new();
+            for r in found {
+                plans.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
+                    r.get::<String>(4)?.unwrap_or_default(),
+                ));
+            }
+            let args: Vec<pgrx::datum::DatumWithOid> =
+                images.iter().map(|d| unsafe { pgrx::datum::DatumWithOid::new(*d, reltype) }).collect();
+            let mut out = Vec::new();
+            for (feed, query, owner, path) in plans {
+                let keys =
+                    crate::trust::as_role(owner, Some(&path), || c.select(&query, Some(1), &args)?.first().get::<Vec<String>>(1))?;
+                if let Some(keys) = keys.filter(|k| !k.is_empty()) {
+                    out.push((feed, keys));
+                }
+            }
+            Ok::<_, pgrx::spi::SpiError>(out)
+        })
+        .unwrap_or_else(|e| error!("cde: capture: {e}"));
+        let groups: Vec<queue::Group> =
+            queued.iter().map(|(feed, keys)| (vec![feed.as_str()], Some(keys.clone()))).collect();
+        if !groups.is_empty() {
+            queue::append(&groups);
+        }
+        CHANGES_IN_XACT.store(true, Ordering::Relaxed);
+        Ok(None)
+    }
 }
 
 /// The text of `column` in the statement's changed rows: the new images, then the old ones that

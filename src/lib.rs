@@ -28,12 +28,13 @@ extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/rules.sql", name = "rules", requires = ["schema"]);
 extension_sql_file!("../sql/feeds.sql", name = "feeds", requires = ["rules", trust::cde::_ticket, trust::cde::_redeem, trust::cde::_query_as]);
 extension_sql_file!("../sql/rebuild.sql", name = "rebuild", requires = ["feeds"]);
-extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds", capture::cde::_capture, capture::cde::_capture_keys]);
+extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["feeds", capture::cde::_capture, capture::cde::_capture_keys, capture::cde::_capture_row]);
 extension_sql_file!("../sql/collect.sql", name = "collect", requires = ["rebuild"]);
 extension_sql_file!("../sql/deliver.sql", name = "deliver", requires = ["collect"]);
 extension_sql_file!("../sql/sync.sql", name = "sync", requires = ["deliver"]);
 extension_sql_file!("../sql/destinations.sql", name = "destinations", requires = ["sync", destination::cde::_check_destination_options, destination::cde::_destination_roles, destination::cde::_check_endpoint]);
 extension_sql_file!("../sql/housekeeping.sql", name = "housekeeping", requires = ["destinations"]);
+extension_sql_file!("../sql/check.sql", name = "check", requires = ["housekeeping"]);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 mod api;

@@ -189,6 +189,8 @@ ALTER TABLE cde.feeds ADD COLUMN items_sent bigint NOT NULL DEFAULT 0,
                       ADD COLUMN items_retried bigint NOT NULL DEFAULT 0,
                       ADD COLUMN items_dead bigint NOT NULL DEFAULT 0,
                       ADD COLUMN build_failures bigint NOT NULL DEFAULT 0;
+-- Tracks that capture writes applied by logical replication (cde_track(..., replicated)).
+ALTER TABLE cde.tracks ADD COLUMN replicated boolean NOT NULL DEFAULT false;
 -- Keys of several columns: a feed's key column becomes a list of one.
 ALTER TABLE cde.feeds ADD COLUMN key_columns text[] CHECK (cardinality(key_columns) >= 1),
                       ADD COLUMN key_types regtype[] CHECK (cardinality(key_types) = cardinality(key_columns));

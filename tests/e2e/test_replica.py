@@ -70,7 +70,7 @@ def test_a_standby_writes_nothing_and_a_promoted_one_delivers(db, sink, replica)
         state = standby.one("SELECT state FROM cde_worker_status")
         assert state.startswith("standby"), state
         assert standby.one("SELECT running FROM cde_worker_status") is False
-        assert standby.one("SELECT count(*) FROM cde_feed_status") == 5
+        assert standby.one("SELECT count(*) FROM cde_feed_status") == 6
         assert standby.one("SELECT pending FROM cde_feed_status WHERE feed = 'products'") > 0
         assert standby.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "preparing"
         # The exporter's queries (monitoring/queries.yaml) answer, with no row: the standby exports
