@@ -51,9 +51,11 @@ BEGIN
     SELECT d.max_batch_bytes INTO limit_ FROM @extschema@.cde_destinations d WHERE d.name = dest;
     SELECT bool_or(q.all_keys) INTO all_queued FROM cde.queue q WHERE q.feed = f.name;
     FOR r IN EXECUTE format($q$
-        WITH a AS MATERIALIZED (
+        WITH built AS MATERIALIZED (
             SELECT s.key, cde._doc_hash(s.doc) AS hash, octet_length(s.doc::text) AS bytes, s.o
               FROM cde._source($1, 'chunk', NULL, NULL, $2) AS s WHERE s.key IS NOT NULL
+        ), a AS (   -- keys of one row each: the others are reported above
+            SELECT x.key, min(x.hash) AS hash, min(x.bytes) AS bytes, min(x.o) AS o FROM built x GROUP BY x.key HAVING count(*) = 1
         ), groups AS (
             SELECT array_agg(a.key) AS keys FROM a GROUP BY (a.o - 1) / cde._chunk_size()
         ), b AS MATERIALIZED (
@@ -62,10 +64,10 @@ BEGIN
             SELECT DISTINCT u AS key FROM cde.queue q, unnest(q.keys) AS u WHERE q.feed = $1
             UNION SELECT x.key FROM cde.retries x WHERE x.feed = $1
         )
-        SELECT a.key, 'unstable' AS kind, NULL::bigint AS bytes, NULL::interval AS age
+        SELECT a.key, 'unstable' AS kind, NULL::bigint AS bytes, NULL::bigint AS age
           FROM a JOIN b USING (key) WHERE a.hash IS DISTINCT FROM b.hash
         UNION ALL
-        SELECT a.key, 'stale', NULL, date_trunc('second', now() - t.modified_at)
+        SELECT a.key, 'stale', NULL, round(extract(epoch FROM now() - t.modified_at))::bigint
           FROM a JOIN b USING (key) JOIN %s AS t ON t.key = a.key
          WHERE a.hash IS NOT DISTINCT FROM b.hash AND t.hash IS DISTINCT FROM a.hash AND NOT t.deleted
            AND NOT $3 AND NOT EXISTS (SELECT 1 FROM queued WHERE queued.key = a.key)
@@ -77,7 +79,7 @@ BEGIN
         key := r.key;
         problem := CASE r.kind
             WHEN 'unstable' THEN 'built twice with no change in between, the document differed: it is not deterministic (an aggregate without ORDER BY, random(), clock_timestamp()...) and every rebuild would send it again'
-            WHEN 'stale' THEN format('the document differs from the one built %s ago, and no change to it was captured since: it depends on the time (now()) or on a table that is not tracked (cde_track)', r.age)
+            WHEN 'stale' THEN format('the document differs from the one built %s s ago, and no change to it was captured since: it depends on the time (now()) or on a table that is not tracked (cde_track)', r.age)
             ELSE format('the document is %s bytes, more than a batch to destination %s may hold (max_batch_bytes %s): it cannot be sent', r.bytes, dest, limit_)
         END;
         RETURN NEXT;

@@ -167,20 +167,27 @@ mod cde {
         );
     }
 
-    /// Run `query` as `role` with `search_path`; the first column of its first row, as text.
-    /// For checks: a source query at registration, a tracking's keys.
+    /// Run `query` as `role` with `search_path`; the first column of its first row, in its text
+    /// form, whatever its type (EXPLAIN's json too). For checks: a source query at registration,
+    /// a tracking's keys, cde_check_feed.
     #[pg_extern(volatile, parallel_unsafe)]
     fn _query_as(role: pg_sys::Oid, search_path: &str, query: &str) -> Option<String> {
         require_role(role, "this feed");
-        as_role(role, Some(search_path), || {
-            Spi::connect_mut(|c| {
-                let rows = c.update(query, Some(1), &[])?;
-                if rows.is_empty() {
-                    return Ok::<_, pgrx::spi::SpiError>(None);
-                }
-                rows.first().get::<String>(1)
-            })
-            .unwrap_or_else(|e| error!("cde: {e}"))
+        let sql = CString::new(query).unwrap_or_else(|_| error!("cde: a query holds a NUL byte"));
+        as_role(role, Some(search_path), || unsafe {
+            if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+                error!("cde._query_as: SPI_connect failed");
+            }
+            pg_sys::SPI_execute(sql.as_ptr(), false, 1);
+            let table = pg_sys::SPI_tuptable;
+            let value = if table.is_null() || pg_sys::SPI_processed == 0 {
+                None
+            } else {
+                let v = pg_sys::SPI_getvalue(*(*table).vals, (*table).tupdesc, 1);
+                (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
+            };
+            pg_sys::SPI_finish();
+            value
         })
     }
 }
