@@ -92,8 +92,14 @@ BEGIN
         SELECT array_agg(s.key) INTO probe FROM cde._source(f.name, 'chunk', NULL, NULL, 3) AS s;
     END IF;
     IF probe IS NOT NULL THEN
-        plan := cde._query_as(f.owner, f.search_path,
-                    'EXPLAIN (FORMAT JSON, VERBOSE) ' || replace(cde._source_sql(f, 'keys'), '$1::', quote_literal(probe::text) || '::'))::jsonb;
+        BEGIN
+            plan := cde._query_as(f.owner, f.search_path,
+                        'EXPLAIN (FORMAT JSON, VERBOSE) ' || replace(cde._source_sql(f, 'keys'), '$1::', quote_literal(probe::text) || '::'))::jsonb;
+        EXCEPTION WHEN OTHERS THEN
+            key := NULL;
+            problem := format('the plan of a rebuild of a few keys could not be read: %s', SQLERRM);
+            RETURN NEXT;
+        END;
         FOR r IN
             SELECT DISTINCT c.oid::regclass AS tbl, pg_relation_size(c.oid) AS bytes
               FROM jsonb_path_query(plan, 'lax $.**') AS x(node)

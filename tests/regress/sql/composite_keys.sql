@@ -43,6 +43,10 @@ SELECT feed, keys FROM cde.queue ORDER BY id;
 SELECT feed, collected FROM cde_sync_now();
 SELECT key, deleted, status FROM cde.feed_stock WHERE key LIKE '3|%' OR key LIKE '4|%' ORDER BY key;
 
+-- Resent on request, by key (cde_resync): the same string the sink got.
+SELECT cde_resync('stock', '{3|a%7Cb}');
+SELECT key, status FROM cde.feed_stock WHERE key = '3|a%7Cb';
+
 -- Another table's changes: an expression list, or a SELECT over "changed", of as many columns.
 CREATE TABLE stores (code text PRIMARY KEY, name text);
 CREATE TABLE moves (product_id int, store text, delta int);
