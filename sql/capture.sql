@@ -124,6 +124,14 @@ BEGIN
     IF replicated IS NULL THEN
         RAISE EXCEPTION 'cde_track: replicated is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    -- Triggers that fire in replica sessions see what logical replication applies, which ordinary
+    -- triggers never do, and one that fails stops the subscription: PostgreSQL lets only the
+    -- table's owner enable them (ENABLE REPLICA TRIGGER), and so does cde.
+    IF replicated AND NOT pg_catalog.pg_has_role(caller::oid, (SELECT c.relowner FROM pg_class c WHERE c.oid = source_table), 'USAGE') THEN
+        RAISE EXCEPTION 'cde_track: tracking replicated writes to % needs its owner''s rights', source_table
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Capturing what logical replication applies is for the table''s owner (or a member of it), as ENABLE REPLICA TRIGGER is.';
+    END IF;
     INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys, replicated)
     VALUES (f.name, source_table, source_table::text, keys, replicated)
     ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE
@@ -243,7 +251,9 @@ BEGIN
         IF others IS NOT NULL THEN
             tgname := 'cde_capture_sql_' || op; call := format('cde._capture_keys(%s)', others); RETURN NEXT;
         END IF;
-        IF replicas IS NOT NULL THEN
+        -- Not on a partitioned table: PostgreSQL would copy a row trigger to its partitions, which
+        -- have their own, and replication writes to the partitions anyway.
+        IF replicas IS NOT NULL AND (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) <> 'p' THEN
             tgname := 'cde_capture_replica_' || op; call := format('cde._capture_row(%s)', replicas); RETURN NEXT;
         END IF;
     END LOOP;

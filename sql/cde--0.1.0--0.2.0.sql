@@ -268,11 +268,16 @@ $$;
 -- "%7C", joined by "|", so that splitting on "|" and then decoding each part gives the values
 -- back. NULL when any part is NULL. This is the SQL expression over the given expressions, placed
 -- in source queries and captures (never a call per row); cde._key_parts is its inverse.
+-- The parts are rendered by their types' output functions (format's %s), not by a cast to text:
+-- a cast may be a function that the owner of a type wrote, and keys are composed in capture
+-- triggers that any writer fires (a bool part is "t", an inet part has no /32).
 CREATE FUNCTION cde._key_sql(exprs text[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN cardinality(exprs) = 1 THEN format('(%s)::text', exprs[1])
-           ELSE '(' || string_agg(format($f$pg_catalog.replace(pg_catalog.replace((%s)::text, '%%', '%%25'), '|', '%%7C')$f$, e),
-                                  $s$ || '|' || $s$ ORDER BY n) || ')'
+           ELSE format('CASE WHEN pg_catalog.num_nulls(%s) = 0 THEN %s END',
+                       string_agg(format('(%s)', e), ', ' ORDER BY n),
+                       string_agg(format($f$pg_catalog.replace(pg_catalog.replace(pg_catalog.format('%%s', %s), '%%', '%%25'), '|', '%%7C')$f$, e),
+                                  $s$ || '|' || $s$ ORDER BY n))
            END
       FROM unnest(exprs) WITH ORDINALITY AS x(e, n)
 $$;
@@ -292,12 +297,17 @@ CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:130
--- cde::trust::cde::_ticket
-CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
+-- src/trust.rs:179
+-- cde::trust::cde::_explain_as
+CREATE  FUNCTION cde."_explain_as"(
+	"role" oid, /* pg_sys :: Oid */
+	"search_path" TEXT, /* & str */
+	"query" TEXT, /* & str */
+	"keys" TEXT[] /* Vec < String > */
+) RETURNS TEXT /* Option < String > */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_ticket_wrapper';
+AS 'MODULE_PATHNAME', '_explain_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -309,6 +319,15 @@ CREATE  FUNCTION cde."_redeem"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_redeem_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:130
+-- cde::trust::cde::_ticket
+CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_ticket_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -332,7 +351,7 @@ AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:173
+-- src/trust.rs:172
 -- cde::trust::cde::_query_as
 CREATE  FUNCTION cde."_query_as"(
 	"role" oid, /* pg_sys :: Oid */
@@ -631,7 +650,7 @@ BEGIN
             WHEN OTHERS THEN
                 RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
         END;
-        IF (SELECT typarray FROM pg_type WHERE oid = key_type) = 0 THEN
+        IF key_type IS NULL OR (SELECT typarray FROM pg_type WHERE oid = key_type) = 0 THEN
             RAISE EXCEPTION 'cde: key column % of feed % has type %, which has no array type', col, feed, key_type;
         END IF;
         key_types := key_types || key_type;
@@ -1260,9 +1279,18 @@ DECLARE
     caller regrole := cde._redeem(ticket);
     f cde.feeds := cde._managed_feed(feed, caller);
     n bigint;
+    bad text;
 BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'cde_resync: keys is NULL' USING HINT = 'Pass the keys to resend, or run cde_full_sync(feed).';
+    END IF;
+    -- A key of several columns names each of them (docs/protocol.md, "Keys").
+    SELECT k INTO bad FROM unnest(keys) AS k
+     WHERE cardinality(f.key_columns) > 1 AND coalesce(cardinality(cde._key_parts(k)), 0) <> cardinality(f.key_columns) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'cde_resync: key % of feed % does not have its % key columns (%)', quote_literal(bad), f.name,
+            cardinality(f.key_columns), array_to_string(f.key_columns, ', ')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A key of several columns is their values joined by |, each with % written %25 and | written %7C.';
     END IF;
     -- Forget the hashes, so that the rebuild counts every document as changed; deleted keys
     -- are simply marked to be sent again.
@@ -1640,8 +1668,47 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/sync.rs:7
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:21
+-- cde::sync::cde::_lane
+CREATE  FUNCTION cde."_lane"(
+	"key" TEXT, /* & str */
+	"lanes" INT /* i32 */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:15
+-- cde::sync::cde::_in_lane
+CREATE  FUNCTION cde."_in_lane"(
+	"key" TEXT, /* & str */
+	"lane" INT, /* i32 */
+	"lanes" INT /* i32 */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/collect.rs:12
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:17
+-- cde::collect::cde::_chunk_size
+CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1656,17 +1723,65 @@ AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/collect.rs:17
--- cde::collect::cde::_chunk_size
-CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
+-- src/api.rs:127
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:203
+-- cde::api::cde::_serve
+CREATE  FUNCTION cde."_serve"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+AS 'MODULE_PATHNAME', '_serve_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:135
+-- cde::api::cde::_hold_iteration_lock
+CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:142
+-- cde::api::cde::_worker_status
+CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
+	"running" bool,  /* bool */
+	"pid" INT,  /* Option < i32 > */
+	"state" TEXT,  /* String */
+	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"iterations" bigint,  /* i64 */
+	"documents_sent" bigint,  /* i64 */
+	"bytes_sent" bigint,  /* i64 */
+	"requests" bigint,  /* i64 */
+	"requests_failed" bigint,  /* i64 */
+	"reloads" bigint,  /* i64 */
+	"sync_builders" INT,  /* i32 */
+	"sync_builders_wanted" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_worker_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
 -- src/destination.rs:199
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:206
+-- cde::destination::cde::_check_destination_options
+CREATE  FUNCTION cde."_check_destination_options"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS void
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1689,17 +1804,6 @@ CREATE  FUNCTION cde."_destination_roles"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:206
--- cde::destination::cde::_check_destination_options
-CREATE  FUNCTION cde."_check_destination_options"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS void
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2092,8 +2196,7 @@ BEGIN
     END IF;
     IF probe IS NOT NULL THEN
         BEGIN
-            plan := cde._query_as(f.owner, f.search_path,
-                        'EXPLAIN (FORMAT JSON, VERBOSE) ' || replace(cde._source_sql(f, 'keys'), '$1::', quote_literal(probe::text) || '::'))::jsonb;
+            plan := cde._explain_as(f.owner, f.search_path, 'EXPLAIN (FORMAT JSON, VERBOSE) ' || cde._source_sql(f, 'keys'), probe)::jsonb;
         EXCEPTION WHEN OTHERS THEN
             key := NULL;
             problem := format('the plan of a rebuild of a few keys could not be read: %s', SQLERRM);
@@ -2306,6 +2409,14 @@ BEGIN
     IF replicated IS NULL THEN
         RAISE EXCEPTION 'cde_track: replicated is NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    -- Triggers that fire in replica sessions see what logical replication applies, which ordinary
+    -- triggers never do, and one that fails stops the subscription: PostgreSQL lets only the
+    -- table's owner enable them (ENABLE REPLICA TRIGGER), and so does cde.
+    IF replicated AND NOT pg_catalog.pg_has_role(caller::oid, (SELECT c.relowner FROM pg_class c WHERE c.oid = source_table), 'USAGE') THEN
+        RAISE EXCEPTION 'cde_track: tracking replicated writes to % needs its owner''s rights', source_table
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Capturing what logical replication applies is for the table''s owner (or a member of it), as ENABLE REPLICA TRIGGER is.';
+    END IF;
     INSERT INTO cde.tracks AS t (feed, source_table, table_name, keys, replicated)
     VALUES (f.name, source_table, source_table::text, keys, replicated)
     ON CONFLICT ON CONSTRAINT tracks_pkey DO UPDATE
@@ -2425,7 +2536,9 @@ BEGIN
         IF others IS NOT NULL THEN
             tgname := 'cde_capture_sql_' || op; call := format('cde._capture_keys(%s)', others); RETURN NEXT;
         END IF;
-        IF replicas IS NOT NULL THEN
+        -- Not on a partitioned table: PostgreSQL would copy a row trigger to its partitions, which
+        -- have their own, and replication writes to the partitions anyway.
+        IF replicas IS NOT NULL AND (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) <> 'p' THEN
             tgname := 'cde_capture_replica_' || op; call := format('cde._capture_row(%s)', replicas); RETURN NEXT;
         END IF;
     END LOOP;
@@ -2683,47 +2796,8 @@ CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DR
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sync.rs:7
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:15
--- cde::sync::cde::_in_lane
-CREATE  FUNCTION cde."_in_lane"(
-	"key" TEXT, /* & str */
-	"lane" INT, /* i32 */
-	"lanes" INT /* i32 */
-) RETURNS bool /* bool */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_in_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:21
--- cde::sync::cde::_lane
-CREATE  FUNCTION cde."_lane"(
-	"key" TEXT, /* & str */
-	"lanes" INT /* i32 */
-) RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/locks.rs:15
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2745,49 +2819,12 @@ AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:115
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:123
--- cde::api::cde::_hold_iteration_lock
-CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:130
--- cde::api::cde::_worker_status
-CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
-	"running" bool,  /* bool */
-	"pid" INT,  /* Option < i32 > */
-	"state" TEXT,  /* String */
-	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"iterations" bigint,  /* i64 */
-	"documents_sent" bigint,  /* i64 */
-	"bytes_sent" bigint,  /* i64 */
-	"requests" bigint,  /* i64 */
-	"requests_failed" bigint,  /* i64 */
-	"reloads" bigint,  /* i64 */
-	"sync_builders" INT,  /* i32 */
-	"sync_builders_wanted" INT  /* i32 */
-)
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_worker_status_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:191
--- cde::api::cde::_serve
-CREATE  FUNCTION cde."_serve"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_serve_wrapper';
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2971,10 +3008,10 @@ COMMENT ON VIEW cde_destinations IS 'Where feeds are sent: state, counters and t
 
 -- Privileges (docs/security.md). Management is for superusers and the roles they delegate it to
 -- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
--- function there is executable by PUBLIC but pure ones (a source query runs cde._in_lane as its
--- feed's owner, and cde._key_parts). The management functions and the view helpers run as the extension's owner with a
--- fixed search_path; they act for the role that called them (its ticket, src/trust.rs) and check
--- what it may do.
+-- function there is executable by PUBLIC but pure ones (a source query runs cde._in_lane and
+-- cde._key_parts as its feed's owner). The management functions and the view helpers run as the
+-- extension's owner with a fixed search_path; they act for the role that called them (its
+-- ticket, src/trust.rs) and check what it may do.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cde._doc_hash(anyelement), cde._in_lane(text, int, int), cde._lane(text, int),
                           cde._chunk_size(), cde._key_parts(text) TO PUBLIC;

@@ -93,8 +93,7 @@ BEGIN
     END IF;
     IF probe IS NOT NULL THEN
         BEGIN
-            plan := cde._query_as(f.owner, f.search_path,
-                        'EXPLAIN (FORMAT JSON, VERBOSE) ' || replace(cde._source_sql(f, 'keys'), '$1::', quote_literal(probe::text) || '::'))::jsonb;
+            plan := cde._explain_as(f.owner, f.search_path, 'EXPLAIN (FORMAT JSON, VERBOSE) ' || cde._source_sql(f, 'keys'), probe)::jsonb;
         EXCEPTION WHEN OTHERS THEN
             key := NULL;
             problem := format('the plan of a rebuild of a few keys could not be read: %s', SQLERRM);

@@ -120,9 +120,18 @@ DECLARE
     caller regrole := cde._redeem(ticket);
     f cde.feeds := cde._managed_feed(feed, caller);
     n bigint;
+    bad text;
 BEGIN
     IF keys IS NULL THEN
         RAISE EXCEPTION 'cde_resync: keys is NULL' USING HINT = 'Pass the keys to resend, or run cde_full_sync(feed).';
+    END IF;
+    -- A key of several columns names each of them (docs/protocol.md, "Keys").
+    SELECT k INTO bad FROM unnest(keys) AS k
+     WHERE cardinality(f.key_columns) > 1 AND coalesce(cardinality(cde._key_parts(k)), 0) <> cardinality(f.key_columns) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'cde_resync: key % of feed % does not have its % key columns (%)', quote_literal(bad), f.name,
+            cardinality(f.key_columns), array_to_string(f.key_columns, ', ')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A key of several columns is their values joined by |, each with % written %25 and | written %7C.';
     END IF;
     -- Forget the hashes, so that the rebuild counts every document as changed; deleted keys
     -- are simply marked to be sent again.

@@ -277,7 +277,7 @@ BEGIN
             WHEN OTHERS THEN
                 RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
         END;
-        IF (SELECT typarray FROM pg_type WHERE oid = key_type) = 0 THEN
+        IF key_type IS NULL OR (SELECT typarray FROM pg_type WHERE oid = key_type) = 0 THEN
             RAISE EXCEPTION 'cde: key column % of feed % has type %, which has no array type', col, feed, key_type;
         END IF;
         key_types := key_types || key_type;

@@ -40,11 +40,16 @@ $$;
 -- "%7C", joined by "|", so that splitting on "|" and then decoding each part gives the values
 -- back. NULL when any part is NULL. This is the SQL expression over the given expressions, placed
 -- in source queries and captures (never a call per row); cde._key_parts is its inverse.
+-- The parts are rendered by their types' output functions (format's %s), not by a cast to text:
+-- a cast may be a function that the owner of a type wrote, and keys are composed in capture
+-- triggers that any writer fires (a bool part is "t", an inet part has no /32).
 CREATE FUNCTION cde._key_sql(exprs text[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN cardinality(exprs) = 1 THEN format('(%s)::text', exprs[1])
-           ELSE '(' || string_agg(format($f$pg_catalog.replace(pg_catalog.replace((%s)::text, '%%', '%%25'), '|', '%%7C')$f$, e),
-                                  $s$ || '|' || $s$ ORDER BY n) || ')'
+           ELSE format('CASE WHEN pg_catalog.num_nulls(%s) = 0 THEN %s END',
+                       string_agg(format('(%s)', e), ', ' ORDER BY n),
+                       string_agg(format($f$pg_catalog.replace(pg_catalog.replace(pg_catalog.format('%%s', %s), '%%', '%%25'), '|', '%%7C')$f$, e),
+                                  $s$ || '|' || $s$ ORDER BY n))
            END
       FROM unnest(exprs) WITH ORDINALITY AS x(e, n)
 $$;

@@ -176,10 +176,10 @@ COMMENT ON VIEW cde_destinations IS 'Where feeds are sent: state, counters and t
 
 -- Privileges (docs/security.md). Management is for superusers and the roles they delegate it to
 -- (cde_grant_admin); the views are for pg_monitor. Everything in schema cde is internal: no
--- function there is executable by PUBLIC but pure ones (a source query runs cde._in_lane as its
--- feed's owner, and cde._key_parts). The management functions and the view helpers run as the extension's owner with a
--- fixed search_path; they act for the role that called them (its ticket, src/trust.rs) and check
--- what it may do.
+-- function there is executable by PUBLIC but pure ones (a source query runs cde._in_lane and
+-- cde._key_parts as its feed's owner). The management functions and the view helpers run as the
+-- extension's owner with a fixed search_path; they act for the role that called them (its
+-- ticket, src/trust.rs) and check what it may do.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cde FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cde._doc_hash(anyelement), cde._in_lane(text, int, int), cde._lane(text, int),
                           cde._chunk_size(), cde._key_parts(text) TO PUBLIC;

@@ -60,6 +60,7 @@ fn until_done(
     let index: HashMap<&str, usize> = feeds.iter().enumerate().map(|(i, f)| (f.name.as_str(), i)).collect();
     let mut totals = vec![(0, 0, 0); feeds.len()];
     let mut held: HashSet<String> = HashSet::new();
+    let mut waited: HashSet<String> = HashSet::new();
     let advance = || sync::advance(&|| tx.run(sync::step), Duration::from_secs(24 * 3600));
     advance();
     loop {
@@ -80,7 +81,18 @@ fn until_done(
             let dest = destinations
                 .get(&f.destination)
                 .filter(|d| d.sendable() && !held.contains(&d.name) && f.allowed && !deferred && !pump.busy(&f.name));
-            let (r, first) = engine::feed_iteration(tx, f, true, dest.as_deref(), collect_budget, &f.depends_on);
+            // A feed whose dependencies of this call still have changes queued (a commit landed
+            // between their step and this one) waits for the next round, once: the call must end
+            // under a stream of writes, and a dependency outside the call is not collected here.
+            let defer_to: Vec<String> = if waited.contains(&f.name) {
+                Vec::new()
+            } else {
+                f.depends_on.iter().filter(|d| index.contains_key(d.as_str())).cloned().collect()
+            };
+            let (r, first) = engine::feed_iteration(tx, f, true, dest.as_deref(), collect_budget, &defer_to);
+            if r.deferred {
+                waited.insert(f.name.clone());
+            }
             match (first, dest) {
                 (Some(first), Some(dest)) => pump.start(tx, f, dest, first, r),
                 _ => add(&r, &mut more),

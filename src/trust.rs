@@ -168,28 +168,50 @@ mod cde {
     }
 
     /// Run `query` as `role` with `search_path`; the first column of its first row, in its text
-    /// form, whatever its type (EXPLAIN's json too). For checks: a source query at registration,
-    /// a tracking's keys, cde_check_feed.
+    /// form, whatever its type. For checks: a source query at registration, a tracking's keys.
     #[pg_extern(volatile, parallel_unsafe)]
     fn _query_as(role: pg_sys::Oid, search_path: &str, query: &str) -> Option<String> {
-        require_role(role, "this feed");
-        let sql = CString::new(query).unwrap_or_else(|_| error!("cde: a query holds a NUL byte"));
-        as_role(role, Some(search_path), || unsafe {
-            if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-                error!("cde._query_as: SPI_connect failed");
-            }
-            pg_sys::SPI_execute(sql.as_ptr(), false, 1);
-            let table = pg_sys::SPI_tuptable;
-            let value = if table.is_null() || pg_sys::SPI_processed == 0 {
-                None
-            } else {
-                let v = pg_sys::SPI_getvalue(*(*table).vals, (*table).tupdesc, 1);
-                (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
-            };
-            pg_sys::SPI_finish();
-            value
-        })
+        first_value_as(role, search_path, query, None)
     }
+
+    /// The same for a query with one parameter, `$1 text[]`, bound (never spliced into the
+    /// text): cde_check_feed's EXPLAIN of a rebuild of these keys.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _explain_as(role: pg_sys::Oid, search_path: &str, query: &str, keys: Vec<String>) -> Option<String> {
+        first_value_as(role, search_path, query, Some(keys))
+    }
+}
+
+fn first_value_as(role: pg_sys::Oid, search_path: &str, query: &str, keys: Option<Vec<String>>) -> Option<String> {
+    use pgrx::IntoDatum;
+    require_role(role, "this feed");
+    let sql = CString::new(query).unwrap_or_else(|_| error!("cde: a query holds a NUL byte"));
+    as_role(role, Some(search_path), || unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            error!("cde._query_as: SPI_connect failed");
+        }
+        let rc = match keys {
+            None => pg_sys::SPI_execute(sql.as_ptr(), false, 1),
+            Some(keys) => {
+                let mut types = [pg_sys::TEXTARRAYOID];
+                let mut values = [keys.into_datum().unwrap_or(pg_sys::Datum::from(0usize))];
+                let nulls = [b' ' as std::ffi::c_char];
+                pg_sys::SPI_execute_with_args(sql.as_ptr(), 1, types.as_mut_ptr(), values.as_mut_ptr(), nulls.as_ptr(), false, 1)
+            }
+        };
+        if rc < 0 {
+            error!("cde._query_as: the query was refused (SPI code {rc})");
+        }
+        let table = pg_sys::SPI_tuptable;
+        let value = if table.is_null() || pg_sys::SPI_processed == 0 {
+            None
+        } else {
+            let v = pg_sys::SPI_getvalue(*(*table).vals, (*table).tupdesc, 1);
+            (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
+        };
+        pg_sys::SPI_finish();
+        value
+    })
 }
 
 /// `cde._source(feed, mode, keys, after, n, lane, lanes) RETURNS TABLE (key text, doc jsonb, o

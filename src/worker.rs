@@ -507,10 +507,15 @@ impl Worker {
             }
             let dest = self.sends_to(feed);
             // Waits for the changes still queued for the feeds it depends on, as for their passes
-            // (sends_to), and as long.
+            // (sends_to), and as long; not for one backing off after a failure, which collects
+            // nothing meanwhile (its failure must not slow this feed down).
             let waits = self.deferred_since.get(&feed.name).is_none_or(|since| since.elapsed() < MAX_DEFER);
-            let defer_to: &[String] = if waits { &feed.depends_on } else { &[] };
-            let r = guarded(|| engine::feed_iteration(&Own, feed, false, dest.as_deref(), COLLECT_BUDGET, defer_to));
+            let defer_to: Vec<String> = if waits {
+                feed.depends_on.iter().filter(|d| !self.failing.contains_key(*d)).cloned().collect()
+            } else {
+                Vec::new()
+            };
+            let r = guarded(|| engine::feed_iteration(&Own, feed, false, dest.as_deref(), COLLECT_BUDGET, &defer_to));
             match r {
                 Ok((r, first)) => {
                     self.failing.remove(&feed.name);

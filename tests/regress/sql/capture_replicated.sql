@@ -35,4 +35,30 @@ SELECT tgname FROM pg_trigger WHERE tgrelid = 'stock'::regclass AND tgname LIKE 
 SAVEPOINT s;
 SELECT cde_track('stock', 'stock', replicated => NULL);
 ROLLBACK TO s;
+
+-- A partitioned table: the row triggers are on its partitions (each gets its own), not on it.
+CREATE TABLE moves (id int, at date, qty int) PARTITION BY RANGE (at);
+CREATE TABLE moves_2026 PARTITION OF moves FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+SELECT cde_register_feed('moves', 'SELECT id, at, qty FROM moves', key_columns => '{id,at}');
+SELECT cde_track('moves', 'moves', replicated => true);
+SELECT tgrelid::regclass, tgname, tgenabled FROM pg_trigger
+ WHERE tgrelid IN ('moves'::regclass, 'moves_2026'::regclass) AND tgname LIKE 'cde\_capture\_replica\_%' ORDER BY 1, 2;
+SET session_replication_role = replica;
+INSERT INTO moves VALUES (1, '2026-03-01', 4);
+RESET session_replication_role;
+SELECT feed, keys FROM cde.queue WHERE feed = 'moves';
+
+-- Only the table's owner (or a member of it) may capture its replicated writes, as only it may
+-- ENABLE REPLICA TRIGGER; the TRIGGER privilege is enough for the rest.
+CREATE ROLE regress_tracker;
+SELECT cde_grant_admin('regress_tracker');
+GRANT SELECT, TRIGGER ON stock TO regress_tracker;
+SET ROLE regress_tracker;
+SELECT cde_register_feed('theirs', 'SELECT product_id AS id FROM stock GROUP BY product_id');
+SAVEPOINT t;
+SELECT cde_track('theirs', 'stock', 'product_id', replicated => true);
+ROLLBACK TO t;
+SELECT cde_track('theirs', 'stock', 'product_id');
+RESET ROLE;
+SELECT feed, replicated FROM cde.tracks WHERE feed = 'theirs';
 ROLLBACK;
