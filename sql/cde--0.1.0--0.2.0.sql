@@ -292,33 +292,179 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:123
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
+-- src/locks.rs:15
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:179
--- cde::trust::cde::_explain_as
-CREATE  FUNCTION cde."_explain_as"(
-	"role" oid, /* pg_sys :: Oid */
-	"search_path" TEXT, /* & str */
-	"query" TEXT, /* & str */
-	"keys" TEXT[] /* Vec < String > */
-) RETURNS TEXT /* Option < String > */
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:32
+-- cde::locks::cde::_sync_state_lock
+CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:12
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:26
+-- cde::collect::cde::_doc_hash
+CREATE  FUNCTION cde."_doc_hash"(
+	"doc" anyelement /* pgrx :: AnyElement */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:17
+-- cde::collect::cde::_chunk_size
+CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:127
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:135
+-- cde::api::cde::_hold_iteration_lock
+CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_explain_as_wrapper';
+AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:155
--- cde::trust::cde::_redeem
-CREATE  FUNCTION cde."_redeem"(
-	"ticket" bigint /* Option < i64 > */
-) RETURNS oid /* pg_sys :: Oid */
-VOLATILE PARALLEL UNSAFE
+-- src/api.rs:203
+-- cde::api::cde::_serve
+CREATE  FUNCTION cde."_serve"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_redeem_wrapper';
+AS 'MODULE_PATHNAME', '_serve_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:142
+-- cde::api::cde::_worker_status
+CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
+	"running" bool,  /* bool */
+	"pid" INT,  /* Option < i32 > */
+	"state" TEXT,  /* String */
+	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"iterations" bigint,  /* i64 */
+	"documents_sent" bigint,  /* i64 */
+	"bytes_sent" bigint,  /* i64 */
+	"requests" bigint,  /* i64 */
+	"requests_failed" bigint,  /* i64 */
+	"reloads" bigint,  /* i64 */
+	"sync_builders" INT,  /* i32 */
+	"sync_builders_wanted" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_worker_status_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:199
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:230
+-- cde::destination::cde::_check_endpoint
+CREATE  FUNCTION cde."_check_endpoint"(
+	"endpoint" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_endpoint_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:244
+-- cde::destination::cde::_destination_roles
+CREATE  FUNCTION cde."_destination_roles"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS TEXT[] /* Vec < String > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:206
+-- cde::destination::cde::_check_destination_options
+CREATE  FUNCTION cde."_check_destination_options"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS void
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:7
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:21
+-- cde::sync::cde::_lane
+CREATE  FUNCTION cde."_lane"(
+	"key" TEXT, /* & str */
+	"lanes" INT /* i32 */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:15
+-- cde::sync::cde::_in_lane
+CREATE  FUNCTION cde."_in_lane"(
+	"key" TEXT, /* & str */
+	"lane" INT, /* i32 */
+	"lanes" INT /* i32 */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:123
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -328,26 +474,6 @@ CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_ticket_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:19
--- cde::api::cde_sync_now
--- requires:
---   trust::cde::_ticket
---   trust::cde::_redeem
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL, /* Option < & str > */
-	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE 
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -361,6 +487,17 @@ CREATE  FUNCTION cde."_query_as"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_query_as_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:155
+-- cde::trust::cde::_redeem
+CREATE  FUNCTION cde."_redeem"(
+	"ticket" bigint /* Option < i64 > */
+) RETURNS oid /* pg_sys :: Oid */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_redeem_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1668,145 +1805,6 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sync.rs:7
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:21
--- cde::sync::cde::_lane
-CREATE  FUNCTION cde."_lane"(
-	"key" TEXT, /* & str */
-	"lanes" INT /* i32 */
-) RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:15
--- cde::sync::cde::_in_lane
-CREATE  FUNCTION cde."_in_lane"(
-	"key" TEXT, /* & str */
-	"lane" INT, /* i32 */
-	"lanes" INT /* i32 */
-) RETURNS bool /* bool */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_in_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:12
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:17
--- cde::collect::cde::_chunk_size
-CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:26
--- cde::collect::cde::_doc_hash
-CREATE  FUNCTION cde."_doc_hash"(
-	"doc" anyelement /* pgrx :: AnyElement */
-) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:127
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:203
--- cde::api::cde::_serve
-CREATE  FUNCTION cde."_serve"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_serve_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:135
--- cde::api::cde::_hold_iteration_lock
-CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:142
--- cde::api::cde::_worker_status
-CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
-	"running" bool,  /* bool */
-	"pid" INT,  /* Option < i32 > */
-	"state" TEXT,  /* String */
-	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"iterations" bigint,  /* i64 */
-	"documents_sent" bigint,  /* i64 */
-	"bytes_sent" bigint,  /* i64 */
-	"requests" bigint,  /* i64 */
-	"requests_failed" bigint,  /* i64 */
-	"reloads" bigint,  /* i64 */
-	"sync_builders" INT,  /* i32 */
-	"sync_builders_wanted" INT  /* i32 */
-)
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_worker_status_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:199
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:206
--- cde::destination::cde::_check_destination_options
-CREATE  FUNCTION cde."_check_destination_options"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS void
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:230
--- cde::destination::cde::_check_endpoint
-CREATE  FUNCTION cde."_check_endpoint"(
-	"endpoint" TEXT /* Option < & str > */
-) RETURNS void
-IMMUTABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_endpoint_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:244
--- cde::destination::cde::_destination_roles
-CREATE  FUNCTION cde."_destination_roles"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS TEXT[] /* Vec < String > */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/lib.rs:35
 -- requires:
 --   sync
@@ -2235,6 +2233,40 @@ COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/api.rs:19
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:179
+-- cde::trust::cde::_explain_as
+CREATE  FUNCTION cde."_explain_as"(
+	"role" oid, /* pg_sys :: Oid */
+	"search_path" TEXT, /* & str */
+	"query" TEXT, /* & str */
+	"keys" TEXT[] /* Vec < String > */
+) RETURNS TEXT /* Option < String > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_explain_as_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/capture.rs:25
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
 /* </end connected objects> */
@@ -2258,21 +2290,21 @@ CREATE FUNCTION cde."_capture"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/capture.rs:140
--- cde::capture::cde::_capture_row
-CREATE FUNCTION cde."_capture_row"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_row_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/capture.rs:79
 -- cde::capture::cde::_capture_keys
 CREATE FUNCTION cde."_capture_keys"()
 	RETURNS TRIGGER
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:111
+-- cde::capture::cde::_capture_row
+CREATE FUNCTION cde."_capture_row"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_row_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2793,38 +2825,6 @@ END $$;
 
 CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
     EXECUTE FUNCTION cde._on_drop_extension();
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:15
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:32
--- cde::locks::cde::_sync_state_lock
-CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -88,46 +88,17 @@ mod cde {
             _ => vec!["old_rows"],
         };
         let relid = unsafe { (*td.tg_relation).rd_id };
-        let queued: Vec<(String, Vec<String>)> = Spi::connect(|c| {
-            // The transition tables, by the names of the trigger's REFERENCING clause.
-            unsafe { pg_sys::SPI_register_trigger_data(td as *const _ as *mut _) };
-            let rows = c.select(
-                "SELECT DISTINCT ON (t.feed, t.keys) t.feed, format('SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL',
-                                                  cde._keys_query(f, t.keys, $2)),
-                        f.owner::oid, f.search_path
-                   FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-                  WHERE t.source_table = ANY (cde._ancestry($1)) AND t.feed = ANY ($3)
-                  ORDER BY t.feed, t.keys",
-                None,
-                &[relid.into(), sources.into(), feeds.into()],
-            )?;
-            let mut plans = Vec::new();
-            for r in rows {
-                plans.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                    r.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
-                    r.get::<String>(4)?.unwrap_or_default(),
-                ));
-            }
-            let mut out = Vec::new();
-            for (feed, query, owner, path) in plans {
-                let keys = crate::trust::as_role(owner, Some(&path), || {
-                    c.select(&query, Some(1), &[])?.first().get::<Vec<String>>(1)
-                })?;
-                if let Some(keys) = keys.filter(|k| !k.is_empty()) {
-                    out.push((feed, keys));
-                }
-            }
-            Ok::<_, pgrx::spi::SpiError>(out)
-        })
-        .unwrap_or_else(|e| error!("cde: capture: {e}"));
-        let groups: Vec<queue::Group> =
-            queued.iter().map(|(feed, keys)| (vec![feed.as_str()], Some(keys.clone()))).collect();
-        if !groups.is_empty() {
-            queue::append(&groups);
-        }
-        CHANGES_IN_XACT.store(true, Ordering::Relaxed);
+        queue_tracked_keys(
+            Some(td),
+            "SELECT DISTINCT ON (t.feed, t.keys) t.feed, format('SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL',
+                                              cde._keys_query(f, t.keys, $2)),
+                    f.owner::oid, f.search_path
+               FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+              WHERE t.source_table = ANY (cde._ancestry($1)) AND t.feed = ANY ($3)
+              ORDER BY t.feed, t.keys",
+            &[relid.into(), sources.into(), feeds.into()],
+            &[],
+        );
         Ok(None)
     }
 
@@ -154,48 +125,62 @@ mod cde {
             ((*rel).rd_id, (*(*rel).rd_rel).reltype, images)
         };
         let rows = (1..=images.len()).map(|i| format!("SELECT (${i}).*")).collect::<Vec<_>>().join(" UNION ALL ");
-        let queued: Vec<(String, Vec<String>)> = Spi::connect(|c| {
-            let found = c.select(
-                "SELECT DISTINCT ON (t.feed, t.keys) t.feed,
-                        format('WITH cde_row AS (%s) SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL',
-                               $3, cde._keys_query(f, t.keys, '{cde_row}')),
-                        f.owner::oid, f.search_path
-                   FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
-                  WHERE t.source_table = ANY (cde._ancestry($1)) AND t.feed = ANY ($2) AND t.replicated
-                  ORDER BY t.feed, t.keys",
-                None,
-                &[relid.into(), feeds.into(), rows.as_str().into()],
-            )?;
-            let mut plans = Vec::new();
-            for r in found {
-                plans.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                    r.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
-                    r.get::<String>(4)?.unwrap_or_default(),
-                ));
-            }
-            let args: Vec<pgrx::datum::DatumWithOid> =
-                images.iter().map(|d| unsafe { pgrx::datum::DatumWithOid::new(*d, reltype) }).collect();
-            let mut out = Vec::new();
-            for (feed, query, owner, path) in plans {
-                let keys =
-                    crate::trust::as_role(owner, Some(&path), || c.select(&query, Some(1), &args)?.first().get::<Vec<String>>(1))?;
-                if let Some(keys) = keys.filter(|k| !k.is_empty()) {
-                    out.push((feed, keys));
-                }
-            }
-            Ok::<_, pgrx::spi::SpiError>(out)
-        })
-        .unwrap_or_else(|e| error!("cde: capture: {e}"));
-        let groups: Vec<queue::Group> =
-            queued.iter().map(|(feed, keys)| (vec![feed.as_str()], Some(keys.clone()))).collect();
-        if !groups.is_empty() {
-            queue::append(&groups);
-        }
-        CHANGES_IN_XACT.store(true, Ordering::Relaxed);
+        let args: Vec<pgrx::datum::DatumWithOid> =
+            images.iter().map(|d| unsafe { pgrx::datum::DatumWithOid::new(*d, reltype) }).collect();
+        queue_tracked_keys(
+            None,
+            "SELECT DISTINCT ON (t.feed, t.keys) t.feed,
+                    format('WITH cde_row AS (%s) SELECT array_agg(DISTINCT k) FROM (%s) AS c(k) WHERE k IS NOT NULL',
+                           $3, cde._keys_query(f, t.keys, '{cde_row}')),
+                    f.owner::oid, f.search_path
+               FROM cde.tracks t JOIN cde.feeds f ON f.name = t.feed
+              WHERE t.source_table = ANY (cde._ancestry($1)) AND t.feed = ANY ($2) AND t.replicated
+              ORDER BY t.feed, t.keys",
+            &[relid.into(), feeds.into(), rows.as_str().into()],
+            &args,
+        );
         Ok(None)
     }
+}
+
+/// Queue the keys that tracks give: `plans` selects, per track, its feed, the query of its keys
+/// (cde._keys_query), the feed's owner and search_path; each query runs as that owner with
+/// `args`, over the statement's transition tables when `td` is given.
+fn queue_tracked_keys(
+    td: Option<&pg_sys::TriggerData>,
+    plans: &str,
+    plan_args: &[pgrx::datum::DatumWithOid],
+    args: &[pgrx::datum::DatumWithOid],
+) {
+    let queued: Vec<(String, Vec<String>)> = Spi::connect(|c| {
+        if let Some(td) = td {
+            // The transition tables, by the names of the trigger's REFERENCING clause.
+            unsafe { pg_sys::SPI_register_trigger_data(td as *const _ as *mut _) };
+        }
+        let mut found = Vec::new();
+        for r in c.select(plans, None, plan_args)? {
+            found.push((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::Oid::INVALID),
+                r.get::<String>(4)?.unwrap_or_default(),
+            ));
+        }
+        let mut out = Vec::new();
+        for (feed, query, owner, path) in found {
+            let keys = crate::trust::as_role(owner, Some(&path), || c.select(&query, Some(1), args)?.first().get::<Vec<String>>(1))?;
+            if let Some(keys) = keys.filter(|k| !k.is_empty()) {
+                out.push((feed, keys));
+            }
+        }
+        Ok::<_, pgrx::spi::SpiError>(out)
+    })
+    .unwrap_or_else(|e| error!("cde: capture: {e}"));
+    let groups: Vec<queue::Group> = queued.iter().map(|(feed, keys)| (vec![feed.as_str()], Some(keys.clone()))).collect();
+    if !groups.is_empty() {
+        queue::append(&groups);
+    }
+    CHANGES_IN_XACT.store(true, Ordering::Relaxed);
 }
 
 /// The text of `column` in the statement's changed rows: the new images, then the old ones that
