@@ -74,7 +74,7 @@ def load(db):
     db.execute("DROP EXTENSION IF EXISTS cde CASCADE")
     db.execute("CREATE EXTENSION cde")
     sink("POST", "/_sink/reset", b"")
-    if os.environ.get("CDE_BENCH_KEEP") == "1" and one(db, "SELECT to_regclass('products') IS NOT NULL") \
+    if os.environ.get("CDE_BENCH_KEEP") == "1" and one(db, "SELECT to_regclass('stock') IS NOT NULL") \
             and one(db, "SELECT count(*) FROM products") == SCALE:
         print(f"reusing the catalog of {SCALE} products (CDE_BENCH_KEEP=1)", flush=True)
         # Compacted, as if freshly loaded: each run's bulk updates leave the tables larger (a 1M
