@@ -23,15 +23,19 @@
 -- several columns, an expression is a list of as many ("product_id, store_id") and a SELECT
 -- returns as many columns, in the order of the feed's key columns; the key is made of them as the
 -- source query's is (cde._key_sql).
+-- Are these keys a query over "changed" (rather than NULL or an expression over the row)?
+CREATE FUNCTION cde._keys_are_query(keys text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$ SELECT keys ~* '^\s*(select|with)\s' $$;
+
 CREATE FUNCTION cde._keys_query(f cde.feeds, keys text, sources text[]) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
-        WHEN cardinality(f.key_columns) = 1 AND keys ~* '^\s*(select|with)\s' THEN
+        WHEN cardinality(f.key_columns) = 1 AND cde._keys_are_query(keys) THEN
             format('WITH changed AS (%s) SELECT (k)::text FROM (%s) AS x(k)', changed, keys)
         WHEN cardinality(f.key_columns) = 1 THEN
             (SELECT string_agg(format('SELECT (%s)::text FROM %I', coalesce(keys, quote_ident(f.key_columns[1])), s), ' UNION ALL ')
                FROM unnest(sources) AS s)
-        WHEN keys ~* '^\s*(select|with)\s' THEN
+        WHEN cde._keys_are_query(keys) THEN
             format('WITH changed AS (%s) SELECT %s FROM (%s) AS x(%s)', changed, composed, keys, aliases)
         ELSE
             (SELECT string_agg(format('SELECT %s FROM (SELECT %s FROM %I) AS x(%s)', composed,
@@ -58,7 +62,7 @@ DECLARE
 BEGIN
     IF n > 1 AND keys IS NOT NULL THEN
         probe := format('WITH changed AS (SELECT (NULL::%s).* LIMIT 0) SELECT count(*)::text FROM (%s) AS x',
-                        source_table, CASE WHEN keys ~* '^\s*(select|with)\s' THEN keys ELSE format('SELECT %s FROM changed', keys) END);
+                        source_table, CASE WHEN cde._keys_are_query(keys) THEN keys ELSE format('SELECT %s FROM changed', keys) END);
         FOREACH fits IN ARRAY ARRAY[true, false] LOOP
             BEGIN
                 PERFORM cde._query_as(f.owner, f.search_path,
@@ -224,9 +228,10 @@ DECLARE
     simple text;      -- cde._capture's arguments: 'feed', 'column', ...
     every  text;      -- the TRUNCATE trigger's: every feed tracking the table
     others text;      -- cde._capture_keys's: the feeds whose keys are not a plain column
-    replicas text;    -- the feeds that capture replicated writes too
+    replicas text[];  -- the feeds that capture replicated writes too
     names  text[];
     op     text;
+    partitioned boolean := (SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = tbl);
 BEGIN
     WITH t AS (
         SELECT DISTINCT t.feed, cde._key_column(f, tbl, t.keys) AS col
@@ -238,7 +243,7 @@ BEGIN
            (SELECT array_agg(DISTINCT feed ORDER BY feed) FROM t)
       INTO simple, every, others, names
       FROM t;
-    SELECT string_agg(DISTINCT format('%L', t.feed), ', ') INTO replicas
+    SELECT array_agg(DISTINCT t.feed ORDER BY t.feed) INTO replicas
       FROM cde.tracks t WHERE t.source_table = ANY (cde._ancestry(tbl)) AND t.replicated;
     IF names IS NULL THEN
         RETURN;
@@ -253,15 +258,17 @@ BEGIN
         END IF;
         -- Not on a partitioned table: PostgreSQL would copy a row trigger to its partitions, which
         -- have their own, and replication writes to the partitions anyway.
-        IF replicas IS NOT NULL AND (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) <> 'p' THEN
-            tgname := 'cde_capture_replica_' || op; call := format('cde._capture_row(%s)', replicas); RETURN NEXT;
+        IF replicas IS NOT NULL AND NOT partitioned THEN
+            tgname := 'cde_capture_replica_' || op;
+            call := format('cde._capture_row(%s)', (SELECT string_agg(format('%L', r), ', ' ORDER BY r) FROM unnest(replicas) AS r));
+            RETURN NEXT;
         END IF;
     END LOOP;
     tgname := 'cde_capture_trn'; call := format('cde._capture(%s)', every); RETURN NEXT;
     IF replicas IS NOT NULL THEN
-        SELECT string_agg(format('%L, %L', x.feed, ''), ', ' ORDER BY x.feed) INTO replicas
-          FROM (SELECT DISTINCT t.feed FROM cde.tracks t WHERE t.source_table = ANY (cde._ancestry(tbl)) AND t.replicated) AS x;
-        tgname := 'cde_capture_replica_trn'; call := format('cde._capture(%s)', replicas); RETURN NEXT;
+        tgname := 'cde_capture_replica_trn';
+        call := format('cde._capture(%s)', (SELECT string_agg(format('%L, %L', r, ''), ', ' ORDER BY r) FROM unnest(replicas) AS r));
+        RETURN NEXT;
     END IF;
 END $$;
 

@@ -60,17 +60,19 @@ BEGIN
             SELECT array_agg(a.key) AS keys FROM a GROUP BY (a.o - 1) / cde._chunk_size()
         ), b AS MATERIALIZED (
             SELECT s.key, cde._doc_hash(s.doc) AS hash FROM groups g, LATERAL cde._source($1, 'keys', g.keys) AS s
+        ), twice AS (
+            SELECT a.key, a.hash, b.hash AS again FROM a JOIN b USING (key)
         ), queued AS (
             SELECT DISTINCT u AS key FROM cde.queue q, unnest(q.keys) AS u WHERE q.feed = $1
             UNION SELECT x.key FROM cde.retries x WHERE x.feed = $1
         )
-        SELECT a.key, 'unstable' AS kind, NULL::bigint AS bytes, NULL::bigint AS age
-          FROM a JOIN b USING (key) WHERE a.hash IS DISTINCT FROM b.hash
+        SELECT w.key, 'unstable' AS kind, NULL::bigint AS bytes, NULL::bigint AS age
+          FROM twice w WHERE w.hash IS DISTINCT FROM w.again
         UNION ALL
-        SELECT a.key, 'stale', NULL, round(extract(epoch FROM now() - t.modified_at))::bigint
-          FROM a JOIN b USING (key) JOIN %s AS t ON t.key = a.key
-         WHERE a.hash IS NOT DISTINCT FROM b.hash AND t.hash IS DISTINCT FROM a.hash AND NOT t.deleted
-           AND NOT $3 AND NOT EXISTS (SELECT 1 FROM queued WHERE queued.key = a.key)
+        SELECT w.key, 'stale', NULL, round(extract(epoch FROM now() - t.modified_at))::bigint
+          FROM twice w JOIN %s AS t ON t.key = w.key
+         WHERE w.hash IS NOT DISTINCT FROM w.again AND t.hash IS DISTINCT FROM w.hash AND NOT t.deleted
+           AND NOT $3 AND NOT EXISTS (SELECT 1 FROM queued WHERE queued.key = w.key)
         UNION ALL
         SELECT a.key, 'large', a.bytes, NULL FROM a WHERE a.bytes > $4
         ORDER BY 2, 1$q$, f.feed_table)
