@@ -10,11 +10,14 @@
 --                                   column of the changed row, and for TRUNCATE of every feed;
 --   cde_capture_sql_ins/_upd/_del   cde._capture_keys(feed, ...), for feeds whose keys are an
 --                                   expression or a query over "changed".
--- Both are SECURITY DEFINER: an application role that may only write the table needs no right on
--- cde's objects, and its search_path changes nothing (cde._capture resolves no name at all,
--- cde._capture_keys has its own). The keys' SQL was written by the feed's owner and runs as that
--- role (src/trust.rs), with the feed's search_path: never with the writer's rights, nor the
--- extension owner's.
+-- An application role that may only write the table needs no right on cde's objects, and its
+-- search_path changes nothing. cde._capture runs as the writer: it resolves no name and its
+-- inserts into cde.queue check no right (src/queue.rs; its fallback INSERT runs as the queue's
+-- owner with a fixed search_path), so it needs no SECURITY DEFINER, whose switch of user and of
+-- search_path on every statement cost an eighth of the capture. cde._capture_keys (and
+-- cde._capture_row) are SECURITY DEFINER with their own search_path. The keys' SQL was written
+-- by the feed's owner and runs as that role (src/trust.rs), with the feed's search_path: never
+-- with the writer's rights, nor the extension owner's.
 
 -- What "keys" means: a query yielding one text column, the touched keys, over the transition
 -- tables named in "sources". Expressions read the tables directly (a cheap UNION ALL, no
@@ -146,8 +149,8 @@ END $fn$;
 COMMENT ON FUNCTION cde_track(text, regclass, text, boolean, bigint) IS
     'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
 
--- The Rust capture triggers run with the rights of the extension's owner (see above).
-ALTER FUNCTION cde._capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- cde._capture runs as the writer; the other two with the rights of the extension's owner (see
+-- above). None may be called by anyone else: creating a trigger needs EXECUTE on its function.
 ALTER FUNCTION cde._capture_keys() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION cde._capture_row() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION cde._capture(), cde._capture_keys(), cde._capture_row() FROM PUBLIC;

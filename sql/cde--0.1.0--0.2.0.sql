@@ -338,21 +338,77 @@ AS 'MODULE_PATHNAME', '_serve_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/collect.rs:12
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:26
+-- cde::collect::cde::_doc_hash
+CREATE  FUNCTION cde."_doc_hash"(
+	"doc" anyelement /* pgrx :: AnyElement */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:17
+-- cde::collect::cde::_chunk_size
+CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:7
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:15
+-- cde::sync::cde::_in_lane
+CREATE  FUNCTION cde."_in_lane"(
+	"key" TEXT, /* & str */
+	"lane" INT, /* i32 */
+	"lanes" INT /* i32 */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:21
+-- cde::sync::cde::_lane
+CREATE  FUNCTION cde."_lane"(
+	"key" TEXT, /* & str */
+	"lanes" INT /* i32 */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/trust.rs:123
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:172
--- cde::trust::cde::_query_as
-CREATE  FUNCTION cde."_query_as"(
+-- src/trust.rs:179
+-- cde::trust::cde::_explain_as
+CREATE  FUNCTION cde."_explain_as"(
 	"role" oid, /* pg_sys :: Oid */
 	"search_path" TEXT, /* & str */
-	"query" TEXT /* & str */
+	"query" TEXT, /* & str */
+	"keys" TEXT[] /* Vec < String > */
 ) RETURNS TEXT /* Option < String > */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_query_as_wrapper';
+AS 'MODULE_PATHNAME', '_explain_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -373,6 +429,39 @@ CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_ticket_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:19
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:172
+-- cde::trust::cde::_query_as
+CREATE  FUNCTION cde."_query_as"(
+	"role" oid, /* pg_sys :: Oid */
+	"search_path" TEXT, /* & str */
+	"query" TEXT /* & str */
+) RETURNS TEXT /* Option < String > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_query_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1680,65 +1769,6 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:19
--- cde::api::cde_sync_now
--- requires:
---   trust::cde::_ticket
---   trust::cde::_redeem
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL, /* Option < & str > */
-	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE 
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/trust.rs:179
--- cde::trust::cde::_explain_as
-CREATE  FUNCTION cde."_explain_as"(
-	"role" oid, /* pg_sys :: Oid */
-	"search_path" TEXT, /* & str */
-	"query" TEXT, /* & str */
-	"keys" TEXT[] /* Vec < String > */
-) RETURNS TEXT /* Option < String > */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_explain_as_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:12
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:26
--- cde::collect::cde::_doc_hash
-CREATE  FUNCTION cde."_doc_hash"(
-	"doc" anyelement /* pgrx :: AnyElement */
-) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:17
--- cde::collect::cde::_chunk_size
-CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/capture.rs:25
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::capture::cde */
 /* </end connected objects> */
@@ -1753,16 +1783,16 @@ AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/capture.rs:40
--- cde::capture::cde::_capture
-CREATE FUNCTION cde."_capture"()
+-- src/capture.rs:110
+-- cde::capture::cde::_capture_row
+CREATE FUNCTION cde."_capture_row"()
 	RETURNS TRIGGER
 	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_wrapper';
+	AS 'MODULE_PATHNAME', '_capture_row_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/capture.rs:79
+-- src/capture.rs:78
 -- cde::capture::cde::_capture_keys
 CREATE FUNCTION cde."_capture_keys"()
 	RETURNS TRIGGER
@@ -1771,12 +1801,12 @@ CREATE FUNCTION cde."_capture_keys"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/capture.rs:111
--- cde::capture::cde::_capture_row
-CREATE FUNCTION cde."_capture_row"()
+-- src/capture.rs:39
+-- cde::capture::cde::_capture
+CREATE FUNCTION cde."_capture"()
 	RETURNS TRIGGER
 	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_row_wrapper';
+	AS 'MODULE_PATHNAME', '_capture_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1799,11 +1829,14 @@ CREATE FUNCTION cde."_capture_row"()
 --                                   column of the changed row, and for TRUNCATE of every feed;
 --   cde_capture_sql_ins/_upd/_del   cde._capture_keys(feed, ...), for feeds whose keys are an
 --                                   expression or a query over "changed".
--- Both are SECURITY DEFINER: an application role that may only write the table needs no right on
--- cde's objects, and its search_path changes nothing (cde._capture resolves no name at all,
--- cde._capture_keys has its own). The keys' SQL was written by the feed's owner and runs as that
--- role (src/trust.rs), with the feed's search_path: never with the writer's rights, nor the
--- extension owner's.
+-- An application role that may only write the table needs no right on cde's objects, and its
+-- search_path changes nothing. cde._capture runs as the writer: it resolves no name and its
+-- inserts into cde.queue check no right (src/queue.rs; its fallback INSERT runs as the queue's
+-- owner with a fixed search_path), so it needs no SECURITY DEFINER, whose switch of user and of
+-- search_path on every statement cost an eighth of the capture. cde._capture_keys (and
+-- cde._capture_row) are SECURITY DEFINER with their own search_path. The keys' SQL was written
+-- by the feed's owner and runs as that role (src/trust.rs), with the feed's search_path: never
+-- with the writer's rights, nor the extension owner's.
 
 -- What "keys" means: a query yielding one text column, the touched keys, over the transition
 -- tables named in "sources". Expressions read the tables directly (a cheap UNION ALL, no
@@ -1935,8 +1968,8 @@ END $fn$;
 COMMENT ON FUNCTION cde_track(text, regclass, text, boolean, bigint) IS
     'Capture changes to a table as changed keys of a feed (statement-level triggers with transition tables)';
 
--- The Rust capture triggers run with the rights of the extension's owner (see above).
-ALTER FUNCTION cde._capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- cde._capture runs as the writer; the other two with the rights of the extension's owner (see
+-- above). None may be called by anyone else: creating a trigger needs EXECUTE on its function.
 ALTER FUNCTION cde._capture_keys() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION cde._capture_row() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION cde._capture(), cde._capture_keys(), cde._capture_row() FROM PUBLIC;
@@ -2307,51 +2340,8 @@ CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DR
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:15
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:32
--- cde::locks::cde::_sync_state_lock
-CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/destination.rs:199
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:244
--- cde::destination::cde::_destination_roles
-CREATE  FUNCTION cde."_destination_roles"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS TEXT[] /* Vec < String > */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2374,6 +2364,17 @@ CREATE  FUNCTION cde."_check_endpoint"(
 IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_check_endpoint_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:244
+-- cde::destination::cde::_destination_roles
+CREATE  FUNCTION cde."_destination_roles"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS TEXT[] /* Vec < String > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2807,33 +2808,35 @@ COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sync.rs:7
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+-- src/locks.rs:15
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sync.rs:21
--- cde::sync::cde::_lane
-CREATE  FUNCTION cde."_lane"(
-	"key" TEXT, /* & str */
-	"lanes" INT /* i32 */
-) RETURNS INT /* i32 */
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lane_wrapper';
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sync.rs:15
--- cde::sync::cde::_in_lane
-CREATE  FUNCTION cde."_in_lane"(
-	"key" TEXT, /* & str */
-	"lane" INT, /* i32 */
-	"lanes" INT /* i32 */
-) RETURNS bool /* bool */
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:32
+-- cde::locks::cde::_sync_state_lock
+CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -8,7 +8,7 @@
 //! appends one row per feed to `cde.queue` (`src/queue.rs`, without the executor). That is what
 //! a generated PL/pgSQL function did before, without its interpreter, its SQL over the
 //! transition tables and its `SET search_path`. Feeds whose keys are an expression or a query
-//! over `changed` keep a generated PL/pgSQL trigger.
+//! over `changed` take `cde._capture_keys()`, below.
 //!
 //! Waking the worker: NOTIFY would do it but takes a global lock at commit that serialises every
 //! writer. Instead a capture sets a backend-local flag; a transaction callback sets the worker's
@@ -34,9 +34,8 @@ mod cde {
         true
     }
 
-    /// The capture trigger for column keys (see the module's comment). SECURITY DEFINER (set in
-    /// sql/capture.sql): an application role that may only write the table needs no right on
-    /// cde.queue.
+    /// The capture trigger for column keys (see the module's comment). It runs as the writer,
+    /// which needs no right on cde.queue: the direct append checks none (src/queue.rs).
     #[pg_trigger]
     fn _capture<'a>(
         trigger: &'a pgrx::PgTrigger<'a>,

@@ -13,6 +13,13 @@
 //! columns, expression, partial or exclusion indexes, deferred uniqueness. Each append checks that `cde.queue` is still the table `sql/schema.sql`
 //! made (a few name and flag comparisons); if someone altered it, appends go through the
 //! prepared INSERT instead, which honours whatever was added.
+//!
+//! It runs as the writer (`cde._capture` is not SECURITY DEFINER: switching user and pinning
+//! search_path for every statement was an eighth of the capture's cost, docs/benchmarks.md) and
+//! checks no right: opening a table, taking the identity's next value without its check
+//! (`nextval_internal`, as the executor does for identity columns) and inserting heap and index
+//! tuples look at no privilege and resolve no name. The INSERT of the fallback path does both,
+//! so it runs as the queue's owner with a fixed search_path.
 
 use crate::collect::CHUNK_KEYS;
 use pgrx::pg_sys;
@@ -21,11 +28,17 @@ use pgrx::spi::OwnedPreparedStatement;
 use std::cell::{Cell, OnceCell};
 use std::ffi::CStr;
 
+unsafe extern "C-unwind" {
+    // commands/sequence.h, the same from PostgreSQL 15 to 18; not in pgrx's bindings.
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
 thread_local! {
+    // The queue and its schema, by oid: found by name once, then checked on each open.
+    static QUEUE: Cell<(pg_sys::Oid, pg_sys::Oid)> = const { Cell::new((pg_sys::Oid::INVALID, pg_sys::Oid::INVALID)) };
     // The queue's identity sequence, by the queue's oid: looking it up scans pg_depend.
     static SEQUENCE: Cell<(pg_sys::Oid, pg_sys::Oid)> = const { Cell::new((pg_sys::Oid::INVALID, pg_sys::Oid::INVALID)) };
-    // The fallback, prepared once per backend. Schema-qualified, with typed parameters and
-    // nothing else to resolve: safe in a SECURITY DEFINER function without a fixed search_path.
+    // The fallback, prepared once per backend: every name qualified, parameters typed.
     static INSERT: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
 }
 
@@ -62,12 +75,8 @@ fn rows<'g>(groups: &'g [Group]) -> impl Iterator<Item = (&'g [&'g str], Option<
 
 /// The direct path; false (having written nothing) when `cde.queue` is not the table it knows.
 unsafe fn append_direct(groups: &[Group]) -> bool {
-    let relid = pg_sys::get_relname_relid(c"queue".as_ptr(), pg_sys::get_namespace_oid(c"cde".as_ptr(), false));
-    if relid == pg_sys::Oid::INVALID {
-        error!("cde: table cde.queue is missing; the extension is damaged (DROP and CREATE EXTENSION cde)");
-    }
-    let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-    let Some((attnums, sequence, indexes)) = plain_target(rel, relid) else {
+    let rel = open_queue();
+    let Some((attnums, sequence, indexes)) = plain_target(rel, (*rel).rd_id) else {
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         return false;
     };
@@ -80,9 +89,10 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
             let mut elems: Vec<pg_sys::Datum> = keys.iter().map(|k| text(k)).collect();
             pg_sys::Datum::from(pg_sys::construct_array_builtin(elems.as_mut_ptr(), elems.len() as i32, pg_sys::TEXTOID))
         });
+        // One id for the row of each feed: (feed, id) stays unique, and a statement pays for
+        // one call of the sequence whatever the number of feeds.
+        let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
         for feed in feeds {
-            let id = pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])
-                .expect("nextval returns a value");
             let row: [Option<pg_sys::Datum>; 5] = [
                 Some(pg_sys::Datum::from(id)),
                 Some(text(feed)),
@@ -108,6 +118,33 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
     // The lock stays to the end of the transaction, as an INSERT's would.
     pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     true
+}
+
+/// `cde.queue`, opened for insertion (RowExclusiveLock, as an INSERT takes). Its oid is kept
+/// from the first lookup by name while the relation under it is still `queue` in schema `cde`
+/// (the extension dropped and created again gives new oids).
+unsafe fn open_queue() -> pg_sys::Relation {
+    let (nsp, relid) = QUEUE.with(Cell::get);
+    if relid != pg_sys::Oid::INVALID {
+        let rel = pg_sys::try_relation_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if !rel.is_null() {
+            let class = &*(*rel).rd_rel;
+            if class.relnamespace == nsp
+                && class.relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
+                && CStr::from_ptr(class.relname.data.as_ptr()).to_bytes() == b"queue"
+            {
+                return rel;
+            }
+            pg_sys::relation_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        }
+    }
+    let nsp = pg_sys::get_namespace_oid(c"cde".as_ptr(), true);
+    let relid = if nsp == pg_sys::Oid::INVALID { nsp } else { pg_sys::get_relname_relid(c"queue".as_ptr(), nsp) };
+    if relid == pg_sys::Oid::INVALID {
+        error!("cde: table cde.queue is missing; the extension is damaged (DROP and CREATE EXTENSION cde)");
+    }
+    QUEUE.with(|q| q.set((nsp, relid)));
+    pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE)
 }
 
 /// What the direct path needs of `rel`, if it is still the plain table sql/schema.sql made: the
@@ -185,17 +222,26 @@ unsafe fn identity_sequence(rel: pg_sys::Relation, relid: pg_sys::Oid, attnum: p
     })
 }
 
-/// The INSERT the direct path stands for.
+/// The INSERT the direct path stands for, as the queue's owner (see the module's comment).
 fn append_sql(feeds: &[&str], keys: Option<&[String]>) {
-    Spi::connect_mut(|c| {
-        INSERT.with(|cell| {
-            if cell.get().is_none() {
-                let sql = "INSERT INTO cde.queue (feed, keys, all_keys) SELECT f, $2, $2 IS NULL FROM unnest($1::text[]) AS f";
-                let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
-                let _ = cell.set(c.prepare_mut(sql, &[text_array, text_array])?.keep());
-            }
-            let plan = cell.get().expect("prepared above");
-            c.update(plan, None, &[feeds.to_vec().into(), keys.map(<[String]>::to_vec).into()]).map(|_| ())
+    let owner = unsafe {
+        let rel = open_queue();
+        let owner = (*(*rel).rd_rel).relowner;
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        owner
+    };
+    crate::trust::as_role(owner, Some("pg_catalog, pg_temp"), || {
+        Spi::connect_mut(|c| {
+            INSERT.with(|cell| {
+                if cell.get().is_none() {
+                    let sql = "INSERT INTO cde.queue (feed, keys, all_keys) \
+                               SELECT f, $2, $2 IS NULL FROM pg_catalog.unnest($1::pg_catalog.text[]) AS f";
+                    let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+                    let _ = cell.set(c.prepare_mut(sql, &[text_array, text_array])?.keep());
+                }
+                let plan = cell.get().expect("prepared above");
+                c.update(plan, None, &[feeds.to_vec().into(), keys.map(<[String]>::to_vec).into()]).map(|_| ())
+            })
         })
     })
     .unwrap_or_else(|e| error!("cde: capture could not queue keys of feeds {feeds:?}: {e}"));

@@ -155,15 +155,21 @@ impl State {
         })
     }
 
-    fn snapshot(&self, feed: Option<&str>) -> Value {
+    /// The documents held, of `feed` if given, and of `keys` only if given (a benchmark polls a
+    /// few keys among hundreds of thousands).
+    fn snapshot(&self, feed: Option<&str>, keys: Option<&[&str]>) -> Value {
         let mut feeds = Map::new();
         for (name, m) in &self.docs {
             if feed.is_some_and(|f| f != name) {
                 continue;
             }
             let mut items = Map::new();
-            for (k, e) in m {
+            let mut add = |k: &String, e: &Entry| {
                 items.insert(k.clone(), json!({"deleted": e.deleted, "data": e.data, "received": e.received}));
+            };
+            match keys {
+                Some(keys) => keys.iter().filter_map(|k| m.get_key_value(*k)).for_each(|(k, e)| add(k, e)),
+                None => m.iter().for_each(|(k, e)| add(k, e)),
             }
             feeds.insert(name.clone(), Value::Object(items));
         }
@@ -193,7 +199,10 @@ fn handle_admin(state: &Mutex<State>, req: &Request, what: &str) -> Reply {
     let mut s = state.lock().unwrap();
     match (req.method.as_str(), what) {
         ("GET", "health") => json_reply(200, &json!({"ok": true})),
-        ("GET", "state") => json_reply(200, &s.snapshot(query_param(&req.query, "feed"))),
+        ("GET", "state") => {
+            let keys: Option<Vec<&str>> = query_param(&req.query, "keys").map(|k| k.split(',').collect());
+            json_reply(200, &s.snapshot(query_param(&req.query, "feed"), keys.as_deref()))
+        }
         ("GET", "log") => {
             let since: usize = query_param(&req.query, "since").and_then(|v| v.parse().ok()).unwrap_or(0);
             let reqs: Vec<Value> = s.log.iter().skip(since).cloned().collect();
@@ -422,9 +431,11 @@ mod tests {
         let s = Mutex::new(State::new(None));
         assert_eq!(post(&s, "/ingest/products", TWO, &[]).0, 200);
         assert_eq!(post(&s, "/ingest/products", r#"[{"key":"1","deleted":false,"data":{"a":2}}]"#, &[]).0, 200);
-        let st = s.lock().unwrap().snapshot(Some("products"));
+        let st = s.lock().unwrap().snapshot(Some("products"), None);
         assert_eq!(st["feeds"]["products"]["1"]["data"], json!({"a": 2}));
         assert_eq!(st["feeds"]["products"]["2"]["deleted"], json!(true));
+        let some = s.lock().unwrap().snapshot(Some("products"), Some(&["2", "7"]));
+        assert_eq!(some["feeds"]["products"], json!({"2": {"deleted": true, "data": null, "received": st["feeds"]["products"]["2"]["received"]}}));
     }
 
     #[test]
