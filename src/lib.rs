@@ -62,6 +62,7 @@ mod worker;
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     capture::init();
+    queue::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         launcher::register();

@@ -29,8 +29,15 @@ use std::cell::{Cell, OnceCell};
 use std::ffi::CStr;
 
 unsafe extern "C-unwind" {
-    // commands/sequence.h, the same from PostgreSQL 15 to 18; not in pgrx's bindings.
+    // commands/sequence.h, unchanged since PostgreSQL 10; not in pgrx's bindings. Called only
+    // through `next_id`, which guards it (`#[pg_guard]` on a foreign block needs pgrx-pg-sys).
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
+/// The sequence's next value without a check of the caller's rights, as the executor takes it
+/// for an identity column; an ERROR in it becomes a Rust panic, as in any pg_sys call.
+fn next_id(sequence: pg_sys::Oid) -> i64 {
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false)) }
 }
 
 thread_local! {
@@ -91,7 +98,7 @@ unsafe fn append_direct(groups: &[Group]) -> bool {
         });
         // One id for the row of each feed: (feed, id) stays unique, and a statement pays for
         // one call of the sequence whatever the number of feeds.
-        let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
+        let id = next_id(sequence);
         for feed in feeds {
             let row: [Option<pg_sys::Datum>; 5] = [
                 Some(pg_sys::Datum::from(id)),
@@ -186,7 +193,11 @@ unsafe fn text(s: &str) -> pg_sys::Datum {
 /// those columns and no other, and nothing the executor would have to apply on insert.
 unsafe fn plain_shape(rel: pg_sys::Relation) -> Option<[pg_sys::AttrNumber; 5]> {
     let class = &*(*rel).rd_rel;
-    if class.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char || class.relhastriggers || class.relrowsecurity {
+    if class.relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
+        || class.relhastriggers
+        || class.relhasrules
+        || class.relrowsecurity
+    {
         return None;
     }
     let desc = (*rel).rd_att;
@@ -206,7 +217,9 @@ unsafe fn plain_shape(rel: pg_sys::Relation) -> Option<[pg_sys::AttrNumber; 5]> 
 }
 
 /// The sequence of the queue's identity column, if it still has one. Cached by the queue's oid
-/// (looking it up scans pg_depend); a new queue (the extension created again) has a new oid.
+/// (looking it up scans pg_depend) until the queue's relcache entry is invalidated (an ALTER
+/// TABLE of it, its identity dropped or made again: see [`init`]); a new queue (the extension
+/// created again) has a new oid.
 unsafe fn identity_sequence(rel: pg_sys::Relation, relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> Option<pg_sys::Oid> {
     SEQUENCE.with(|cached| {
         let (cached_relid, seq) = cached.get();
@@ -245,4 +258,19 @@ fn append_sql(feeds: &[&str], keys: Option<&[String]>) {
         })
     })
     .unwrap_or_else(|e| error!("cde: capture could not queue keys of feeds {feeds:?}: {e}"));
+}
+
+/// Forget the queue's oid and sequence when its relcache entry is invalidated (or all are), so
+/// that the next append looks them up again rather than use a sequence since dropped.
+pub fn init() {
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_queue), pg_sys::Datum::from(0)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_queue(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let (_, queue) = QUEUE.with(Cell::get);
+    if relid == pg_sys::Oid::INVALID || relid == queue {
+        QUEUE.with(|q| q.set((pg_sys::Oid::INVALID, pg_sys::Oid::INVALID)));
+        SEQUENCE.with(|s| s.set((pg_sys::Oid::INVALID, pg_sys::Oid::INVALID)));
+    }
 }

@@ -19,8 +19,9 @@ RESET ROLE;
 -- direct one, as the queue's owner, and the writer's search_path still reaches nothing.
 CREATE FUNCTION regress_shadow.who() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE NOTICE 'a queue row inserted by the queue''s owner: %',
-        current_user = (SELECT relowner::regrole::text FROM pg_class WHERE oid = 'cde.queue'::regclass);
+    RAISE NOTICE 'a queue row inserted by the queue''s owner: %, with search_path %',
+        current_user = (SELECT relowner::regrole::text FROM pg_class WHERE oid = 'cde.queue'::regclass),
+        current_setting('search_path');
     RETURN NEW;
 END $$;
 CREATE TRIGGER regress_who BEFORE INSERT ON cde.queue FOR EACH ROW EXECUTE FUNCTION regress_shadow.who();

@@ -81,6 +81,10 @@ SELECT cde._query_as('postgres'::regrole, 'public', 'SELECT 1');
 SELECT cde._enqueue('orders', '{1}');
 SELECT cde._collect('orders');
 SELECT cde._hold_iteration_lock();
+-- Nor attach cde's capture trigger to a table of its own, to queue keys of any feed it names.
+CREATE TABLE regress_evil.mine (id int);
+CREATE TRIGGER mine AFTER UPDATE ON regress_evil.mine REFERENCING NEW TABLE AS n
+    FOR EACH STATEMENT EXECUTE FUNCTION cde._capture('orders', 'id');
 -- Nor track cde's own tables, or a table on which it has no TRIGGER right.
 SELECT cde_track('orders', 'cde.queue');
 SELECT cde_track('orders', 'secrets');
