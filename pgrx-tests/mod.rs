@@ -148,12 +148,16 @@ mod tests {
                 Spi::get_one::<bool>(&format!("SELECT has_function_privilege('public', '{f}', 'EXECUTE')")).unwrap().unwrap();
             assert!(!public_exec, "{f}");
         }
-        // The capture triggers run as the extension's owner, and nobody else may call them.
-        let capture = Spi::get_two::<bool, bool>(
-            "SELECT prosecdef, has_function_privilege('public', oid, 'EXECUTE') FROM pg_proc WHERE oid = 'cde._capture()'::regprocedure",
-        )
-        .unwrap();
-        assert_eq!(capture, (Some(true), Some(false)));
+        // The capture trigger for column keys runs as the writer (it checks no right and resolves
+        // no name: src/queue.rs); the one for keys that are SQL as the extension's owner. Nobody
+        // else may call either.
+        for (f, definer) in [("cde._capture()", false), ("cde._capture_keys()", true)] {
+            let capture = Spi::get_two::<bool, bool>(&format!(
+                "SELECT prosecdef, has_function_privilege('public', oid, 'EXECUTE') FROM pg_proc WHERE oid = '{f}'::regprocedure"
+            ))
+            .unwrap();
+            assert_eq!(capture, (Some(definer), Some(false)), "{f}");
+        }
     }
 
     /// What the capture trigger appended to cde.queue for feed items, read through `index` only
