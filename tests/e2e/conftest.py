@@ -195,6 +195,9 @@ def fresh_catalog(db, products=200):
     db.run("ALTER SYSTEM RESET ALL")
     db.run("SET client_min_messages = warning")
     db.run("DROP EXTENSION IF EXISTS cde CASCADE")
+    # The previous test's worker may deliver until the drop (a retry falling due, say). DROP
+    # EXTENSION waits for requests in flight, so from here the sink holds only this test's.
+    Sink(SINK).reset()
     db.run("CREATE EXTENSION cde")
     db.script(CATALOG / "schema.sql", products=products)
     db.script(CATALOG / "feeds.sql")
