@@ -56,10 +56,9 @@ BEGIN
         keys := 0; changed := 0; deleted := 0;
         RETURN;
     END IF;
-    -- Not while a full sync step builds (see cde._sync_step_lock): wait for it to commit, and
-    -- keep the next from starting until this transaction commits. The rebuild below then sees
-    -- what the step wrote, and the next step sees what this collect writes.
-    PERFORM pg_advisory_xact_lock(cde._sync_step_lock());
+    -- A full sync step may be building the same keys: neither waits for the other. Of the two,
+    -- the one that writes a row second leaves it if it cannot see who wrote it, and queues the
+    -- key again (cde._rebuild, cde._unseen).
     IF everything THEN
         -- A TRUNCATE, or a new definition: every key may have changed. That is a full sync's
         -- job (chunked, resumable); if one already runs for this feed, rebuild in place.

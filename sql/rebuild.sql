@@ -21,6 +21,11 @@ LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'cde_source';
 COMMENT ON FUNCTION cde._source(text, text, text[], text, int, int, int) IS
     'A feed''s source query (cde._source_sql) run as the feed''s owner: key, document, order';
 
+-- Whether a feed-table row version was written by a transaction the rebuilding statement cannot
+-- see (src/collect.rs says why); remembers such keys for cde._unseen_keys().
+CREATE FUNCTION cde._unseen(xmin xid, key text) RETURNS boolean
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'cde_unseen';
+
 -- The source query of a feed in the shape of a mode. Parameters: $1 keys (text[]), $2 after
 -- (text), $3 n (int), $4 lane (int), $5 lanes (int). Keys are compared in the key columns' own
 -- types, so that the planner uses the underlying table's index: one column with "= ANY", several
@@ -89,7 +94,10 @@ END $$;
 --   mode 'chunk_dry' the same counts, nothing written
 --   mode 'count'     how many rows the source has (a full sync's plan), in "built"
 -- A changed document (or a deleted key's return) becomes pending; an unchanged one keeps its
--- state and is not sent again. JIT is off: each call plans anew for its keys, and compiling every
+-- state and is not sent again. A row written since the statement's snapshot (a full sync step
+-- and a collect rebuilding the same key at once) is left as it is: its document may be newer
+-- than the one built here. Its key is queued again, for a collect to rebuild from a snapshot
+-- that sees it (cde._unseen, cde._requeue_unseen); so no lock keeps collects and steps apart. JIT is off: each call plans anew for its keys, and compiling every
 -- such plan cost more than it saved (docs/benchmarks.md).
 CREATE FUNCTION cde._rebuild(feed text, keys text[], mode text DEFAULT 'apply', after text DEFAULT NULL,
                              n int DEFAULT 0, lane int DEFAULT 0, lanes int DEFAULT 1,
@@ -98,17 +106,19 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 DECLARE
     f      cde.feeds := cde._feed(feed);
     tbl    text := f.feed_table::text;
+    -- "%%s": what else makes a row worth writing again, in the mode's own words.
     upsert text := format($q$
         INSERT INTO %s AS f (key, doc, hash)
         SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL
         ON CONFLICT (key) DO UPDATE
            SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
                http_status = NULL, error = NULL, attempts = 0, modified_at = now()
-         WHERE f.hash IS DISTINCT FROM excluded.hash OR f.deleted$q$, tbl);
+         WHERE NOT cde._unseen(f.xmin, f.key) AND (f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%s)$q$, tbl);
     -- A key gone from the source: a pending deletion.
     gone   text := $q$doc = NULL, hash = NULL, deleted = true, status = 'pending',
                       http_status = NULL, error = NULL, attempts = 0, modified_at = now()$q$;
 BEGIN
+    PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     CASE mode
     WHEN 'apply' THEN
         -- "gone": the keys the source did not return with a document. Given a list of keys, they
@@ -125,10 +135,11 @@ BEGIN
                  WHERE ($2 IS NULL OR f.key = ANY (ARRAY(SELECT unnest($2) EXCEPT SELECT src.key FROM src WHERE src.doc IS NOT NULL)))
                    AND NOT f.deleted
                    AND ($2 IS NOT NULL OR NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL))
+                   AND NOT cde._unseen(f.xmin, f.key)
                 RETURNING 1
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone)$q$,
-            upsert, tbl, gone)
+            format(upsert, ''), tbl, gone)
           INTO built, changed, deleted USING f.name, keys;
     WHEN 'gone', 'gone_dry' THEN
         -- Keys the source returns with a NULL document were made deletions when their chunk was
@@ -143,7 +154,7 @@ BEGIN
             ), gone AS (
                 UPDATE %1$s AS f
                    SET %2$s
-                  FROM missing WHERE NOT $4 AND f.key = missing.key
+                  FROM missing WHERE NOT $4 AND f.key = missing.key AND NOT cde._unseen(f.xmin, f.key)
                 RETURNING 1
             )
             SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END,
@@ -157,17 +168,17 @@ BEGIN
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5)
             ), built AS (
                 %1$s
-                    OR cde._failed(f.status)
                 RETURNING 1
             ), gone AS (
                 UPDATE %2$s AS f
                    SET %3$s
                   FROM src WHERE src.doc IS NULL AND f.key = src.key AND NOT f.deleted
+                   AND NOT cde._unseen(f.xmin, f.key)
                 RETURNING 1
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone),
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1)$q$,
-            upsert, tbl, gone)
+            format(upsert, ' OR cde._failed(f.status)'), tbl, gone)
           INTO built, changed, deleted, last_key USING f.name, after, n, lane, lanes;
     WHEN 'chunk_dry' THEN
         EXECUTE format($q$
@@ -185,4 +196,17 @@ BEGIN
     ELSE
         RAISE EXCEPTION 'cde._rebuild: unknown mode %', mode;
     END CASE;
+    PERFORM cde._requeue_unseen(f.name);
 END $fn$;
+
+-- Queue again the keys whose rows a rebuild left because it could not see who wrote them.
+CREATE FUNCTION cde._requeue_unseen(feed text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    unseen text[] := cde._unseen_keys();
+BEGIN
+    IF unseen IS NOT NULL THEN
+        INSERT INTO cde.queue (feed, keys) VALUES (_requeue_unseen.feed, unseen);
+        PERFORM cde._changes_recorded();
+    END IF;
+END $$;

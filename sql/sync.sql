@@ -92,10 +92,9 @@ COMMENT ON FUNCTION cde_cancel_sync(bigint, bigint) IS 'Cancel a full sync run; 
 
 -- The advisory locks (their keys: cde._sync_step_lock(), cde._sync_state_lock(), src/locks.rs).
 -- Full sync steps take the step lock shared: the sync builders (src/builder.rs), the worker and
--- cde_sync_now() build lanes side by side. Collecting takes it exclusively (sql/collect.sql): a
--- step builds documents from its own snapshot, and a collect committed in the middle of a step
--- could otherwise see its newer document overwritten by the step's older one. DROP EXTENSION
--- waits for it as well (sql/capture.sql). Steps that change a run's state (count the plan, start
+-- cde_sync_now() build lanes side by side, and DROP EXTENSION takes it exclusively to wait for
+-- them (sql/capture.sql). Collects take no lock against steps: a rebuild never overwrites a row
+-- its snapshot cannot see (cde._rebuild). Steps that change a run's state (count the plan, start
 -- or close a phase, the deletion pass) also take the state lock: one such step at a time, beside
 -- the lanes' chunks. docs/architecture.md, "Locks", has them all.
 

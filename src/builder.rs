@@ -7,10 +7,9 @@
 //! phase is split into as many lanes (sql/sync.sql), and each builder takes steps on a lane no
 //! other holds until none is left or the run waits for the send pass (or ends), waking the worker
 //! after each chunk, and exits. Chunk steps hold the step lock shared, so builders build side by
-//! side; steps that change the run's state take a second lock, one at a time; the worker's
-//! collects take the step lock exclusively: a step and a collect never overlap, so a step's
-//! document, built from its snapshot, never overwrites a newer one collected meanwhile. A builder
-//! waits for those locks (a collect is short) rather than exit.
+//! side; steps that change the run's state take a second lock, one at a time. The worker's
+//! collects go on meanwhile: neither a step nor a collect overwrites a row written since its
+//! snapshot (cde._rebuild). A builder waits for those locks rather than exit.
 
 use crate::engine::Txn;
 use crate::shmem;

@@ -19,6 +19,13 @@ mod cde {
         super::CHUNK_KEYS as i32
     }
 
+    /// The keys `cde._unseen` met since the last call (NULL: none), forgotten once returned.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _unseen_keys() -> Option<Vec<String>> {
+        let keys = std::mem::take(&mut *super::UNSEEN.lock().unwrap_or_else(|e| e.into_inner()));
+        (!keys.is_empty()).then_some(keys)
+    }
+
     /// The hash of a document, over its binary form (see cde_protocol::document_hash): no text is
     /// rendered, unlike md5(doc::text), which a full sync paid for on every document
     /// (docs/benchmarks.md, "Decisions and their measurements").
@@ -34,6 +41,42 @@ mod cde {
             cde_protocol::document_hash(bytes)
         }
     }
+}
+
+/// Keys whose row `cde._unseen` found written by a transaction the statement could not see: the
+/// rebuild that met them queues them again (`cde._unseen_keys`). One backend's, one statement's.
+static UNSEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// `cde._unseen(xmin xid, key text)`: whether the feed-table row version a rebuild is about to
+/// overwrite was written by a transaction that the rebuilding statement's snapshot does not see.
+///
+/// A rebuild builds its documents from its statement's snapshot (`cde._source` runs the source
+/// query in it), and a full sync step and a collect may rebuild the same key at once. Whichever
+/// writes second would put the older document over the newer one if it wrote regardless; it
+/// leaves the row as it is instead, and the key is queued again (`cde._unseen_keys`), so that a
+/// collect rebuilds it from a snapshot that sees both. Called in the `WHERE` of the rebuild's
+/// upserts and updates, where the row is the newest committed version, locked.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cde_unseen(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let xmin = pg_sys::TransactionId::from_inner(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0).value() as u32);
+        // Our own writes (and frozen or bootstrap versions) are seen; otherwise the snapshot says.
+        let unseen = pg_sys::TransactionIdIsNormal(xmin)
+            && !pg_sys::TransactionIdIsCurrentTransactionId(xmin)
+            && pg_sys::XidInMVCCSnapshot(xmin, pg_sys::GetActiveSnapshot());
+        if unseen {
+            let key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1).unwrap_or_default().to_string();
+            UNSEEN.lock().unwrap_or_else(|e| e.into_inner()).push(key);
+        }
+        pg_sys::Datum::from(unseen)
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn pg_finfo_cde_unseen() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
 }
 
 #[derive(Debug, Default)]

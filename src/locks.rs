@@ -7,7 +7,7 @@ use pgrx::prelude::*;
 /// One iteration at a time: the worker's (session lock, for the iteration), `cde_sync_now()`'s
 /// and each `CALL cde_deliver()` step's (transaction lock), DROP EXTENSION's.
 pub const ITERATION: i64 = 0x6364_6500;
-/// Full sync steps (shared) against collects and DROP EXTENSION (exclusive).
+/// Full sync steps (shared) against DROP EXTENSION (exclusive).
 pub const SYNC_STEP: i64 = 0x6364_6501;
 /// Steps that change a run's state: one at a time.
 pub const SYNC_STATE: i64 = 0x6364_6502;

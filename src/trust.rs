@@ -276,13 +276,15 @@ pub unsafe extern "C-unwind" fn cde_source(fcinfo: pg_sys::FunctionCallInfo) -> 
             if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
                 error!("cde._source: SPI_connect failed");
             }
+            // Read-only: in the calling statement's snapshot, not a newer one of its own. The
+            // rebuild compares the rows it overwrites against that snapshot (cde._unseen).
             let rc = pg_sys::SPI_execute_with_args(
                 sql.as_ptr(),
                 5,
                 types.as_mut_ptr(),
                 values.as_mut_ptr(),
                 nulls.as_ptr(),
-                false,
+                true,
                 0,
             );
             if rc != pg_sys::SPI_OK_SELECT as i32 {
