@@ -292,8 +292,65 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/api.rs:127
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:142
+-- cde::api::cde::_worker_status
+CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
+	"running" bool,  /* bool */
+	"pid" INT,  /* Option < i32 > */
+	"state" TEXT,  /* String */
+	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"iterations" bigint,  /* i64 */
+	"documents_sent" bigint,  /* i64 */
+	"bytes_sent" bigint,  /* i64 */
+	"requests" bigint,  /* i64 */
+	"requests_failed" bigint,  /* i64 */
+	"reloads" bigint,  /* i64 */
+	"sync_builders" INT,  /* i32 */
+	"sync_builders_wanted" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_worker_status_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:135
+-- cde::api::cde::_hold_iteration_lock
+CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:203
+-- cde::api::cde::_serve
+CREATE  FUNCTION cde."_serve"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_serve_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/collect.rs:12
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/collect.rs:33
+-- cde::collect::cde::_doc_hash
+CREATE  FUNCTION cde."_doc_hash"(
+	"doc" anyelement /* pgrx :: AnyElement */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -315,51 +372,30 @@ AS 'MODULE_PATHNAME', '_unseen_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/collect.rs:33
--- cde::collect::cde::_doc_hash
-CREATE  FUNCTION cde."_doc_hash"(
-	"doc" anyelement /* pgrx :: AnyElement */
-) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:15
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:32
--- cde::locks::cde::_sync_state_lock
-CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/trust.rs:123
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:172
+-- cde::trust::cde::_query_as
+CREATE  FUNCTION cde."_query_as"(
+	"role" oid, /* pg_sys :: Oid */
+	"search_path" TEXT, /* & str */
+	"query" TEXT /* & str */
+) RETURNS TEXT /* Option < String > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_query_as_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:130
+-- cde::trust::cde::_ticket
+CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_ticket_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -377,15 +413,6 @@ AS 'MODULE_PATHNAME', '_explain_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/trust.rs:130
--- cde::trust::cde::_ticket
-CREATE  FUNCTION cde."_ticket"() RETURNS bigint /* i64 */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_ticket_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/trust.rs:155
 -- cde::trust::cde::_redeem
 CREATE  FUNCTION cde."_redeem"(
@@ -394,39 +421,6 @@ CREATE  FUNCTION cde."_redeem"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_redeem_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:19
--- cde::api::cde_sync_now
--- requires:
---   trust::cde::_ticket
---   trust::cde::_redeem
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL, /* Option < & str > */
-	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE 
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/trust.rs:172
--- cde::trust::cde::_query_as
-CREATE  FUNCTION cde."_query_as"(
-	"role" oid, /* pg_sys :: Oid */
-	"search_path" TEXT, /* & str */
-	"query" TEXT /* & str */
-) RETURNS TEXT /* Option < String > */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_query_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -931,10 +925,12 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 DECLARE
     f      cde.feeds := cde._feed(feed);
     tbl    text := f.feed_table::text;
-    -- "%%s": what else makes a row worth writing again, in the mode's own words.
+    -- "%%s": what else makes a row worth writing again, in the mode's own words. In key order: a
+    -- step and a collect writing the same keys at once lock them in the same order, so that
+    -- neither waits for the other while it holds a row the other waits for (a deadlock).
     upsert text := format($q$
         INSERT INTO %s AS f (key, doc, hash)
-        SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL
+        SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL ORDER BY key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
            SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
                http_status = NULL, error = NULL, attempts = 0, modified_at = now()
@@ -1756,79 +1752,23 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/sync.rs:7
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:21
--- cde::sync::cde::_lane
-CREATE  FUNCTION cde."_lane"(
-	"key" TEXT, /* & str */
-	"lanes" INT /* i32 */
-) RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:15
--- cde::sync::cde::_in_lane
-CREATE  FUNCTION cde."_in_lane"(
-	"key" TEXT, /* & str */
-	"lane" INT, /* i32 */
-	"lanes" INT /* i32 */
-) RETURNS bool /* bool */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_in_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:127
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:203
--- cde::api::cde::_serve
-CREATE  FUNCTION cde."_serve"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_serve_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:142
--- cde::api::cde::_worker_status
-CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
-	"running" bool,  /* bool */
-	"pid" INT,  /* Option < i32 > */
-	"state" TEXT,  /* String */
-	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"iterations" bigint,  /* i64 */
-	"documents_sent" bigint,  /* i64 */
-	"bytes_sent" bigint,  /* i64 */
-	"requests" bigint,  /* i64 */
-	"requests_failed" bigint,  /* i64 */
-	"reloads" bigint,  /* i64 */
-	"sync_builders" INT,  /* i32 */
-	"sync_builders_wanted" INT  /* i32 */
+-- src/api.rs:19
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
 )
-STRICT VOLATILE PARALLEL SAFE
+VOLATILE PARALLEL UNSAFE 
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_worker_status_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:135
--- cde::api::cde::_hold_iteration_lock
-CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1843,6 +1783,15 @@ CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:39
+-- cde::capture::cde::_capture
+CREATE FUNCTION cde."_capture"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1861,15 +1810,6 @@ CREATE FUNCTION cde."_capture_row"()
 	RETURNS TRIGGER
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_capture_row_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:39
--- cde::capture::cde::_capture
-CREATE FUNCTION cde."_capture"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2408,6 +2348,17 @@ CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/destination.rs:206
+-- cde::destination::cde::_check_destination_options
+CREATE  FUNCTION cde."_check_destination_options"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS void
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/destination.rs:230
 -- cde::destination::cde::_check_endpoint
 CREATE  FUNCTION cde."_check_endpoint"(
@@ -2427,17 +2378,6 @@ CREATE  FUNCTION cde."_destination_roles"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:206
--- cde::destination::cde::_check_destination_options
-CREATE  FUNCTION cde."_check_destination_options"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS void
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2868,6 +2808,68 @@ END $fn$;
 
 COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
     'What would make a feed misbehave: NULL or duplicate keys, documents that differ between builds or are too large, rebuilds that scan a table';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:15
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:32
+-- cde::locks::cde::_sync_state_lock
+CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:7
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:21
+-- cde::sync::cde::_lane
+CREATE  FUNCTION cde."_lane"(
+	"key" TEXT, /* & str */
+	"lanes" INT /* i32 */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:15
+-- cde::sync::cde::_in_lane
+CREATE  FUNCTION cde."_in_lane"(
+	"key" TEXT, /* & str */
+	"lane" INT, /* i32 */
+	"lanes" INT /* i32 */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_in_lane_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -106,10 +106,12 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 DECLARE
     f      cde.feeds := cde._feed(feed);
     tbl    text := f.feed_table::text;
-    -- "%%s": what else makes a row worth writing again, in the mode's own words.
+    -- "%%s": what else makes a row worth writing again, in the mode's own words. In key order: a
+    -- step and a collect writing the same keys at once lock them in the same order, so that
+    -- neither waits for the other while it holds a row the other waits for (a deadlock).
     upsert text := format($q$
         INSERT INTO %s AS f (key, doc, hash)
-        SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL
+        SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL ORDER BY key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
            SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
                http_status = NULL, error = NULL, attempts = 0, modified_at = now()

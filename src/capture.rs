@@ -261,7 +261,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
             if CHANGES_IN_XACT.swap(false, Ordering::Relaxed) {
-                shmem::wake_worker();
+                shmem::changes_committed();
             }
             if SERVE_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 shmem::request_worker();

@@ -44,6 +44,9 @@ pub struct WorkerShared {
     pub requests_failed: AtomicU64,
     /// Settings reloads (SIGHUP) the worker has processed: lets a test wait for one.
     pub reloads: AtomicU64,
+    /// Commits that queued changes (counted before they wake the worker). While builders run a
+    /// full sync the worker takes its time between iterations, except for these.
+    pub commits: AtomicU64,
     /// Sessions waiting for the iteration lock (cde_sync_now(), CALL cde_deliver(), DROP
     /// EXTENSION): the worker starts no new send pass and releases the lock once what it has out
     /// came back (see `locks::take_iteration_lock`).
@@ -69,6 +72,7 @@ impl Default for WorkerShared {
             bytes_sent: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             requests_failed: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             lock_waiters: AtomicU32::new(0),
             builders_wanted: AtomicU32::new(0),
@@ -194,6 +198,14 @@ pub fn lock_wanted() -> bool {
 /// Set the latch of this database's worker, if one runs.
 pub fn wake_worker() {
     if let Some(w) = worker() {
+        set_latch(&w.latch);
+    }
+}
+
+/// A commit queued changes: count it, and wake this database's worker.
+pub fn changes_committed() {
+    if let Some(w) = worker() {
+        w.commits.fetch_add(1, Ordering::Release);
         set_latch(&w.latch);
     }
 }

@@ -39,10 +39,14 @@ const MAX_DEFER: Duration = Duration::from_secs(1);
 
 /// The same while builders run a full sync and slices are out with the destinations: the main
 /// thread then serves their passes (records, reads the next slice) rather than collect after
-/// every builder step, which cost a full sync a sixth of its speed on two cores. Only then: with
-/// it whenever a slice was out, a single change waited for the gap behind the sending of others
-/// (commit-to-sink p50 47 ms, p99 104 ms at 200 changes/s; docs/benchmarks.md).
+/// every builder step, which cost a full sync a sixth of its speed on two cores. Only then, and
+/// only for the builders' wakes: with it whenever a slice was out, a single change waited for the
+/// gap behind the sending of others (commit-to-sink p50 47 ms, p99 104 ms at 200 changes/s), and
+/// during a full sync behind the builders (docs/benchmarks.md).
 const BUSY_ITERATION_GAP: Duration = Duration::from_millis(100);
+
+/// How often the worker looks for commits of changes during that gap.
+const COMMITS_CHECK: Duration = Duration::from_millis(5);
 
 /// Time given to full sync steps per iteration, before the feeds' own collect and send.
 const SYNC_BUDGET: Duration = Duration::from_millis(500);
@@ -94,6 +98,7 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
     let mut w = Worker::new(Own.run(Settings::read), shared);
     let mut more = true; // look for work at once after a (re)start
     let mut last_start = Instant::now();
+    let mut commits_seen = shared.commits.load(Ordering::Acquire);
     let mut first = true;
     loop {
         // Woken by a commit (the latch), the poll interval, or a sender thread with a posted slice.
@@ -108,16 +113,23 @@ pub extern "C-unwind" fn cde_worker_main(arg: pg_sys::Datum) {
             // short gap so that one iteration takes many changes at once instead of one each.
             // The slices that come back meanwhile are recorded, and their passes go on: a sender
             // never waits for the gap.
+            // While builders run, the longer gap holds for their wakes, not for a commit that
+            // queued changes (counted in `commits`): one arriving during the gap ends it.
             let busy = w.pump.in_flight() > 0 && w.builders.alive();
-            let until = last_start + if busy { BUSY_ITERATION_GAP } else { MIN_ITERATION_GAP };
-            while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            loop {
+                let changed = shared.commits.load(Ordering::Acquire) != commits_seen;
+                let gap = if busy && !changed { BUSY_ITERATION_GAP } else { MIN_ITERATION_GAP };
+                let Some(left) = (last_start + gap).checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                    break;
+                };
                 if w.pump.in_flight() == 0 {
-                    std::thread::sleep(left);
-                } else if wait_for_slices(left, w.pump.wake_fd()) {
+                    std::thread::sleep(left.min(COMMITS_CHECK));
+                } else if wait_for_slices(left.min(COMMITS_CHECK), w.pump.wake_fd()) {
                     heard_more |= w.hear();
                 }
             }
             last_start = Instant::now();
+            commits_seen = shared.commits.load(Ordering::Acquire);
         }
         if unsafe { pg_sys::ShutdownRequestPending } != 0 {
             break;
