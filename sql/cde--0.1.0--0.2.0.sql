@@ -916,8 +916,9 @@ END $$;
 -- state and is not sent again. A row written since the statement's snapshot (a full sync step
 -- and a collect rebuilding the same key at once) is left as it is: its document may be newer
 -- than the one built here. Its key is queued again, for a collect to rebuild from a snapshot
--- that sees it (cde._unseen, cde._requeue_unseen); so no lock keeps collects and steps apart. JIT is off: each call plans anew for its keys, and compiling every
--- such plan cost more than it saved (docs/benchmarks.md).
+-- that sees it (cde._unseen, cde._requeue_unseen); so no lock keeps collects and steps apart.
+-- JIT is off: each call plans anew for its keys, and compiling every such plan cost more than it
+-- saved (docs/benchmarks.md).
 CREATE FUNCTION cde._rebuild(feed text, keys text[], mode text DEFAULT 'apply', after text DEFAULT NULL,
                              n int DEFAULT 0, lane int DEFAULT 0, lanes int DEFAULT 1,
                              OUT built bigint, OUT changed bigint, OUT deleted bigint, OUT last_key text)
