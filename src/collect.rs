@@ -61,16 +61,27 @@ static UNSEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new())
 pub unsafe extern "C-unwind" fn cde_unseen(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
         let xmin = pg_sys::TransactionId::from_inner(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0).value() as u32);
-        // Our own writes (and frozen or bootstrap versions) are seen; otherwise the snapshot says.
+        // Our own writes (and bootstrap versions) are seen; otherwise the snapshot says, for a
+        // writer that began before the next xid to be assigned. A row's xmin is the xid it was
+        // written with, kept when it is frozen: untouched for 2^31 transactions or more, it reads
+        // as a future xid, which the snapshot would call unseen, every time (the key queued again
+        // for ever, its row never rewritten). Asked last: the snapshot says seen for nearly all.
         let unseen = pg_sys::TransactionIdIsNormal(xmin)
             && !pg_sys::TransactionIdIsCurrentTransactionId(xmin)
-            && pg_sys::XidInMVCCSnapshot(xmin, pg_sys::GetActiveSnapshot());
+            && pg_sys::XidInMVCCSnapshot(xmin, pg_sys::GetActiveSnapshot())
+            && pg_sys::TransactionIdPrecedes(xmin, next_xid());
         if unseen {
             let key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1).unwrap_or_default().to_string();
             UNSEEN.lock().unwrap_or_else(|e| e.into_inner()).push(key);
         }
         pg_sys::Datum::from(unseen)
     }
+}
+
+/// The next xid to be assigned, 32 bits of it.
+fn next_xid() -> pg_sys::TransactionId {
+    let full = unsafe { pg_sys::ReadNextFullTransactionId() };
+    pg_sys::TransactionId::from_inner(full.value as u32)
 }
 
 #[unsafe(no_mangle)]
