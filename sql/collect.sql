@@ -48,8 +48,9 @@ BEGIN
          WHERE q.feed = f.name AND q.id <= (SELECT max(slice.id) FROM slice)
         RETURNING q.keys, q.all_keys
     )
+    -- In byte order, as the rebuilds write rows (cde._rebuild): chunk after chunk too.
     SELECT count(*), coalesce(bool_or(all_keys), false),
-           (SELECT array_agg(DISTINCT u) FROM taken t2, unnest(t2.keys) AS u)
+           (SELECT array_agg(DISTINCT u COLLATE "C" ORDER BY u COLLATE "C") FROM taken t2, unnest(t2.keys) AS u)
       INTO drained, everything, key_set
       FROM taken;
     IF drained = 0 THEN

@@ -274,6 +274,9 @@ BEGIN
                         USING ERRCODE = 'undefined_column', DETAIL = SQLERRM;
                 END IF;
                 RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
+            WHEN feature_not_supported THEN   -- "SELECT FOR UPDATE is not allowed in a non-volatile function"
+                RAISE EXCEPTION 'cde: the source query of feed % does not only read: %', feed, SQLERRM USING ERRCODE = SQLSTATE,
+                    HINT = 'A source query runs read-only, in the snapshot of the statement that builds the documents: no FOR UPDATE or FOR SHARE, no data-modifying WITH.';
             WHEN OTHERS THEN
                 RAISE EXCEPTION 'cde: the source query of feed % does not run: %', feed, SQLERRM USING ERRCODE = SQLSTATE;
         END;

@@ -127,23 +127,42 @@ BEGIN
         -- "gone": the keys the source did not return with a document. Given a list of keys, they
         -- are found in the list itself (keys EXCEPT built keys), not by probing the feed table
         -- for every key (docs/benchmarks.md).
+        -- While a full sync of the feed runs, a gone key with no row may yet get one from a step
+        -- whose snapshot still saw it, after this commits: a deletion row ("tomb") is written
+        -- for it then, which that step's write meets and leaves (cde._unseen), or which meets
+        -- the step's own uncommitted row and waits for it. Outside full syncs no step writes.
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'keys', $2)
             ), built AS (
                 %1$s
                 RETURNING 1
+            ), missing AS MATERIALIZED (
+                SELECT unnest($2) AS key EXCEPT SELECT src.key FROM src WHERE src.doc IS NOT NULL
             ), gone AS (
                 UPDATE %2$s AS f
                    SET %3$s
-                 WHERE ($2 IS NULL OR f.key = ANY (ARRAY(SELECT unnest($2) EXCEPT SELECT src.key FROM src WHERE src.doc IS NOT NULL)))
+                 WHERE ($2 IS NULL OR f.key = ANY (ARRAY(SELECT missing.key FROM missing)))
                    AND NOT f.deleted
                    AND ($2 IS NOT NULL OR NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL))
                    AND NOT cde._unseen(f.xmin, f.key)
                 RETURNING 1
+            ), tomb AS (
+                INSERT INTO %2$s AS f (key, doc, hash, deleted)
+                SELECT m.key, NULL, NULL, true FROM missing m
+                 WHERE $3 AND NOT EXISTS (SELECT 1 FROM %2$s AS t WHERE t.key = m.key)
+                 ORDER BY m.key COLLATE "C"
+                ON CONFLICT (key) DO UPDATE
+                   SET %3$s
+                 WHERE NOT f.deleted AND NOT cde._unseen(f.xmin, f.key)
+                RETURNING 1
             )
-            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone)$q$,
+            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built),
+                   (SELECT count(*) FROM gone) + (SELECT count(*) FROM tomb)$q$,
             format(upsert, ''), tbl, gone)
-          INTO built, changed, deleted USING f.name, keys;
+          INTO built, changed, deleted
+          USING f.name, keys,
+                keys IS NOT NULL AND EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
+                                              WHERE p.feed = f.name AND cde._active(r.status));
     WHEN 'gone', 'gone_dry' THEN
         -- Keys the source returns with a NULL document were made deletions when their chunk was
         -- built; here only keys the source no longer has are left.
@@ -209,7 +228,8 @@ DECLARE
     unseen text[] := cde._unseen_keys();
 BEGIN
     IF unseen IS NOT NULL THEN
-        INSERT INTO cde.queue (feed, keys) VALUES (_requeue_unseen.feed, unseen);
+        -- A key may have been met twice (an upsert's row, then a deletion's).
+        PERFORM cde._enqueue(_requeue_unseen.feed, ARRAY(SELECT DISTINCT k FROM unnest(unseen) AS k));
         PERFORM cde._changes_recorded();
     END IF;
 END $$;

@@ -60,6 +60,9 @@ static UNSEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new())
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn cde_unseen(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
+        if !pg_sys::ActiveSnapshotSet() {
+            error!("cde._unseen: called with no active snapshot (it belongs in a rebuild's statement)");
+        }
         let xmin = pg_sys::TransactionId::from_inner(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0).value() as u32);
         // Our own writes (and bootstrap versions) are seen; otherwise the snapshot says, for a
         // writer that began before the next xid to be assigned. A row's xmin is the xid it was

@@ -190,8 +190,10 @@ fn first_value_as(role: pg_sys::Oid, search_path: &str, query: &str, keys: Optio
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             error!("cde._query_as: SPI_connect failed");
         }
+        // Read-only, as a source query runs when it builds (cde._source): a query that locks or
+        // writes rows is refused at registration, not at its first build.
         let rc = match keys {
-            None => pg_sys::SPI_execute(sql.as_ptr(), false, 1),
+            None => pg_sys::SPI_execute(sql.as_ptr(), true, 1),
             Some(keys) => {
                 let mut types = [pg_sys::TEXTARRAYOID];
                 let mut values = [keys.into_datum().unwrap_or(pg_sys::Datum::from(0usize))];

@@ -31,6 +31,7 @@ SELECT cde_register_feed(NULL, 'SELECT 1 AS id');
 SELECT cde_register_feed('a', 'SELECT 1 AS id', mode => 'sometimes');
 SELECT cde_register_feed('a', 'SELEC 1 AS id');
 SELECT cde_register_feed('a', 'SELECT * FROM no_such_table');
+SELECT cde_register_feed('a', 'SELECT id, name FROM categories FOR UPDATE');
 SELECT cde_register_feed('a', 'SELECT 1 AS ident');
 SELECT cde_register_feed('a', 'SELECT 1 AS id', key_column => 'sku');
 SELECT cde_register_feed('a', '');
