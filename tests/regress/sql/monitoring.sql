@@ -108,6 +108,15 @@ SELECT * FROM counts_agree();
 SELECT * FROM cde._housekeep(-1, -1);
 SELECT * FROM cde._housekeep(0, -1);
 SELECT key, deleted, status FROM cde.feed_products WHERE deleted ORDER BY key;
+-- None while a full sync of the feed runs: a step that still sees a deleted key would write its
+-- document again where the deletion was (cde._rebuild).
+UPDATE cde.feed_products SET deleted = true, doc = NULL, status = 'sent', sent_at = now() - interval '8 days'
+ WHERE key = '4';
+INSERT INTO cde.sync_runs (feeds, status) VALUES ('{products}', 'executing') RETURNING id AS syncing \gset
+INSERT INTO cde.sync_phases (run_id, feed, ordinal) VALUES (:syncing, 'products', 0);
+SELECT tombstones FROM cde._housekeep(0, -1);
+DELETE FROM cde.sync_runs WHERE id = :syncing;
+SELECT tombstones FROM cde._housekeep(0, -1);
 
 -- History: runs that ended longer ago than cde.history_retention go, with their phases and
 -- events; a run still going and the last one to end stay, however old.
