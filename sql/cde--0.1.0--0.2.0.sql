@@ -292,101 +292,70 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:127
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
+-- src/locks.rs:15
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:142
--- cde::api::cde::_worker_status
-CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
-	"running" bool,  /* bool */
-	"pid" INT,  /* Option < i32 > */
-	"state" TEXT,  /* String */
-	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"iterations" bigint,  /* i64 */
-	"documents_sent" bigint,  /* i64 */
-	"bytes_sent" bigint,  /* i64 */
-	"requests" bigint,  /* i64 */
-	"requests_failed" bigint,  /* i64 */
-	"reloads" bigint,  /* i64 */
-	"sync_builders" INT,  /* i32 */
-	"sync_builders_wanted" INT  /* i32 */
-)
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_worker_status_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:135
--- cde::api::cde::_hold_iteration_lock
-CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:203
--- cde::api::cde::_serve
-CREATE  FUNCTION cde."_serve"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_serve_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:12
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/collect.rs:33
--- cde::collect::cde::_doc_hash
-CREATE  FUNCTION cde."_doc_hash"(
-	"doc" anyelement /* pgrx :: AnyElement */
-) RETURNS TEXT /* String */
+-- src/locks.rs:32
+-- cde::locks::cde::_sync_state_lock
+CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
+AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/collect.rs:17
--- cde::collect::cde::_chunk_size
-CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
+-- src/locks.rs:26
+-- cde::locks::cde::_sync_step_lock
+CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
+AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/collect.rs:23
--- cde::collect::cde::_unseen_keys
-CREATE  FUNCTION cde."_unseen_keys"() RETURNS TEXT[] /* :: std :: option :: Option < Vec < String > > */
-STRICT VOLATILE PARALLEL UNSAFE
+-- src/locks.rs:20
+-- cde::locks::cde::_iteration_lock
+CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_unseen_keys_wrapper';
+AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:7
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:15
+-- cde::sync::cde::_in_lane
+CREATE  FUNCTION cde."_in_lane"(
+	"key" TEXT, /* & str */
+	"lane" INT, /* i32 */
+	"lanes" INT /* i32 */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/sync.rs:21
+-- cde::sync::cde::_lane
+CREATE  FUNCTION cde."_lane"(
+	"key" TEXT, /* & str */
+	"lanes" INT /* i32 */
+) RETURNS INT /* i32 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lane_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
 -- src/trust.rs:123
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::trust::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/trust.rs:172
--- cde::trust::cde::_query_as
-CREATE  FUNCTION cde."_query_as"(
-	"role" oid, /* pg_sys :: Oid */
-	"search_path" TEXT, /* & str */
-	"query" TEXT /* & str */
-) RETURNS TEXT /* Option < String > */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_query_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -421,6 +390,39 @@ CREATE  FUNCTION cde."_redeem"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_redeem_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:19
+-- cde::api::cde_sync_now
+-- requires:
+--   trust::cde::_ticket
+--   trust::cde::_redeem
+CREATE  FUNCTION "cde_sync_now"(
+	"feed" TEXT DEFAULT NULL, /* Option < & str > */
+	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
+) RETURNS TABLE (
+	"feed" TEXT,  /* String */
+	"collected" bigint,  /* i64 */
+	"sent" bigint,  /* i64 */
+	"failed" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/trust.rs:172
+-- cde::trust::cde::_query_as
+CREATE  FUNCTION cde."_query_as"(
+	"role" oid, /* pg_sys :: Oid */
+	"search_path" TEXT, /* & str */
+	"query" TEXT /* & str */
+) RETURNS TEXT /* Option < String > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_query_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1777,23 +1779,522 @@ COMMENT ON VIEW cde_sync_runs IS 'Full sync runs: status, current phase, per-fee
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:19
--- cde::api::cde_sync_now
--- requires:
---   trust::cde::_ticket
---   trust::cde::_redeem
-CREATE  FUNCTION "cde_sync_now"(
-	"feed" TEXT DEFAULT NULL, /* Option < & str > */
-	"ticket" bigint DEFAULT cde._ticket() /* Option < i64 > */
-) RETURNS TABLE (
-	"feed" TEXT,  /* String */
-	"collected" bigint,  /* i64 */
-	"sent" bigint,  /* i64 */
-	"failed" bigint  /* i64 */
-)
-VOLATILE PARALLEL UNSAFE 
+-- src/destination.rs:199
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:206
+-- cde::destination::cde::_check_destination_options
+CREATE  FUNCTION cde."_check_destination_options"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS void
+STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'cde_sync_now_wrapper';
+AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:230
+-- cde::destination::cde::_check_endpoint
+CREATE  FUNCTION cde."_check_endpoint"(
+	"endpoint" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_endpoint_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/destination.rs:244
+-- cde::destination::cde::_destination_roles
+CREATE  FUNCTION cde."_destination_roles"(
+	"options" jsonb /* pgrx :: JsonB */
+) RETURNS TEXT[] /* Vec < String > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:35
+-- requires:
+--   sync
+--   destination::cde::_check_destination_options
+--   destination::cde::_destination_roles
+--   destination::cde::_check_endpoint
+
+-- Destinations: where feeds are sent, with which credentials and within which limits
+-- (docs/operations.md, "Destinations"). A superuser's to set: the workers are superusers, and a
+-- destination says which files the server reads (its key, its signing secret) and where the
+-- feeds' documents go. Delegated admins use the ones whose `roles` option names them.
+
+-- May a feed of this owner send to this destination? The default one (NULL): yes, as in 0.1.0.
+-- Another: a superuser's feed, or one whose owner is a member of a role of its `roles` (resolved
+-- to role OIDs when the destination is set: a role dropped and created again under the same name
+-- is not the one named). The one rule for registration and for every iteration of the worker.
+CREATE FUNCTION cde._may_use_destination(owner regrole, destination text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT destination IS NULL
+        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = owner), false)
+        OR EXISTS (SELECT 1 FROM cde.destinations d, unnest(d.roles) AS u(role)
+                    WHERE d.name = destination
+                      AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = u.role)
+                      AND pg_catalog.pg_has_role(owner::oid, u.role::oid, 'USAGE'))
+$$;
+
+-- A destination the caller's feeds may use, or an error that says why not. NULL and 'default'
+-- are cde.endpoint's.
+CREATE FUNCTION cde._usable_destination(destination text, caller regrole) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF destination IS NULL OR destination = 'default' THEN
+        RETURN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cde.destinations x WHERE x.name = destination) THEN
+        RAISE EXCEPTION 'cde: unknown destination %', quote_literal(destination)
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'A superuser creates it with cde_set_destination(name, endpoint, options); SELECT name FROM cde_destinations lists them.';
+    END IF;
+    IF NOT cde._may_use_destination(caller, destination) THEN
+        RAISE EXCEPTION 'cde: permission denied for destination %', destination
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('A superuser lets role %s use it: cde_set_destination(%L, endpoint, options || ''{"roles": ["%s"]}'').',
+                                caller, destination, caller);
+    END IF;
+END $$;
+
+-- Only a superuser: checked here too, should the function ever be granted to another role.
+CREATE FUNCTION cde._require_superuser(what text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), false) THEN
+        RAISE EXCEPTION 'cde: only a superuser may %', what
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A destination names files the server reads and where documents go: the workers, superusers, act on it.';
+    END IF;
+END $$;
+
+CREATE FUNCTION cde_set_destination(destination text, endpoint text, options jsonb DEFAULT '{}') RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r text;
+    roles regrole[] := '{}';
+    losing text;
+BEGIN
+    PERFORM cde._require_superuser('set a destination');
+    IF destination = 'default' THEN
+        RAISE EXCEPTION 'cde: destination default is the server''s: cde.endpoint and cde.api_key_file'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'ALTER SYSTEM SET cde.endpoint = ...; SELECT pg_reload_conf(); or give this destination another name.';
+    END IF;
+    IF destination IS NULL OR destination !~ '^[a-z][a-z0-9_]{0,47}$' THEN
+        RAISE EXCEPTION 'cde: invalid destination name %', coalesce(quote_literal(destination), 'NULL')
+            USING ERRCODE = 'invalid_name',
+                  HINT = 'A destination name is a plain lower-case identifier: a letter, then letters, digits or _, at most 48 characters.';
+    END IF;
+    PERFORM cde._check_endpoint(endpoint);
+    PERFORM cde._check_destination_options(coalesce(options, '{}'));
+    FOREACH r IN ARRAY cde._destination_roles(coalesce(options, '{}')) LOOP
+        IF to_regrole(quote_ident(r)) IS NULL THEN   -- the name as written, not case-folded
+            RAISE EXCEPTION 'cde: option roles of destination %: role % does not exist', destination, quote_ident(r)
+                USING ERRCODE = 'undefined_object';
+        END IF;
+        roles := roles || to_regrole(quote_ident(r));
+    END LOOP;
+    -- Set again, it is released from a hold or a 410, and every secret file is read again.
+    INSERT INTO cde.destinations AS d (name, endpoint, options, roles)
+    VALUES (destination, rtrim(endpoint, '/'), coalesce(options, '{}'), roles)
+    ON CONFLICT (name) DO UPDATE
+       SET endpoint = excluded.endpoint, options = excluded.options, roles = excluded.roles, updated_at = clock_timestamp(),
+           held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL,
+           disabled_at = NULL, disabled_error = NULL, failing_since = NULL;
+    SELECT string_agg(f.name, ', ' ORDER BY f.name) INTO losing
+      FROM cde.feeds f WHERE f.destination = cde_set_destination.destination AND NOT cde._may_use_destination(f.owner, f.destination);
+    IF losing IS NOT NULL THEN
+        RAISE WARNING 'cde: feeds % may no longer use destination %: their owners are in none of its roles; they are not sent until that changes', losing, destination;
+    END IF;
+    PERFORM cde._changes_recorded();   -- the worker looks at once
+END $$;
+
+REVOKE ALL ON FUNCTION cde_set_destination(text, text, jsonb) FROM PUBLIC;
+COMMENT ON FUNCTION cde_set_destination(text, text, jsonb) IS
+    'Create or update a destination: its endpoint and options (key and signing secret files, limits, headers)';
+
+CREATE FUNCTION cde_drop_destination(destination text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    users text;
+BEGIN
+    PERFORM cde._require_superuser('drop a destination');
+    IF destination = 'default' THEN
+        RAISE EXCEPTION 'cde: destination default is the server''s and cannot be dropped'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Empty cde.endpoint to send nothing.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM cde.destinations d WHERE d.name = destination) THEN
+        RAISE EXCEPTION 'cde: unknown destination %', coalesce(quote_literal(destination), 'NULL')
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT string_agg(f.name, ', ' ORDER BY f.name) INTO users FROM cde.feeds f WHERE f.destination = cde_drop_destination.destination;
+    IF users IS NOT NULL THEN
+        RAISE EXCEPTION 'cde: destination % is used by feeds %', destination, users
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Register those feeds with another destination (cde_register_feed(..., destination => ...)) or drop them first.';
+    END IF;
+    DELETE FROM cde.destinations d WHERE d.name = destination;
+END $$;
+
+REVOKE ALL ON FUNCTION cde_drop_destination(text) FROM PUBLIC;
+COMMENT ON FUNCTION cde_drop_destination(text) IS 'Drop a destination no feed uses';
+
+-- The worker's bookkeeping (src/worker.rs, src/deliver.rs).
+
+-- A posted slice's requests, and whether the destination answered (2xx, or a 4xx about items).
+CREATE FUNCTION cde._destination_answered(p_name text, p_requests bigint, p_failed bigint, p_status int, p_error text, p_ok boolean)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE cde.destinations SET
+        requests        = requests + p_requests,
+        requests_failed = requests_failed + p_failed,
+        last_status     = coalesce(p_status, last_status),
+        last_error      = CASE WHEN p_ok THEN last_error ELSE coalesce(p_error, last_error) END,
+        last_error_at   = CASE WHEN p_ok OR p_error IS NULL THEN last_error_at ELSE now() END,
+        last_success_at = CASE WHEN p_ok THEN now() ELSE last_success_at END,
+        failing_since   = CASE WHEN p_ok THEN NULL ELSE coalesce(failing_since, now()) END
+     WHERE name = p_name AND p_requests > 0
+$$;
+
+-- A secret file could not be read: nothing is sent to it (state failing) until it can.
+CREATE FUNCTION cde._destination_problem(p_name text, p_error text) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE cde.destinations SET last_error = p_error, last_error_at = now(), failing_since = coalesce(failing_since, now())
+     WHERE name = p_name
+$$;
+
+-- A destination answered as misconfigured: hold it (the worker sends nothing to it until then,
+-- but one request to see whether it was fixed). Returns whether it was not held for this reason
+-- already, so that the worker logs a hold once.
+CREATE FUNCTION cde._hold_destination(p_name text, p_status int, p_error text, p_for interval) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    fresh boolean;
+BEGIN
+    SELECT held_until IS NULL OR held_status IS DISTINCT FROM p_status
+           OR split_part(held_error, ':', 1) IS DISTINCT FROM split_part(p_error, ':', 1)
+      INTO fresh FROM cde.destinations WHERE name = p_name;
+    UPDATE cde.destinations
+       SET held_until = now() + p_for, held_status = p_status, held_error = p_error,
+           held_since = CASE WHEN fresh THEN now() ELSE held_since END
+     WHERE name = p_name;
+    RETURN coalesce(fresh, true);
+END $$;
+
+-- 410 Gone: disabled until cde_set_destination (default: until a reload). Returns whether it was
+-- not disabled already.
+CREATE FUNCTION cde._disable_destination(p_name text, p_error text) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH d AS (
+        UPDATE cde.destinations SET disabled_at = now(), disabled_error = p_error, last_status = 410,
+                                    last_error = p_error, last_error_at = now()
+         WHERE name = p_name AND disabled_at IS NULL
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM d)
+$$;
+
+-- The destination took a request again. Returns whether it was held.
+CREATE FUNCTION cde._release_destination(p_name text) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH r AS (
+        UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
+         WHERE name = p_name AND held_until IS NOT NULL
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM r)
+$$;
+
+-- The settings were reloaded: every hold is released (a key file may have been replaced), and
+-- the default destination, which cde_set_destination does not set, is enabled again.
+CREATE FUNCTION cde._release_destinations() RETURNS void
+LANGUAGE sql AS $$
+    UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
+     WHERE held_until IS NOT NULL;
+    UPDATE cde.destinations SET disabled_at = NULL, disabled_error = NULL, failing_since = NULL
+     WHERE name = 'default' AND disabled_at IS NOT NULL;
+$$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:36
+-- requires:
+--   destinations
+
+-- What keeps cde's tables from growing without bound, run by the worker every few seconds
+-- (src/housekeeping.rs) and by CALL cde_deliver(). docs/monitoring.md, "Retention".
+
+-- Fold the feed tables' row counts (cde.row_counts) into one row per feed, status and flag, where
+-- there are several; rows of feeds dropped go. Rows appended meanwhile are not in this
+-- statement's snapshot: they stay, and the sum holds.
+CREATE FUNCTION cde._fold_counts() RETURNS void
+LANGUAGE sql AS $$
+    WITH folded AS (
+        DELETE FROM cde.row_counts c
+         WHERE NOT EXISTS (SELECT 1 FROM cde.feeds f WHERE f.name = c.feed)
+            OR (c.feed, c.status, c.deleted) IN (SELECT x.feed, x.status, x.deleted FROM cde.row_counts x
+                                                  GROUP BY x.feed, x.status, x.deleted HAVING count(*) > 1)
+        RETURNING c.*)
+    INSERT INTO cde.row_counts (feed, status, deleted, n)
+    SELECT f.feed, f.status, f.deleted, sum(f.n) FROM folded f
+     WHERE EXISTS (SELECT 1 FROM cde.feeds x WHERE x.name = f.feed)
+     GROUP BY f.feed, f.status, f.deleted HAVING sum(f.n) <> 0 OR f.status = '*'
+$$;
+
+-- Fold the counts; count the feeds whose counts are not kept yet (a restored copy, once its feed
+-- table's triggers are there); remove deletions delivered more than tombstone_retention seconds
+-- ago (never one that is unsent or failed, nor while a full sync of the feed runs), at most
+-- "batch" per feed; remove full sync runs (their
+-- phases, lanes and events) that ended more than history_retention seconds ago, but the last one
+-- to end. -1 keeps them for ever. The caller passes cde.tombstone_retention and
+-- cde.history_retention. Each part on its own: a feed that fails (a lock not had within a second,
+-- its table gone) is taken again at the next pass, and holds nothing else back.
+CREATE FUNCTION cde._housekeep(tombstone_retention int, history_retention int, batch int DEFAULT 10000,
+                               OUT tombstones bigint, OUT runs bigint, OUT recounted int)
+LANGUAGE plpgsql AS $$
+DECLARE
+    f cde.feeds;
+    n bigint;
+BEGIN
+    tombstones := 0;
+    runs := 0;
+    recounted := 0;
+    PERFORM set_config('lock_timeout', '1s', true);
+    BEGIN
+        PERFORM cde._fold_counts();
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;   -- another fold holds them: next pass
+    END;
+    FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM cde.row_counts c WHERE c.feed = f.name AND c.status = '*')
+               AND (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = f.feed_table AND t.tgname LIKE 'cde\_count\_%') = 4 THEN
+                PERFORM cde._recount(f.name);
+                recounted := recounted + 1;
+            END IF;
+            -- Not while a full sync of the feed runs: a step whose snapshot still sees a deleted
+            -- key would write its document again where the deletion was (cde._rebuild, "tomb").
+            IF tombstone_retention >= 0
+               AND NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
+                                WHERE p.feed = f.name AND cde._active(r.status)) THEN
+                -- The conditions again on the row deleted: a deletion sent again meanwhile
+                -- (pending) or a key back in the source is no longer one to remove.
+                EXECUTE format($q$
+                    DELETE FROM %1$s t
+                     WHERE t.ctid = ANY (ARRAY(SELECT x.ctid FROM %1$s x
+                                                WHERE x.deleted AND x.status = 'sent' AND x.sent_at < $1 LIMIT $2))
+                       AND t.deleted AND t.status = 'sent' AND t.sent_at < $1$q$, f.feed_table)
+                  USING now() - make_interval(secs => tombstone_retention), batch;
+                GET DIAGNOSTICS n = ROW_COUNT;
+                tombstones := tombstones + n;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'cde: housekeeping of feed % failed, taken again at the next pass: %', f.name, SQLERRM;
+        END;
+    END LOOP;
+    IF history_retention >= 0 THEN
+        BEGIN
+            DELETE FROM cde.sync_runs r
+             WHERE r.finished_at < now() - make_interval(secs => history_retention)
+               AND r.id <> (SELECT x.id FROM cde.sync_runs x WHERE x.finished_at IS NOT NULL
+                             ORDER BY x.finished_at DESC, x.id DESC LIMIT 1);
+            GET DIAGNOSTICS runs = ROW_COUNT;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
+    END IF;
+END $$;
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/lib.rs:37
+-- requires:
+--   housekeeping
+
+-- cde_check_feed(feed): what would make a feed misbehave, found before it does. It runs the
+-- feed's source query (as the feed's owner, through cde._source) and reports, one row per
+-- problem:
+--   - rows whose key is NULL, and keys that more than one row returns (the whole source is read
+--     for these, without building documents);
+--   - documents that differ between two builds with no change in between: built as a full sync
+--     builds them (a range of keys) and as changes are collected (the keys themselves,
+--     cde._chunk_size() at a time). An aggregate without ORDER BY whose order follows the plan,
+--     random(), clock_timestamp(): every rebuild would send such a document again;
+--   - documents that differ from the ones in the feed table although no change to them is
+--     queued: they depend on the time (now()) or on a table that is not tracked;
+--   - documents larger than a batch to the feed's destination may be (max_batch_bytes);
+--   - a rebuild of a few keys that reads a table of some size sequentially (its plan, as the
+--     feed's owner): every collect of a few changed keys would read it whole;
+--   - a source query that calls a function of the time or of chance.
+-- Documents are built for every key when the feed has at most "sample" of them, else for its
+-- first "sample" keys in key order. A sound feed gives no rows.
+CREATE FUNCTION cde_check_feed(feed text, sample int DEFAULT 10000, ticket bigint DEFAULT cde._ticket())
+RETURNS TABLE (key text, problem text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    caller  regrole := cde._redeem(ticket);
+    f       cde.feeds := cde._managed_feed(feed, caller);
+    dest    text := coalesce(f.destination, 'default');
+    n       bigint;
+    limit_  bigint;
+    all_queued boolean;
+    probe   text[];
+    plan    jsonb;
+    r       record;
+BEGIN
+    IF sample IS NULL OR sample < 1 THEN
+        RAISE EXCEPTION 'cde_check_feed: sample must be at least 1 (got %)', coalesce(sample::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- Keys.
+    SELECT s.o INTO n FROM cde._source(f.name, 'nulls') AS s;
+    IF n > 0 THEN
+        key := NULL;
+        problem := format('%s rows of the source query have a NULL key (%s): they are never sent', n, array_to_string(f.key_columns, ', '));
+        RETURN NEXT;
+    END IF;
+    FOR r IN SELECT s.key, s.o FROM cde._source(f.name, 'duplicates') AS s LOOP
+        key := r.key;
+        problem := format('the source query returns %s rows for this key: one key must be one entity (its documents cannot be built)', r.o);
+        RETURN NEXT;
+    END LOOP;
+
+    -- Documents, built twice.
+    SELECT d.max_batch_bytes INTO limit_ FROM @extschema@.cde_destinations d WHERE d.name = dest;
+    SELECT bool_or(q.all_keys) INTO all_queued FROM cde.queue q WHERE q.feed = f.name;
+    FOR r IN EXECUTE format($q$
+        WITH built AS MATERIALIZED (
+            SELECT s.key, cde._doc_hash(s.doc) AS hash, octet_length(s.doc::text) AS bytes, s.o
+              FROM cde._source($1, 'chunk', NULL, NULL, $2) AS s WHERE s.key IS NOT NULL
+        ), a AS (   -- keys of one row each: the others are reported above
+            SELECT x.key, min(x.hash) AS hash, min(x.bytes) AS bytes, min(x.o) AS o FROM built x GROUP BY x.key HAVING count(*) = 1
+        ), groups AS (
+            SELECT array_agg(a.key) AS keys FROM a GROUP BY (a.o - 1) / cde._chunk_size()
+        ), b AS MATERIALIZED (
+            SELECT s.key, cde._doc_hash(s.doc) AS hash FROM groups g, LATERAL cde._source($1, 'keys', g.keys) AS s
+        ), twice AS (
+            SELECT a.key, a.hash, b.hash AS again FROM a JOIN b USING (key)
+        ), queued AS (
+            SELECT DISTINCT u AS key FROM cde.queue q, unnest(q.keys) AS u WHERE q.feed = $1
+            UNION SELECT x.key FROM cde.retries x WHERE x.feed = $1
+        )
+        SELECT w.key, 'unstable' AS kind, NULL::bigint AS bytes, NULL::bigint AS age
+          FROM twice w WHERE w.hash IS DISTINCT FROM w.again
+        UNION ALL
+        SELECT w.key, 'stale', NULL, round(extract(epoch FROM now() - t.modified_at))::bigint
+          FROM twice w JOIN %s AS t ON t.key = w.key
+         WHERE w.hash IS NOT DISTINCT FROM w.again AND t.hash IS DISTINCT FROM w.hash AND NOT t.deleted
+           AND NOT $3 AND NOT EXISTS (SELECT 1 FROM queued WHERE queued.key = w.key)
+        UNION ALL
+        SELECT a.key, 'large', a.bytes, NULL FROM a WHERE a.bytes > $4
+        ORDER BY 2, 1$q$, f.feed_table)
+      USING f.name, sample, coalesce(all_queued, false), limit_
+    LOOP
+        key := r.key;
+        problem := CASE r.kind
+            WHEN 'unstable' THEN 'built twice with no change in between, the document differed: it is not deterministic (an aggregate without ORDER BY, random(), clock_timestamp()...) and every rebuild would send it again'
+            WHEN 'stale' THEN format('the document differs from the one built %s s ago, and no change to it was captured since: it depends on the time (now()) or on a table that is not tracked (cde_track)', r.age)
+            ELSE format('the document is %s bytes, more than a batch to destination %s may hold (max_batch_bytes %s): it cannot be sent', r.bytes, dest, limit_)
+        END;
+        RETURN NEXT;
+    END LOOP;
+
+    -- The plan of a rebuild of a few keys, as the feed's owner: no sequential scan of a table of
+    -- some size (more than 10 pages: a small table is read whole faster than through an index).
+    EXECUTE format('SELECT array_agg(t.key) FROM (SELECT key FROM %s ORDER BY key LIMIT 3) AS t', f.feed_table) INTO probe;
+    IF probe IS NULL THEN
+        SELECT array_agg(s.key) INTO probe FROM cde._source(f.name, 'chunk', NULL, NULL, 3) AS s;
+    END IF;
+    IF probe IS NOT NULL THEN
+        BEGIN
+            plan := cde._explain_as(f.owner, f.search_path, 'EXPLAIN (FORMAT JSON, VERBOSE) ' || cde._source_sql(f, 'keys'), probe)::jsonb;
+        EXCEPTION WHEN OTHERS THEN
+            key := NULL;
+            problem := format('the plan of a rebuild of a few keys could not be read: %s', SQLERRM);
+            RETURN NEXT;
+        END;
+        FOR r IN
+            SELECT DISTINCT c.oid::regclass AS tbl, pg_relation_size(c.oid) AS bytes
+              FROM jsonb_path_query(plan, 'lax $.**') AS x(node)
+              JOIN pg_namespace ns ON ns.nspname = x.node ->> 'Schema'
+              JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = x.node ->> 'Relation Name'
+             WHERE jsonb_typeof(x.node) = 'object' AND x.node ->> 'Node Type' IN ('Seq Scan', 'Parallel Seq Scan')
+               AND pg_relation_size(c.oid) > 10 * current_setting('block_size')::int
+             ORDER BY 1
+        LOOP
+            key := NULL;
+            problem := format('rebuilding a few keys reads table %s (%s) sequentially: every collect of a few changes would read it whole; let the key columns (%s) reach an index of it, and filter nothing the planner cannot push down',
+                              r.tbl, pg_size_pretty(r.bytes), array_to_string(f.key_columns, ', '));
+            RETURN NEXT;
+        END LOOP;
+    END IF;
+
+    -- Functions of the time or of chance, wherever they are in the query.
+    FOR r IN SELECT DISTINCT lower(coalesce(m[1] || '()', m[2])) AS fn
+               FROM regexp_matches(f.source_query,
+                        '\m(now|clock_timestamp|statement_timestamp|transaction_timestamp|timeofday|random|gen_random_uuid)\s*\(|\m(current_timestamp|localtimestamp|current_date|current_time)\M',
+                        'gi') AS m
+              ORDER BY 1 LOOP
+        key := NULL;
+        problem := format('the source query calls %s: a document that shows it changes at every rebuild and is sent again, and a filter on it changes documents with no change captured', r.fn);
+        RETURN NEXT;
+    END LOOP;
+END $fn$;
+
+COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
+    'What would make a feed misbehave: NULL or duplicate keys, documents that differ between builds or are too large, rebuilds that scan a table';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:127
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:142
+-- cde::api::cde::_worker_status
+CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
+	"running" bool,  /* bool */
+	"pid" INT,  /* Option < i32 > */
+	"state" TEXT,  /* String */
+	"started_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"last_iteration_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"iterations" bigint,  /* i64 */
+	"documents_sent" bigint,  /* i64 */
+	"bytes_sent" bigint,  /* i64 */
+	"requests" bigint,  /* i64 */
+	"requests_failed" bigint,  /* i64 */
+	"reloads" bigint,  /* i64 */
+	"sync_builders" INT,  /* i32 */
+	"sync_builders_wanted" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_worker_status_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:135
+-- cde::api::cde::_hold_iteration_lock
+CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:203
+-- cde::api::cde::_serve
+CREATE  FUNCTION cde."_serve"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_serve_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1808,6 +2309,15 @@ CREATE  FUNCTION cde."_changes_recorded"() RETURNS bool /* bool */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_changes_recorded_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/capture.rs:110
+-- cde::capture::cde::_capture_row
+CREATE FUNCTION cde."_capture_row"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_row_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -1826,15 +2336,6 @@ CREATE FUNCTION cde."_capture_keys"()
 	RETURNS TRIGGER
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_capture_keys_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/capture.rs:110
--- cde::capture::cde::_capture_row
-CREATE FUNCTION cde."_capture_row"()
-	RETURNS TRIGGER
-	LANGUAGE c
-	AS 'MODULE_PATHNAME', '_capture_row_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2368,538 +2869,37 @@ CREATE EVENT TRIGGER cde_on_drop_extension ON ddl_command_start WHEN TAG IN ('DR
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/destination.rs:199
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::destination::cde */
+-- src/collect.rs:12
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::collect::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/destination.rs:206
--- cde::destination::cde::_check_destination_options
-CREATE  FUNCTION cde."_check_destination_options"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS void
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_destination_options_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:230
--- cde::destination::cde::_check_endpoint
-CREATE  FUNCTION cde."_check_endpoint"(
-	"endpoint" TEXT /* Option < & str > */
-) RETURNS void
-IMMUTABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_endpoint_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/destination.rs:244
--- cde::destination::cde::_destination_roles
-CREATE  FUNCTION cde."_destination_roles"(
-	"options" jsonb /* pgrx :: JsonB */
-) RETURNS TEXT[] /* Vec < String > */
+-- src/collect.rs:17
+-- cde::collect::cde::_chunk_size
+CREATE  FUNCTION cde."_chunk_size"() RETURNS INT /* i32 */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
+AS 'MODULE_PATHNAME', '_chunk_size_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:35
--- requires:
---   sync
---   destination::cde::_check_destination_options
---   destination::cde::_destination_roles
---   destination::cde::_check_endpoint
-
--- Destinations: where feeds are sent, with which credentials and within which limits
--- (docs/operations.md, "Destinations"). A superuser's to set: the workers are superusers, and a
--- destination says which files the server reads (its key, its signing secret) and where the
--- feeds' documents go. Delegated admins use the ones whose `roles` option names them.
-
--- May a feed of this owner send to this destination? The default one (NULL): yes, as in 0.1.0.
--- Another: a superuser's feed, or one whose owner is a member of a role of its `roles` (resolved
--- to role OIDs when the destination is set: a role dropped and created again under the same name
--- is not the one named). The one rule for registration and for every iteration of the worker.
-CREATE FUNCTION cde._may_use_destination(owner regrole, destination text) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT destination IS NULL
-        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = owner), false)
-        OR EXISTS (SELECT 1 FROM cde.destinations d, unnest(d.roles) AS u(role)
-                    WHERE d.name = destination
-                      AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = u.role)
-                      AND pg_catalog.pg_has_role(owner::oid, u.role::oid, 'USAGE'))
-$$;
-
--- A destination the caller's feeds may use, or an error that says why not. NULL and 'default'
--- are cde.endpoint's.
-CREATE FUNCTION cde._usable_destination(destination text, caller regrole) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF destination IS NULL OR destination = 'default' THEN
-        RETURN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM cde.destinations x WHERE x.name = destination) THEN
-        RAISE EXCEPTION 'cde: unknown destination %', quote_literal(destination)
-            USING ERRCODE = 'undefined_object',
-                  HINT = 'A superuser creates it with cde_set_destination(name, endpoint, options); SELECT name FROM cde_destinations lists them.';
-    END IF;
-    IF NOT cde._may_use_destination(caller, destination) THEN
-        RAISE EXCEPTION 'cde: permission denied for destination %', destination
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('A superuser lets role %s use it: cde_set_destination(%L, endpoint, options || ''{"roles": ["%s"]}'').',
-                                caller, destination, caller);
-    END IF;
-END $$;
-
--- Only a superuser: checked here too, should the function ever be granted to another role.
-CREATE FUNCTION cde._require_superuser(what text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), false) THEN
-        RAISE EXCEPTION 'cde: only a superuser may %', what
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'A destination names files the server reads and where documents go: the workers, superusers, act on it.';
-    END IF;
-END $$;
-
-CREATE FUNCTION cde_set_destination(destination text, endpoint text, options jsonb DEFAULT '{}') RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    r text;
-    roles regrole[] := '{}';
-    losing text;
-BEGIN
-    PERFORM cde._require_superuser('set a destination');
-    IF destination = 'default' THEN
-        RAISE EXCEPTION 'cde: destination default is the server''s: cde.endpoint and cde.api_key_file'
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'ALTER SYSTEM SET cde.endpoint = ...; SELECT pg_reload_conf(); or give this destination another name.';
-    END IF;
-    IF destination IS NULL OR destination !~ '^[a-z][a-z0-9_]{0,47}$' THEN
-        RAISE EXCEPTION 'cde: invalid destination name %', coalesce(quote_literal(destination), 'NULL')
-            USING ERRCODE = 'invalid_name',
-                  HINT = 'A destination name is a plain lower-case identifier: a letter, then letters, digits or _, at most 48 characters.';
-    END IF;
-    PERFORM cde._check_endpoint(endpoint);
-    PERFORM cde._check_destination_options(coalesce(options, '{}'));
-    FOREACH r IN ARRAY cde._destination_roles(coalesce(options, '{}')) LOOP
-        IF to_regrole(quote_ident(r)) IS NULL THEN   -- the name as written, not case-folded
-            RAISE EXCEPTION 'cde: option roles of destination %: role % does not exist', destination, quote_ident(r)
-                USING ERRCODE = 'undefined_object';
-        END IF;
-        roles := roles || to_regrole(quote_ident(r));
-    END LOOP;
-    -- Set again, it is released from a hold or a 410, and every secret file is read again.
-    INSERT INTO cde.destinations AS d (name, endpoint, options, roles)
-    VALUES (destination, rtrim(endpoint, '/'), coalesce(options, '{}'), roles)
-    ON CONFLICT (name) DO UPDATE
-       SET endpoint = excluded.endpoint, options = excluded.options, roles = excluded.roles, updated_at = clock_timestamp(),
-           held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL,
-           disabled_at = NULL, disabled_error = NULL, failing_since = NULL;
-    SELECT string_agg(f.name, ', ' ORDER BY f.name) INTO losing
-      FROM cde.feeds f WHERE f.destination = cde_set_destination.destination AND NOT cde._may_use_destination(f.owner, f.destination);
-    IF losing IS NOT NULL THEN
-        RAISE WARNING 'cde: feeds % may no longer use destination %: their owners are in none of its roles; they are not sent until that changes', losing, destination;
-    END IF;
-    PERFORM cde._changes_recorded();   -- the worker looks at once
-END $$;
-
-REVOKE ALL ON FUNCTION cde_set_destination(text, text, jsonb) FROM PUBLIC;
-COMMENT ON FUNCTION cde_set_destination(text, text, jsonb) IS
-    'Create or update a destination: its endpoint and options (key and signing secret files, limits, headers)';
-
-CREATE FUNCTION cde_drop_destination(destination text) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    users text;
-BEGIN
-    PERFORM cde._require_superuser('drop a destination');
-    IF destination = 'default' THEN
-        RAISE EXCEPTION 'cde: destination default is the server''s and cannot be dropped'
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Empty cde.endpoint to send nothing.';
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM cde.destinations d WHERE d.name = destination) THEN
-        RAISE EXCEPTION 'cde: unknown destination %', coalesce(quote_literal(destination), 'NULL')
-            USING ERRCODE = 'undefined_object';
-    END IF;
-    SELECT string_agg(f.name, ', ' ORDER BY f.name) INTO users FROM cde.feeds f WHERE f.destination = cde_drop_destination.destination;
-    IF users IS NOT NULL THEN
-        RAISE EXCEPTION 'cde: destination % is used by feeds %', destination, users
-            USING ERRCODE = 'dependent_objects_still_exist',
-                  HINT = 'Register those feeds with another destination (cde_register_feed(..., destination => ...)) or drop them first.';
-    END IF;
-    DELETE FROM cde.destinations d WHERE d.name = destination;
-END $$;
-
-REVOKE ALL ON FUNCTION cde_drop_destination(text) FROM PUBLIC;
-COMMENT ON FUNCTION cde_drop_destination(text) IS 'Drop a destination no feed uses';
-
--- The worker's bookkeeping (src/worker.rs, src/deliver.rs).
-
--- A posted slice's requests, and whether the destination answered (2xx, or a 4xx about items).
-CREATE FUNCTION cde._destination_answered(p_name text, p_requests bigint, p_failed bigint, p_status int, p_error text, p_ok boolean)
-RETURNS void LANGUAGE sql AS $$
-    UPDATE cde.destinations SET
-        requests        = requests + p_requests,
-        requests_failed = requests_failed + p_failed,
-        last_status     = coalesce(p_status, last_status),
-        last_error      = CASE WHEN p_ok THEN last_error ELSE coalesce(p_error, last_error) END,
-        last_error_at   = CASE WHEN p_ok OR p_error IS NULL THEN last_error_at ELSE now() END,
-        last_success_at = CASE WHEN p_ok THEN now() ELSE last_success_at END,
-        failing_since   = CASE WHEN p_ok THEN NULL ELSE coalesce(failing_since, now()) END
-     WHERE name = p_name AND p_requests > 0
-$$;
-
--- A secret file could not be read: nothing is sent to it (state failing) until it can.
-CREATE FUNCTION cde._destination_problem(p_name text, p_error text) RETURNS void
-LANGUAGE sql AS $$
-    UPDATE cde.destinations SET last_error = p_error, last_error_at = now(), failing_since = coalesce(failing_since, now())
-     WHERE name = p_name
-$$;
-
--- A destination answered as misconfigured: hold it (the worker sends nothing to it until then,
--- but one request to see whether it was fixed). Returns whether it was not held for this reason
--- already, so that the worker logs a hold once.
-CREATE FUNCTION cde._hold_destination(p_name text, p_status int, p_error text, p_for interval) RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-    fresh boolean;
-BEGIN
-    SELECT held_until IS NULL OR held_status IS DISTINCT FROM p_status
-           OR split_part(held_error, ':', 1) IS DISTINCT FROM split_part(p_error, ':', 1)
-      INTO fresh FROM cde.destinations WHERE name = p_name;
-    UPDATE cde.destinations
-       SET held_until = now() + p_for, held_status = p_status, held_error = p_error,
-           held_since = CASE WHEN fresh THEN now() ELSE held_since END
-     WHERE name = p_name;
-    RETURN coalesce(fresh, true);
-END $$;
-
--- 410 Gone: disabled until cde_set_destination (default: until a reload). Returns whether it was
--- not disabled already.
-CREATE FUNCTION cde._disable_destination(p_name text, p_error text) RETURNS boolean
-LANGUAGE sql AS $$
-    WITH d AS (
-        UPDATE cde.destinations SET disabled_at = now(), disabled_error = p_error, last_status = 410,
-                                    last_error = p_error, last_error_at = now()
-         WHERE name = p_name AND disabled_at IS NULL
-        RETURNING 1)
-    SELECT EXISTS (SELECT 1 FROM d)
-$$;
-
--- The destination took a request again. Returns whether it was held.
-CREATE FUNCTION cde._release_destination(p_name text) RETURNS boolean
-LANGUAGE sql AS $$
-    WITH r AS (
-        UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
-         WHERE name = p_name AND held_until IS NOT NULL
-        RETURNING 1)
-    SELECT EXISTS (SELECT 1 FROM r)
-$$;
-
--- The settings were reloaded: every hold is released (a key file may have been replaced), and
--- the default destination, which cde_set_destination does not set, is enabled again.
-CREATE FUNCTION cde._release_destinations() RETURNS void
-LANGUAGE sql AS $$
-    UPDATE cde.destinations SET held_until = NULL, held_status = NULL, held_error = NULL, held_since = NULL
-     WHERE held_until IS NOT NULL;
-    UPDATE cde.destinations SET disabled_at = NULL, disabled_error = NULL, failing_since = NULL
-     WHERE name = 'default' AND disabled_at IS NOT NULL;
-$$;
+-- src/collect.rs:23
+-- cde::collect::cde::_unseen_keys
+CREATE  FUNCTION cde."_unseen_keys"() RETURNS TEXT[] /* :: std :: option :: Option < Vec < String > > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_unseen_keys_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:36
--- requires:
---   destinations
-
--- What keeps cde's tables from growing without bound, run by the worker every few seconds
--- (src/housekeeping.rs) and by CALL cde_deliver(). docs/monitoring.md, "Retention".
-
--- Fold the feed tables' row counts (cde.row_counts) into one row per feed, status and flag, where
--- there are several; rows of feeds dropped go. Rows appended meanwhile are not in this
--- statement's snapshot: they stay, and the sum holds.
-CREATE FUNCTION cde._fold_counts() RETURNS void
-LANGUAGE sql AS $$
-    WITH folded AS (
-        DELETE FROM cde.row_counts c
-         WHERE NOT EXISTS (SELECT 1 FROM cde.feeds f WHERE f.name = c.feed)
-            OR (c.feed, c.status, c.deleted) IN (SELECT x.feed, x.status, x.deleted FROM cde.row_counts x
-                                                  GROUP BY x.feed, x.status, x.deleted HAVING count(*) > 1)
-        RETURNING c.*)
-    INSERT INTO cde.row_counts (feed, status, deleted, n)
-    SELECT f.feed, f.status, f.deleted, sum(f.n) FROM folded f
-     WHERE EXISTS (SELECT 1 FROM cde.feeds x WHERE x.name = f.feed)
-     GROUP BY f.feed, f.status, f.deleted HAVING sum(f.n) <> 0 OR f.status = '*'
-$$;
-
--- Fold the counts; count the feeds whose counts are not kept yet (a restored copy, once its feed
--- table's triggers are there); remove deletions delivered more than tombstone_retention seconds
--- ago (never one that is unsent or failed, nor while a full sync of the feed runs), at most
--- "batch" per feed; remove full sync runs (their
--- phases, lanes and events) that ended more than history_retention seconds ago, but the last one
--- to end. -1 keeps them for ever. The caller passes cde.tombstone_retention and
--- cde.history_retention. Each part on its own: a feed that fails (a lock not had within a second,
--- its table gone) is taken again at the next pass, and holds nothing else back.
-CREATE FUNCTION cde._housekeep(tombstone_retention int, history_retention int, batch int DEFAULT 10000,
-                               OUT tombstones bigint, OUT runs bigint, OUT recounted int)
-LANGUAGE plpgsql AS $$
-DECLARE
-    f cde.feeds;
-    n bigint;
-BEGIN
-    tombstones := 0;
-    runs := 0;
-    recounted := 0;
-    PERFORM set_config('lock_timeout', '1s', true);
-    BEGIN
-        PERFORM cde._fold_counts();
-    EXCEPTION WHEN lock_not_available THEN
-        NULL;   -- another fold holds them: next pass
-    END;
-    FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
-        BEGIN
-            IF NOT EXISTS (SELECT 1 FROM cde.row_counts c WHERE c.feed = f.name AND c.status = '*')
-               AND (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = f.feed_table AND t.tgname LIKE 'cde\_count\_%') = 4 THEN
-                PERFORM cde._recount(f.name);
-                recounted := recounted + 1;
-            END IF;
-            -- Not while a full sync of the feed runs: a step whose snapshot still sees a deleted
-            -- key would write its document again where the deletion was (cde._rebuild, "tomb").
-            IF tombstone_retention >= 0
-               AND NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-                                WHERE p.feed = f.name AND cde._active(r.status)) THEN
-                -- The conditions again on the row deleted: a deletion sent again meanwhile
-                -- (pending) or a key back in the source is no longer one to remove.
-                EXECUTE format($q$
-                    DELETE FROM %1$s t
-                     WHERE t.ctid = ANY (ARRAY(SELECT x.ctid FROM %1$s x
-                                                WHERE x.deleted AND x.status = 'sent' AND x.sent_at < $1 LIMIT $2))
-                       AND t.deleted AND t.status = 'sent' AND t.sent_at < $1$q$, f.feed_table)
-                  USING now() - make_interval(secs => tombstone_retention), batch;
-                GET DIAGNOSTICS n = ROW_COUNT;
-                tombstones := tombstones + n;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'cde: housekeeping of feed % failed, taken again at the next pass: %', f.name, SQLERRM;
-        END;
-    END LOOP;
-    IF history_retention >= 0 THEN
-        BEGIN
-            DELETE FROM cde.sync_runs r
-             WHERE r.finished_at < now() - make_interval(secs => history_retention)
-               AND r.id <> (SELECT x.id FROM cde.sync_runs x WHERE x.finished_at IS NOT NULL
-                             ORDER BY x.finished_at DESC, x.id DESC LIMIT 1);
-            GET DIAGNOSTICS runs = ROW_COUNT;
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;
-        END;
-    END IF;
-END $$;
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/lib.rs:37
--- requires:
---   housekeeping
-
--- cde_check_feed(feed): what would make a feed misbehave, found before it does. It runs the
--- feed's source query (as the feed's owner, through cde._source) and reports, one row per
--- problem:
---   - rows whose key is NULL, and keys that more than one row returns (the whole source is read
---     for these, without building documents);
---   - documents that differ between two builds with no change in between: built as a full sync
---     builds them (a range of keys) and as changes are collected (the keys themselves,
---     cde._chunk_size() at a time). An aggregate without ORDER BY whose order follows the plan,
---     random(), clock_timestamp(): every rebuild would send such a document again;
---   - documents that differ from the ones in the feed table although no change to them is
---     queued: they depend on the time (now()) or on a table that is not tracked;
---   - documents larger than a batch to the feed's destination may be (max_batch_bytes);
---   - a rebuild of a few keys that reads a table of some size sequentially (its plan, as the
---     feed's owner): every collect of a few changed keys would read it whole;
---   - a source query that calls a function of the time or of chance.
--- Documents are built for every key when the feed has at most "sample" of them, else for its
--- first "sample" keys in key order. A sound feed gives no rows.
-CREATE FUNCTION cde_check_feed(feed text, sample int DEFAULT 10000, ticket bigint DEFAULT cde._ticket())
-RETURNS TABLE (key text, problem text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    caller  regrole := cde._redeem(ticket);
-    f       cde.feeds := cde._managed_feed(feed, caller);
-    dest    text := coalesce(f.destination, 'default');
-    n       bigint;
-    limit_  bigint;
-    all_queued boolean;
-    probe   text[];
-    plan    jsonb;
-    r       record;
-BEGIN
-    IF sample IS NULL OR sample < 1 THEN
-        RAISE EXCEPTION 'cde_check_feed: sample must be at least 1 (got %)', coalesce(sample::text, 'NULL')
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-
-    -- Keys.
-    SELECT s.o INTO n FROM cde._source(f.name, 'nulls') AS s;
-    IF n > 0 THEN
-        key := NULL;
-        problem := format('%s rows of the source query have a NULL key (%s): they are never sent', n, array_to_string(f.key_columns, ', '));
-        RETURN NEXT;
-    END IF;
-    FOR r IN SELECT s.key, s.o FROM cde._source(f.name, 'duplicates') AS s LOOP
-        key := r.key;
-        problem := format('the source query returns %s rows for this key: one key must be one entity (its documents cannot be built)', r.o);
-        RETURN NEXT;
-    END LOOP;
-
-    -- Documents, built twice.
-    SELECT d.max_batch_bytes INTO limit_ FROM @extschema@.cde_destinations d WHERE d.name = dest;
-    SELECT bool_or(q.all_keys) INTO all_queued FROM cde.queue q WHERE q.feed = f.name;
-    FOR r IN EXECUTE format($q$
-        WITH built AS MATERIALIZED (
-            SELECT s.key, cde._doc_hash(s.doc) AS hash, octet_length(s.doc::text) AS bytes, s.o
-              FROM cde._source($1, 'chunk', NULL, NULL, $2) AS s WHERE s.key IS NOT NULL
-        ), a AS (   -- keys of one row each: the others are reported above
-            SELECT x.key, min(x.hash) AS hash, min(x.bytes) AS bytes, min(x.o) AS o FROM built x GROUP BY x.key HAVING count(*) = 1
-        ), groups AS (
-            SELECT array_agg(a.key) AS keys FROM a GROUP BY (a.o - 1) / cde._chunk_size()
-        ), b AS MATERIALIZED (
-            SELECT s.key, cde._doc_hash(s.doc) AS hash FROM groups g, LATERAL cde._source($1, 'keys', g.keys) AS s
-        ), twice AS (
-            SELECT a.key, a.hash, b.hash AS again FROM a JOIN b USING (key)
-        ), queued AS (
-            SELECT DISTINCT u AS key FROM cde.queue q, unnest(q.keys) AS u WHERE q.feed = $1
-            UNION SELECT x.key FROM cde.retries x WHERE x.feed = $1
-        )
-        SELECT w.key, 'unstable' AS kind, NULL::bigint AS bytes, NULL::bigint AS age
-          FROM twice w WHERE w.hash IS DISTINCT FROM w.again
-        UNION ALL
-        SELECT w.key, 'stale', NULL, round(extract(epoch FROM now() - t.modified_at))::bigint
-          FROM twice w JOIN %s AS t ON t.key = w.key
-         WHERE w.hash IS NOT DISTINCT FROM w.again AND t.hash IS DISTINCT FROM w.hash AND NOT t.deleted
-           AND NOT $3 AND NOT EXISTS (SELECT 1 FROM queued WHERE queued.key = w.key)
-        UNION ALL
-        SELECT a.key, 'large', a.bytes, NULL FROM a WHERE a.bytes > $4
-        ORDER BY 2, 1$q$, f.feed_table)
-      USING f.name, sample, coalesce(all_queued, false), limit_
-    LOOP
-        key := r.key;
-        problem := CASE r.kind
-            WHEN 'unstable' THEN 'built twice with no change in between, the document differed: it is not deterministic (an aggregate without ORDER BY, random(), clock_timestamp()...) and every rebuild would send it again'
-            WHEN 'stale' THEN format('the document differs from the one built %s s ago, and no change to it was captured since: it depends on the time (now()) or on a table that is not tracked (cde_track)', r.age)
-            ELSE format('the document is %s bytes, more than a batch to destination %s may hold (max_batch_bytes %s): it cannot be sent', r.bytes, dest, limit_)
-        END;
-        RETURN NEXT;
-    END LOOP;
-
-    -- The plan of a rebuild of a few keys, as the feed's owner: no sequential scan of a table of
-    -- some size (more than 10 pages: a small table is read whole faster than through an index).
-    EXECUTE format('SELECT array_agg(t.key) FROM (SELECT key FROM %s ORDER BY key LIMIT 3) AS t', f.feed_table) INTO probe;
-    IF probe IS NULL THEN
-        SELECT array_agg(s.key) INTO probe FROM cde._source(f.name, 'chunk', NULL, NULL, 3) AS s;
-    END IF;
-    IF probe IS NOT NULL THEN
-        BEGIN
-            plan := cde._explain_as(f.owner, f.search_path, 'EXPLAIN (FORMAT JSON, VERBOSE) ' || cde._source_sql(f, 'keys'), probe)::jsonb;
-        EXCEPTION WHEN OTHERS THEN
-            key := NULL;
-            problem := format('the plan of a rebuild of a few keys could not be read: %s', SQLERRM);
-            RETURN NEXT;
-        END;
-        FOR r IN
-            SELECT DISTINCT c.oid::regclass AS tbl, pg_relation_size(c.oid) AS bytes
-              FROM jsonb_path_query(plan, 'lax $.**') AS x(node)
-              JOIN pg_namespace ns ON ns.nspname = x.node ->> 'Schema'
-              JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = x.node ->> 'Relation Name'
-             WHERE jsonb_typeof(x.node) = 'object' AND x.node ->> 'Node Type' IN ('Seq Scan', 'Parallel Seq Scan')
-               AND pg_relation_size(c.oid) > 10 * current_setting('block_size')::int
-             ORDER BY 1
-        LOOP
-            key := NULL;
-            problem := format('rebuilding a few keys reads table %s (%s) sequentially: every collect of a few changes would read it whole; let the key columns (%s) reach an index of it, and filter nothing the planner cannot push down',
-                              r.tbl, pg_size_pretty(r.bytes), array_to_string(f.key_columns, ', '));
-            RETURN NEXT;
-        END LOOP;
-    END IF;
-
-    -- Functions of the time or of chance, wherever they are in the query.
-    FOR r IN SELECT DISTINCT lower(coalesce(m[1] || '()', m[2])) AS fn
-               FROM regexp_matches(f.source_query,
-                        '\m(now|clock_timestamp|statement_timestamp|transaction_timestamp|timeofday|random|gen_random_uuid)\s*\(|\m(current_timestamp|localtimestamp|current_date|current_time)\M',
-                        'gi') AS m
-              ORDER BY 1 LOOP
-        key := NULL;
-        problem := format('the source query calls %s: a document that shows it changes at every rebuild and is sent again, and a filter on it changes documents with no change captured', r.fn);
-        RETURN NEXT;
-    END LOOP;
-END $fn$;
-
-COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
-    'What would make a feed misbehave: NULL or duplicate keys, documents that differ between builds or are too large, rebuilds that scan a table';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:15
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:26
--- cde::locks::cde::_sync_step_lock
-CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
+-- src/collect.rs:33
+-- cde::collect::cde::_doc_hash
+CREATE  FUNCTION cde."_doc_hash"(
+	"doc" anyelement /* pgrx :: AnyElement */
+) RETURNS TEXT /* String */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:20
--- cde::locks::cde::_iteration_lock
-CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:32
--- cde::locks::cde::_sync_state_lock
-CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:7
-CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:21
--- cde::sync::cde::_lane
-CREATE  FUNCTION cde."_lane"(
-	"key" TEXT, /* & str */
-	"lanes" INT /* i32 */
-) RETURNS INT /* i32 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lane_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/sync.rs:15
--- cde::sync::cde::_in_lane
-CREATE  FUNCTION cde."_in_lane"(
-	"key" TEXT, /* & str */
-	"lane" INT, /* i32 */
-	"lanes" INT /* i32 */
-) RETURNS bool /* bool */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_in_lane_wrapper';
+AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
