@@ -233,6 +233,13 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
 CREATE FUNCTION cde._active(status text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('preparing', 'planned', 'executing') $$;
 
+-- Does a full sync of this feed run (its steps may be building its documents)?
+CREATE FUNCTION cde._syncing(feed text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
+                    WHERE p.feed = _syncing.feed AND cde._active(r.status))
+$$;
+
 -- Has an item failed (retrying, rejected or dead)? The one place that says which statuses are
 -- failures; a feed table's status column has these and 'pending', 'sent' (sql/feeds.sql).
 CREATE FUNCTION cde._failed(status text) RETURNS boolean
@@ -801,8 +808,7 @@ BEGIN
         RAISE EXCEPTION 'cde: feed % cannot be dropped: feeds % depend on it', f.name, dependents
             USING ERRCODE = 'dependent_objects_still_exist';
     END IF;
-    IF EXISTS (SELECT 1 FROM cde.sync_phases p JOIN cde.sync_runs r ON r.id = p.run_id
-                WHERE p.feed = f.name AND cde._active(r.status)) THEN
+    IF cde._syncing(f.name) THEN
         RAISE EXCEPTION 'cde: feed % cannot be dropped while a full sync of it runs', f.name
             USING HINT = 'cde_cancel_sync(run_id) first; see cde_sync_runs.';
     END IF;
@@ -984,9 +990,7 @@ BEGIN
                    (SELECT count(*) FROM gone) + (SELECT count(*) FROM tomb)$q$,
             format(upsert, ''), tbl, gone)
           INTO built, changed, deleted
-          USING f.name, keys,
-                keys IS NOT NULL AND EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-                                              WHERE p.feed = f.name AND cde._active(r.status));
+          USING f.name, keys, keys IS NOT NULL AND cde._syncing(f.name);
     WHEN 'gone', 'gone_dry' THEN
         -- Keys the source returns with a NULL document were made deletions when their chunk was
         -- built; here only keys the source no longer has are left.
@@ -1129,8 +1133,7 @@ BEGIN
     IF everything THEN
         -- A TRUNCATE, or a new definition: every key may have changed. That is a full sync's
         -- job (chunked, resumable); if one already runs for this feed, rebuild in place.
-        IF NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-                        WHERE p.feed = f.name AND cde._active(r.status)) THEN
+        IF NOT cde._syncing(f.name) THEN
             PERFORM @extschema@.cde_full_sync(f.name);
             keys := 0; changed := 0; deleted := 0;
             RETURN;
@@ -2049,11 +2052,11 @@ $$;
 -- Fold the counts; count the feeds whose counts are not kept yet (a restored copy, once its feed
 -- table's triggers are there); remove deletions delivered more than tombstone_retention seconds
 -- ago (never one that is unsent or failed, nor while a full sync of the feed runs), at most
--- "batch" per feed; remove full sync runs (their
--- phases, lanes and events) that ended more than history_retention seconds ago, but the last one
--- to end. -1 keeps them for ever. The caller passes cde.tombstone_retention and
--- cde.history_retention. Each part on its own: a feed that fails (a lock not had within a second,
--- its table gone) is taken again at the next pass, and holds nothing else back.
+-- "batch" per feed; remove full sync runs (their phases, lanes and events) that ended more than
+-- history_retention seconds ago, but the last one to end. -1 keeps them for ever. The caller
+-- passes cde.tombstone_retention and cde.history_retention. Each part on its own: a feed that
+-- fails (a lock not had within a second, its table gone) is taken again at the next pass, and
+-- holds nothing else back.
 CREATE FUNCTION cde._housekeep(tombstone_retention int, history_retention int, batch int DEFAULT 10000,
                                OUT tombstones bigint, OUT runs bigint, OUT recounted int)
 LANGUAGE plpgsql AS $$
@@ -2079,9 +2082,7 @@ BEGIN
             END IF;
             -- Not while a full sync of the feed runs: a step whose snapshot still sees a deleted
             -- key would write its document again where the deletion was (cde._rebuild, "tomb").
-            IF tombstone_retention >= 0
-               AND NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-                                WHERE p.feed = f.name AND cde._active(r.status)) THEN
+            IF tombstone_retention >= 0 AND NOT cde._syncing(f.name) THEN
                 -- The conditions again on the row deleted: a deletion sent again meanwhile
                 -- (pending) or a key back in the source is no longer one to remove.
                 EXECUTE format($q$

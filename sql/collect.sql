@@ -63,8 +63,7 @@ BEGIN
     IF everything THEN
         -- A TRUNCATE, or a new definition: every key may have changed. That is a full sync's
         -- job (chunked, resumable); if one already runs for this feed, rebuild in place.
-        IF NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-                        WHERE p.feed = f.name AND cde._active(r.status)) THEN
+        IF NOT cde._syncing(f.name) THEN
             PERFORM @extschema@.cde_full_sync(f.name);
             keys := 0; changed := 0; deleted := 0;
             RETURN;

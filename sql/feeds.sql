@@ -366,8 +366,7 @@ BEGIN
         RAISE EXCEPTION 'cde: feed % cannot be dropped: feeds % depend on it', f.name, dependents
             USING ERRCODE = 'dependent_objects_still_exist';
     END IF;
-    IF EXISTS (SELECT 1 FROM cde.sync_phases p JOIN cde.sync_runs r ON r.id = p.run_id
-                WHERE p.feed = f.name AND cde._active(r.status)) THEN
+    IF cde._syncing(f.name) THEN
         RAISE EXCEPTION 'cde: feed % cannot be dropped while a full sync of it runs', f.name
             USING HINT = 'cde_cancel_sync(run_id) first; see cde_sync_runs.';
     END IF;

@@ -21,11 +21,11 @@ $$;
 -- Fold the counts; count the feeds whose counts are not kept yet (a restored copy, once its feed
 -- table's triggers are there); remove deletions delivered more than tombstone_retention seconds
 -- ago (never one that is unsent or failed, nor while a full sync of the feed runs), at most
--- "batch" per feed; remove full sync runs (their
--- phases, lanes and events) that ended more than history_retention seconds ago, but the last one
--- to end. -1 keeps them for ever. The caller passes cde.tombstone_retention and
--- cde.history_retention. Each part on its own: a feed that fails (a lock not had within a second,
--- its table gone) is taken again at the next pass, and holds nothing else back.
+-- "batch" per feed; remove full sync runs (their phases, lanes and events) that ended more than
+-- history_retention seconds ago, but the last one to end. -1 keeps them for ever. The caller
+-- passes cde.tombstone_retention and cde.history_retention. Each part on its own: a feed that
+-- fails (a lock not had within a second, its table gone) is taken again at the next pass, and
+-- holds nothing else back.
 CREATE FUNCTION cde._housekeep(tombstone_retention int, history_retention int, batch int DEFAULT 10000,
                                OUT tombstones bigint, OUT runs bigint, OUT recounted int)
 LANGUAGE plpgsql AS $$
@@ -51,9 +51,7 @@ BEGIN
             END IF;
             -- Not while a full sync of the feed runs: a step whose snapshot still sees a deleted
             -- key would write its document again where the deletion was (cde._rebuild, "tomb").
-            IF tombstone_retention >= 0
-               AND NOT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-                                WHERE p.feed = f.name AND cde._active(r.status)) THEN
+            IF tombstone_retention >= 0 AND NOT cde._syncing(f.name) THEN
                 -- The conditions again on the row deleted: a deletion sent again meanwhile
                 -- (pending) or a key back in the source is no longer one to remove.
                 EXECUTE format($q$

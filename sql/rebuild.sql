@@ -160,9 +160,7 @@ BEGIN
                    (SELECT count(*) FROM gone) + (SELECT count(*) FROM tomb)$q$,
             format(upsert, ''), tbl, gone)
           INTO built, changed, deleted
-          USING f.name, keys,
-                keys IS NOT NULL AND EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
-                                              WHERE p.feed = f.name AND cde._active(r.status));
+          USING f.name, keys, keys IS NOT NULL AND cde._syncing(f.name);
     WHEN 'gone', 'gone_dry' THEN
         -- Keys the source returns with a NULL document were made deletions when their chunk was
         -- built; here only keys the source no longer has are left.

@@ -5,6 +5,13 @@
 CREATE FUNCTION cde._active(status text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT status IN ('preparing', 'planned', 'executing') $$;
 
+-- Does a full sync of this feed run (its steps may be building its documents)?
+CREATE FUNCTION cde._syncing(feed text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM cde.sync_runs r JOIN cde.sync_phases p ON p.run_id = r.id
+                    WHERE p.feed = _syncing.feed AND cde._active(r.status))
+$$;
+
 -- Has an item failed (retrying, rejected or dead)? The one place that says which statuses are
 -- failures; a feed table's status column has these and 'pending', 'sent' (sql/feeds.sql).
 CREATE FUNCTION cde._failed(status text) RETURNS boolean
