@@ -232,6 +232,33 @@ def sink_latencies(commits, timeout=120):
     return sorted(got[k] - commits[k] for k in keys)
 
 
+def bench_latency_slow(db, delay_ms=50, seconds=20):
+    """Commit to sink of changes made during a first full sync when the destination is slower
+    than the builders: the sink waits `delay_ms` before answering each request of the products
+    feed (500 items: at most 10,000 documents a second), so the sync's documents pile up pending.
+    Probes at 20 a second for the sync's first `seconds`; then the sink answers at full speed
+    again and the sync finishes."""
+    ids = list(range(SCALE // 2 + 30_001, SCALE + 1))
+    wait("the backlog delivered", lambda: backlog(db) == 0, 600)
+    db.execute("TRUNCATE cde.feed_products")   # a first sync: every document is sent
+    sink("POST", "/_sink/reset", b"")
+    sink("POST", "/_sink/faults", json.dumps({"feed": "products", "delay_ms": delay_ms}).encode())
+    run = one(db, "SELECT cde_full_sync('products')")
+    try:
+        time.sleep(2)  # the sync's first steps, before the first probe
+        commits = probe(db, 20, seconds, ids)
+        pending = one(db, "SELECT count(*) FROM cde.feed_products WHERE status = 'pending'")
+        p50, p99 = percentiles(sink_latencies(commits, 1200))
+    finally:
+        sink("DELETE", "/_sink/faults", b"")
+    report(f"latency during a first full sync behind a slow destination ({delay_ms} ms a request), commit to sink "
+           f"at 20 updates/s (p50 / p99, {len(commits)} probes)",
+           f"{p50:.0f} ms / {p99:.0f} ms ({pending:,} of the sync's documents pending after {seconds + 2} s)",
+           "p99 <= 1,000 ms", p99 <= 1000)
+    wait("the full sync", lambda: one(db, "SELECT status FROM cde_sync_runs WHERE run_id = %s", run) in ("finished", "failed"), 1200)
+    wait("the backlog delivered", lambda: backlog(db) == 0, 600)
+
+
 def percentiles(lat):
     return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
 
@@ -453,6 +480,7 @@ def main():
             one(db, "SELECT cde_full_sync()")
             wait("the initial full sync", lambda: one(db, "SELECT count(*) FROM cde_sync_runs WHERE finished_at IS NULL") == 0, 7200)
             for name, bench in [("bulk", bench_bulk), ("full_sync", bench_full_sync), ("latency", bench_latency),
+                                ("latency_slow", bench_latency_slow),
                                 ("throughput", bench_throughput), ("monitoring", bench_monitoring)]:
                 if only is None or name in only:
                     bench(db)

@@ -587,9 +587,13 @@ BEGIN
             attempts     int NOT NULL DEFAULT 0,
             modified_at  timestamptz NOT NULL DEFAULT now(),
             sent_at      timestamptz,
-            response_id  text          -- x-request-id of the response that delivered or rejected it
+            response_id  text,         -- x-request-id of the response that delivered or rejected it
+            full_sync    boolean NOT NULL DEFAULT false  -- made pending by a full sync: sent after changes
         )$t$, tbl);
-    EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
+    -- The send order: changes first, then what full syncs made pending, each oldest first. A
+    -- change made during a full sync does not wait behind the sync's documents, however slow the
+    -- destination (docs/nothing-lost.md, "Order").
+    EXECUTE format('CREATE INDEX %I ON %s (full_sync, modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
     -- Failed items (cde_failed_items, the oldest retrying one's age), and deletions (their count,
     -- and the sent ones past cde.tombstone_retention): few rows each, found without a scan. The
     -- statuses are cde._failed's, spelled out: an index may not depend on a function that an
@@ -937,19 +941,20 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 DECLARE
     f      cde.feeds := cde._feed(feed);
     tbl    text := f.feed_table::text;
-    -- "%%s": what else makes a row worth writing again, in the mode's own words. In key order: a
-    -- step and a collect writing the same keys at once lock them in the same order, so that
-    -- neither waits for the other while it holds a row the other waits for (a deadlock).
+    -- The two "%%s": whether a full sync makes the row pending (its send lane, see
+    -- cde._create_feed_table), and what else makes a row worth writing again, in the mode's own
+    -- words. In key order: a step and a collect writing the same keys at once lock them in the
+    -- same order, so that neither waits for the other while it holds a row the other waits for.
     upsert text := format($q$
-        INSERT INTO %s AS f (key, doc, hash)
-        SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL ORDER BY key COLLATE "C"
+        INSERT INTO %s AS f (key, doc, hash, full_sync)
+        SELECT key, doc, cde._doc_hash(doc), %%s FROM src WHERE doc IS NOT NULL ORDER BY key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
            SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
-               http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+               http_status = NULL, error = NULL, attempts = 0, modified_at = now(), full_sync = excluded.full_sync
          WHERE NOT cde._unseen(f.xmin, f.key) AND (f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%s)$q$, tbl);
-    -- A key gone from the source: a pending deletion.
+    -- A key gone from the source: a pending deletion ("%s": made by a full sync).
     gone   text := $q$doc = NULL, hash = NULL, deleted = true, status = 'pending',
-                      http_status = NULL, error = NULL, attempts = 0, modified_at = now()$q$;
+                      http_status = NULL, error = NULL, attempts = 0, modified_at = now(), full_sync = %s$q$;
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     CASE mode
@@ -988,7 +993,7 @@ BEGIN
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built),
                    (SELECT count(*) FROM gone) + (SELECT count(*) FROM tomb)$q$,
-            format(upsert, ''), tbl, gone)
+            format(upsert, 'false', ''), tbl, format(gone, 'false'))
           INTO built, changed, deleted
           USING f.name, keys, keys IS NOT NULL AND cde._syncing(f.name);
     WHEN 'gone', 'gone_dry' THEN
@@ -1009,7 +1014,7 @@ BEGIN
             )
             SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END,
                    (SELECT max(key) FROM chunk)$q$,
-            tbl, gone)
+            tbl, format(gone, 'true'))
           INTO deleted, last_key USING f.name, after, n, mode = 'gone_dry';
     WHEN 'chunk' THEN
         -- Keys the source returns with a NULL document become deletions here; keys it no longer
@@ -1028,7 +1033,7 @@ BEGIN
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone),
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1)$q$,
-            format(upsert, ' OR cde._failed(f.status)'), tbl, gone)
+            format(upsert, 'true', ' OR cde._failed(f.status)'), tbl, format(gone, 'true'))
           INTO built, changed, deleted, last_key USING f.name, after, n, lane, lanes;
     WHEN 'chunk_dry' THEN
         EXECUTE format($q$
@@ -1411,8 +1416,8 @@ BEGIN
     -- are simply marked to be sent again.
     EXECUTE format('UPDATE %s SET hash = NULL WHERE key = ANY ($1) AND NOT deleted', f.feed_table) USING keys;
     PERFORM cde._rebuild(f.name, keys);
-    EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = now()
-                       WHERE key = ANY ($1) AND status <> 'pending'$q$, f.feed_table) USING keys;
+    EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = now(), full_sync = false
+                       WHERE key = ANY ($1) AND (status <> 'pending' OR full_sync)$q$, f.feed_table) USING keys;
     DELETE FROM cde.retries r WHERE r.feed = f.name AND r.key = ANY (cde_resync.keys);
     EXECUTE format('SELECT count(*) FROM %s WHERE key = ANY ($1) AND status = ''pending''', f.feed_table)
        INTO n USING keys;
@@ -1711,9 +1716,12 @@ BEGIN
     END IF;
 
     -- sending: done when what the phase built has been delivered: no row is pending that was
-    -- made pending before the building ended (the pending index's order). Rows changed since are
-    -- the partial sync's: under a stream of writes the phase still ends.
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE status = ''pending'' AND modified_at <= $1)', f.feed_table)
+    -- made pending before the building ended (in either lane of the pending index, each in its
+    -- own order). Rows changed since are the partial sync's: under a stream of writes the phase
+    -- still ends.
+    EXECUTE format($q$SELECT EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND full_sync AND modified_at <= $1)
+                          OR EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND NOT full_sync AND modified_at <= $1) AS "exists"$q$,
+                   f.feed_table)
        INTO res USING coalesce(ph.built_at, now());
     IF res.exists THEN
         IF coalesce(current_setting('cde.endpoint', true), '') = ''
@@ -2250,6 +2258,25 @@ END $fn$;
 
 COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
     'What would make a feed misbehave: NULL or duplicate keys, documents that differ between builds or are too large, rebuilds that scan a table';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/deliver.rs:283
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::deliver::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/deliver.rs:290
+-- cde::deliver::cde::_read_sql
+CREATE  FUNCTION cde."_read_sql"(
+	"feed_table" TEXT, /* & str */
+	"lim" INT, /* i32 */
+	"changes_after" bool, /* bool */
+	"full_sync_after" bool /* bool */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_read_sql_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -2933,7 +2960,8 @@ BEGIN
     FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
         feed := f.name;
         EXECUTE format($q$
-            SELECT least((SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending'),
+            SELECT least((SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending' AND NOT t.full_sync),
+                         (SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending' AND t.full_sync),
                          (SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'retrying'))$q$, f.feed_table)
            INTO oldest_unsent;
         SELECT count(*) AS n, min(q.queued_at) AS oldest, min(q.id) AS lo, max(q.id) AS hi

@@ -137,8 +137,8 @@ BEGIN
     -- are simply marked to be sent again.
     EXECUTE format('UPDATE %s SET hash = NULL WHERE key = ANY ($1) AND NOT deleted', f.feed_table) USING keys;
     PERFORM cde._rebuild(f.name, keys);
-    EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = now()
-                       WHERE key = ANY ($1) AND status <> 'pending'$q$, f.feed_table) USING keys;
+    EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = now(), full_sync = false
+                       WHERE key = ANY ($1) AND (status <> 'pending' OR full_sync)$q$, f.feed_table) USING keys;
     DELETE FROM cde.retries r WHERE r.feed = f.name AND r.key = ANY (cde_resync.keys);
     EXECUTE format('SELECT count(*) FROM %s WHERE key = ANY ($1) AND status = ''pending''', f.feed_table)
        INTO n USING keys;

@@ -145,9 +145,13 @@ BEGIN
             attempts     int NOT NULL DEFAULT 0,
             modified_at  timestamptz NOT NULL DEFAULT now(),
             sent_at      timestamptz,
-            response_id  text          -- x-request-id of the response that delivered or rejected it
+            response_id  text,         -- x-request-id of the response that delivered or rejected it
+            full_sync    boolean NOT NULL DEFAULT false  -- made pending by a full sync: sent after changes
         )$t$, tbl);
-    EXECUTE format('CREATE INDEX %I ON %s (modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
+    -- The send order: changes first, then what full syncs made pending, each oldest first. A
+    -- change made during a full sync does not wait behind the sync's documents, however slow the
+    -- destination (docs/nothing-lost.md, "Order").
+    EXECUTE format('CREATE INDEX %I ON %s (full_sync, modified_at, key) WHERE status = ''pending''', 'feed_' || feed || '_pending', tbl);
     -- Failed items (cde_failed_items, the oldest retrying one's age), and deletions (their count,
     -- and the sent ones past cde.tombstone_retention): few rows each, found without a scan. The
     -- statuses are cde._failed's, spelled out: an index may not depend on a function that an

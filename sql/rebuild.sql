@@ -107,19 +107,20 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 DECLARE
     f      cde.feeds := cde._feed(feed);
     tbl    text := f.feed_table::text;
-    -- "%%s": what else makes a row worth writing again, in the mode's own words. In key order: a
-    -- step and a collect writing the same keys at once lock them in the same order, so that
-    -- neither waits for the other while it holds a row the other waits for (a deadlock).
+    -- The two "%%s": whether a full sync makes the row pending (its send lane, see
+    -- cde._create_feed_table), and what else makes a row worth writing again, in the mode's own
+    -- words. In key order: a step and a collect writing the same keys at once lock them in the
+    -- same order, so that neither waits for the other while it holds a row the other waits for.
     upsert text := format($q$
-        INSERT INTO %s AS f (key, doc, hash)
-        SELECT key, doc, cde._doc_hash(doc) FROM src WHERE doc IS NOT NULL ORDER BY key COLLATE "C"
+        INSERT INTO %s AS f (key, doc, hash, full_sync)
+        SELECT key, doc, cde._doc_hash(doc), %%s FROM src WHERE doc IS NOT NULL ORDER BY key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
            SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
-               http_status = NULL, error = NULL, attempts = 0, modified_at = now()
+               http_status = NULL, error = NULL, attempts = 0, modified_at = now(), full_sync = excluded.full_sync
          WHERE NOT cde._unseen(f.xmin, f.key) AND (f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%s)$q$, tbl);
-    -- A key gone from the source: a pending deletion.
+    -- A key gone from the source: a pending deletion ("%s": made by a full sync).
     gone   text := $q$doc = NULL, hash = NULL, deleted = true, status = 'pending',
-                      http_status = NULL, error = NULL, attempts = 0, modified_at = now()$q$;
+                      http_status = NULL, error = NULL, attempts = 0, modified_at = now(), full_sync = %s$q$;
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     CASE mode
@@ -158,7 +159,7 @@ BEGIN
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built),
                    (SELECT count(*) FROM gone) + (SELECT count(*) FROM tomb)$q$,
-            format(upsert, ''), tbl, gone)
+            format(upsert, 'false', ''), tbl, format(gone, 'false'))
           INTO built, changed, deleted
           USING f.name, keys, keys IS NOT NULL AND cde._syncing(f.name);
     WHEN 'gone', 'gone_dry' THEN
@@ -179,7 +180,7 @@ BEGIN
             )
             SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END,
                    (SELECT max(key) FROM chunk)$q$,
-            tbl, gone)
+            tbl, format(gone, 'true'))
           INTO deleted, last_key USING f.name, after, n, mode = 'gone_dry';
     WHEN 'chunk' THEN
         -- Keys the source returns with a NULL document become deletions here; keys it no longer
@@ -198,7 +199,7 @@ BEGIN
             )
             SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone),
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1)$q$,
-            format(upsert, ' OR cde._failed(f.status)'), tbl, gone)
+            format(upsert, 'true', ' OR cde._failed(f.status)'), tbl, format(gone, 'true'))
           INTO built, changed, deleted, last_key USING f.name, after, n, lane, lanes;
     WHEN 'chunk_dry' THEN
         EXECUTE format($q$

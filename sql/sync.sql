@@ -281,9 +281,12 @@ BEGIN
     END IF;
 
     -- sending: done when what the phase built has been delivered: no row is pending that was
-    -- made pending before the building ended (the pending index's order). Rows changed since are
-    -- the partial sync's: under a stream of writes the phase still ends.
-    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE status = ''pending'' AND modified_at <= $1)', f.feed_table)
+    -- made pending before the building ended (in either lane of the pending index, each in its
+    -- own order). Rows changed since are the partial sync's: under a stream of writes the phase
+    -- still ends.
+    EXECUTE format($q$SELECT EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND full_sync AND modified_at <= $1)
+                          OR EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND NOT full_sync AND modified_at <= $1) AS "exists"$q$,
+                   f.feed_table)
        INTO res USING coalesce(ph.built_at, now());
     IF res.exists THEN
         IF coalesce(current_setting('cde.endpoint', true), '') = ''

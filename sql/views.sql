@@ -25,7 +25,8 @@ BEGIN
     FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
         feed := f.name;
         EXECUTE format($q$
-            SELECT least((SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending'),
+            SELECT least((SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending' AND NOT t.full_sync),
+                         (SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'pending' AND t.full_sync),
                          (SELECT min(t.modified_at) FROM %1$s t WHERE t.status = 'retrying'))$q$, f.feed_table)
            INTO oldest_unsent;
         SELECT count(*) AS n, min(q.queued_at) AS oldest, min(q.id) AS lo, max(q.id) AS hi

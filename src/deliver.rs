@@ -30,17 +30,58 @@ pub struct Pending {
     /// Where each row was read (its ctid, in text form): the record finds it there.
     pub tids: Vec<Option<String>>,
     pub held: bool,
-    /// Where the next read starts: (modified_at, key) of the last row, in the pending index's order.
-    pub last: Option<(String, String)>,
+    /// Where the next read starts in each lane: the cursor read from, moved past this slice.
+    pub cursor: Cursor,
+}
+
+/// A pass's place in the two lanes of the pending order (the feed table's pending index): rows
+/// changes made pending, then rows full syncs made pending, each in (modified_at, key) order.
+/// `None`: from the lane's start.
+#[derive(Default, Clone, Debug)]
+pub struct Cursor {
+    pub changes: Option<(String, String)>,
+    pub full_sync: Option<(String, String)>,
 }
 
 /// How many rows one read takes: a few requests' worth, so that the read and record transactions
 /// are amortised over several requests without holding much in memory.
 const READ_BATCHES: usize = 4;
 
-/// Read up to `limit` pending rows of the feed, oldest change first (none while the feed is held),
-/// after `after` in that order when given.
-pub fn read_pending(feed: &FeedInfo, limit: usize, after: Option<&(String, String)>) -> Pending {
+/// The read of a slice: changes first, then the full syncs' rows (docs/nothing-lost.md, "Order").
+/// Each lane is an ordered scan of the pending index from its cursor on, so a read costs what it
+/// returns however many rows are pending; at most `limit` rows of the two together, the changes'
+/// first. The documents are rendered as text outside the ordered subqueries: should the planner
+/// sort the pending rows rather than walk the index, only the rows kept are rendered. Parameters:
+/// the cursors that are set, in order, each as (modified_at, key).
+fn read_sql(feed_table: &str, limit: usize, cursor: &Cursor) -> String {
+    let mut n = 0;
+    let mut lane = |full_sync: bool, at: &Option<(String, String)>| {
+        let after = at.as_ref().map_or(String::new(), |_| {
+            n += 2;
+            format!(" AND (t.modified_at, t.key) > (${}::timestamptz, ${})", n - 1, n)
+        });
+        let not = if full_sync { "" } else { "NOT " };
+        format!(
+            "(SELECT t.key, t.deleted, t.doc, t.hash, t.modified_at, t.ctid AS tid, t.full_sync FROM {feed_table} AS t\n\
+             \x20          WHERE t.status = 'pending' AND {not}t.full_sync{after}\n\
+             \x20          ORDER BY t.modified_at, t.key LIMIT {limit})"
+        )
+    };
+    let changes = lane(false, &cursor.changes);
+    let full_sync = lane(true, &cursor.full_sync);
+    format!(
+        "SELECT p.key, p.deleted, p.doc::text, p.hash, p.modified_at::text, p.tid::text, p.full_sync\n\
+         \x20 FROM (SELECT * FROM ({changes}\n\
+         \x20       UNION ALL\n\
+         \x20       {full_sync}) AS u\n\
+         \x20       ORDER BY u.full_sync, u.modified_at, u.key LIMIT {limit}) AS p\n\
+         \x20ORDER BY p.full_sync, p.modified_at, p.key"
+    )
+}
+
+/// Read up to `limit` pending rows of the feed after `cursor`, in the send order (none while the
+/// feed is held).
+pub fn read_pending(feed: &FeedInfo, limit: usize, cursor: &Cursor) -> Pending {
     Spi::connect(|c| {
         let held = c
             .select(
@@ -52,39 +93,33 @@ pub fn read_pending(feed: &FeedInfo, limit: usize, after: Option<&(String, Strin
             .get_one::<bool>()?
             .unwrap_or(true); // feed dropped meanwhile: nothing to send
         if held {
-            return Ok::<_, pgrx::spi::SpiError>(Pending { items: vec![], hashes: vec![], tids: vec![], held, last: None });
+            return Ok::<_, pgrx::spi::SpiError>(Pending { held, cursor: cursor.clone(), ..Pending::default() });
         }
-        // An ordered scan of the pending index from the cursor on: each read costs what it
-        // returns, however many rows are pending. The documents are rendered as text outside the
-        // ordered subquery: should the planner sort the pending rows rather than walk the index,
-        // only the rows kept are rendered.
-        let (filter, args) = match after {
-            None => ("", vec![]),
-            Some((m, k)) => ("AND (t.modified_at, t.key) > ($1::timestamptz, $2)", vec![m.as_str().into(), k.as_str().into()]),
-        };
-        let q = format!(
-            "SELECT p.key, p.deleted, p.doc::text, p.hash, p.modified_at::text, p.tid::text FROM (
-                 SELECT t.key, t.deleted, t.doc, t.hash, t.modified_at, t.ctid AS tid FROM {} AS t
-                  WHERE t.status = 'pending' {filter}
-                  ORDER BY t.modified_at, t.key LIMIT {limit}) AS p
-              ORDER BY p.modified_at, p.key",
-            feed.feed_table
-        );
-        let rows = c.select(&q, None, &args)?;
+        let args: Vec<pgrx::datum::DatumWithOid> = [&cursor.changes, &cursor.full_sync]
+            .into_iter()
+            .flatten()
+            .flat_map(|(m, k)| [m.as_str().into(), k.as_str().into()])
+            .collect();
+        let rows = c.select(&read_sql(&feed.feed_table, limit, cursor), None, &args)?;
         let n = rows.len();
         let mut p = Pending {
             items: Vec::with_capacity(n),
             hashes: Vec::with_capacity(n),
             tids: Vec::with_capacity(n),
             held,
-            last: None,
+            cursor: cursor.clone(),
         };
         for r in rows {
             let key = r.get::<String>(1)?.unwrap_or_default();
             let deleted = r.get::<bool>(2)?.unwrap_or(false);
             p.hashes.push(r.get::<String>(4)?);
             p.tids.push(r.get::<String>(6)?);
-            p.last = Some((r.get::<String>(5)?.unwrap_or_default(), key.clone()));
+            let at = Some((r.get::<String>(5)?.unwrap_or_default(), key.clone()));
+            if r.get::<bool>(7)?.unwrap_or(false) {
+                p.cursor.full_sync = at;
+            } else {
+                p.cursor.changes = at;
+            }
             p.items.push(Item { key, deleted, doc: r.get::<String>(3)? });
         }
         Ok(p)
@@ -243,4 +278,19 @@ pub fn record(feed: &FeedInfo, posted: &Posted) -> (i64, i64) {
         Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?.unwrap_or(0), row.get::<i64>(2)?.unwrap_or(0)))
     })
     .unwrap_or_else(|e| error!("cde: recording deliveries of feed {} failed: {e}", feed.name))
+}
+
+#[pg_schema]
+mod cde {
+    use pgrx::prelude::*;
+
+    /// The statement that reads a slice ([`super::read_sql`]) for a feed table, `lim` rows, from
+    /// the start of each lane or after a cursor ($1, $2 for the changes' lane, then the full
+    /// syncs'): for a reader, and for tests/regress/sql/send_order.sql, which prints and runs it.
+    #[pg_extern(immutable, parallel_safe, strict)]
+    fn _read_sql(feed_table: &str, lim: i32, changes_after: bool, full_sync_after: bool) -> String {
+        let at = |set: bool| set.then(|| (String::new(), String::new()));
+        let cursor = super::Cursor { changes: at(changes_after), full_sync: at(full_sync_after) };
+        super::read_sql(feed_table, lim.max(1) as usize, &cursor)
+    }
 }

@@ -128,7 +128,7 @@ pub fn feed_iteration(
                 let deferred = sending.is_some() && !defer_to.is_empty() && collect::queued(defer_to);
                 let pending = sending
                     .filter(|_| !deferred)
-                    .map(|d| deliver::read_pending(feed, deliver::read_limit(d, feed), None));
+                    .map(|d| deliver::read_pending(feed, deliver::read_limit(d, feed), &deliver::Cursor::default()));
                 if sending.is_some() && feed.legacy && (feed.legacy_due || force_send) {
                     Spi::run_with_args("UPDATE cde.feeds SET last_legacy_send_at = now() WHERE name = $1", &[feed.name.as_str().into()])
                         .unwrap_or_else(|e| error!("cde: {e}"));

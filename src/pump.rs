@@ -3,11 +3,12 @@
 //! reads the next slice. A destination that hangs until its timeout, is held or is down costs the
 //! others nothing: their threads go on, and the main thread never waits for one request.
 //!
-//! Order within a feed: a feed's slices are read in the pending order (oldest change first) and go
-//! to one thread, which posts them in that order; at most two are out of the feed table's hands
-//! at once (one posted, one read ahead). A newer version of a document never arrives before an
-//! older one. A feed's pass ends when its pending rows run out, its destination fails, or its
-//! time budget is spent; the next iteration begins a new pass from the oldest pending row.
+//! Order within a feed: a feed's slices are read in the send order (changes, then what full syncs
+//! made pending, each oldest first: `deliver::read_sql`) and go to one thread, which posts them in
+//! that order; at most two are out of the feed table's hands at once (one posted, one read ahead).
+//! A newer version of a document never arrives before an older one. A feed's pass ends when its
+//! pending rows run out, its destination fails, or its time budget is spent; the next iteration
+//! begins a new pass from the start of both lanes.
 
 use crate::deliver::{self, Counters, Pending, Posted};
 use crate::destination::Destination;
@@ -46,7 +47,7 @@ struct Pass {
     dest: Arc<Destination>,
     in_flight: usize,
     limit: usize,
-    cursor: Option<(String, String)>,
+    cursor: deliver::Cursor,
     /// No new slice is read: the last was short, the destination failed, or the budget is spent.
     exhausted: bool,
     started: Instant,
@@ -154,7 +155,7 @@ impl Pump {
             dest,
             in_flight: 0,
             limit,
-            cursor: None,
+            cursor: deliver::Cursor::default(),
             exhausted: false,
             started: Instant::now(),
             report,
@@ -171,7 +172,7 @@ impl Pump {
         if pending.items.is_empty() {
             return;
         }
-        pass.cursor = pending.last.clone();
+        pass.cursor = pending.cursor.clone();
         pass.in_flight += 1;
         let job = Job {
             feed: feed.to_string(),
@@ -213,7 +214,7 @@ impl Pump {
                 return;
             }
             let (info, limit, cursor) = (pass.info.clone(), pass.limit, pass.cursor.clone());
-            let pending = tx.run(|| deliver::read_pending(&info, limit, cursor.as_ref()));
+            let pending = tx.run(|| deliver::read_pending(&info, limit, &cursor));
             self.submit(feed, pending);
         }
     }

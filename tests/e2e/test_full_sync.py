@@ -143,3 +143,28 @@ def test_a_full_sync_ends_while_writers_keep_writing(db, sink):
     finally:
         stop.set()
         writer.join(timeout=10)
+
+
+def test_a_change_overtakes_the_documents_a_full_sync_made_pending(db, sink):
+    """A destination slower than the builders: the sync's documents pile up pending, and a change
+    made meanwhile goes out in the next slice, not behind them (docs/nothing-lost.md, "Order")."""
+    fresh_catalog(db, products=2000)
+    db.configure(batch_size=20)
+    sink.fault(feed="products", delay_ms=100)   # 20 items a request: 200 documents a second
+    run = db.one("SELECT cde_full_sync('products')")
+    wait_until("every document built, the sync's backlog being sent",
+               lambda: db.one("SELECT status FROM cde.sync_phases WHERE run_id = %s AND feed = 'products'", run) == "sending"
+               and len(sink.log("products")) > 0, timeout=30)
+    assert db.one("SELECT count(*) FROM cde.feed_products WHERE status = 'pending' AND full_sync") > 1500
+    # Product 2000 was built last: in the sync's own order it would go out last, in ten seconds.
+    db.run("UPDATE products SET name = 'changed during the sync' WHERE id = 2000")
+    wait_until("the change at the sink",
+               lambda: (sink.doc("products", 2000) or {}).get("data", {}).get("name") == "changed during the sync", timeout=5)
+    assert db.one("SELECT count(*) FROM cde.feed_products WHERE status = 'pending' AND full_sync") > 1000
+    assert db.one("SELECT full_sync FROM cde.feed_products WHERE key = '2000'") is False
+    # The rest follows, each document once.
+    sink.clear_faults()
+    wait_until("the run to finish", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=60)
+    docs = sink.docs("products")
+    assert len(docs) == 2000 and docs["2000"]["data"]["name"] == "changed during the sync"
+    assert db.one("SELECT count(*) FROM cde.feed_products WHERE status <> 'sent'") == 0

@@ -89,7 +89,8 @@ BEGIN
     END LOOP;
 END $$;
 SET LOCAL enable_seqscan = off;   -- a 1000-row table; the plans' shape is the point
-SELECT scans($$SELECT min(t.modified_at) FROM cde.feed_products t WHERE t.status = 'pending'$$);
+SELECT scans($$SELECT min(t.modified_at) FROM cde.feed_products t WHERE t.status = 'pending' AND NOT t.full_sync$$);
+SELECT scans($$SELECT min(t.modified_at) FROM cde.feed_products t WHERE t.status = 'pending' AND t.full_sync$$);
 SELECT scans($$SELECT min(t.modified_at) FROM cde.feed_products t WHERE t.status = 'retrying'$$);
 SELECT scans($$SELECT t.key FROM cde.feed_products t WHERE t.status IN ('retrying', 'rejected', 'dead') ORDER BY t.key$$);
 SELECT scans($$SELECT x.key FROM cde.feed_products x WHERE x.deleted AND x.status = 'sent' AND x.sent_at < now() LIMIT 10000$$);
