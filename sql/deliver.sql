@@ -32,8 +32,11 @@ BEGIN
     END IF;
     EXECUTE format($q$
         WITH o AS (
+            -- In key order, as rebuilds write (sql/rebuild.sql): a record and a full sync step
+            -- meeting on the same rows lock them in the same order, and never deadlock.
             SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[])
                        AS o(key, hash, outcome, http_status, error, tid, response_id)
+             ORDER BY o.key COLLATE "C"
         ), done AS (
             UPDATE %s AS t SET
                 status = CASE o.outcome

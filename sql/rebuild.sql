@@ -107,59 +107,65 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 DECLARE
     f      cde.feeds := cde._feed(feed);
     tbl    text := f.feed_table::text;
-    -- The two "%%s": whether a full sync makes the row pending (its send lane, see
-    -- cde._create_feed_table), and what else makes a row worth writing again, in the mode's own
-    -- words. In key order: a step and a collect writing the same keys at once lock them in the
-    -- same order, so that neither waits for the other while it holds a row the other waits for.
-    upsert text := format($q$
-        INSERT INTO %s AS f (key, doc, hash, full_sync)
-        SELECT key, doc, cde._doc_hash(doc), %%s FROM src WHERE doc IS NOT NULL ORDER BY key COLLATE "C"
+    -- Every row a rebuild writes, documents and deletions alike, in one statement and in key
+    -- order: a step and a collect writing the same keys at once lock them in the same order, so
+    -- that neither waits for the other while it holds a row the other waits for (a deadlock,
+    -- which rolls one back). Rows that would not change are left out before the write, as the
+    -- statement's snapshot sees them: a write that changes nothing still locks its row (a full
+    -- re-sync would lock, and log, every row of the feed table, and a change made meanwhile
+    -- would wait for the lock); the write checks again on the row's latest version. The
+    -- "%%n$s": (1) whether a full sync makes the rows pending (their send lane, see
+    -- cde._create_feed_table); (2) where the rows (key, doc) come from, a NULL doc being a
+    -- deletion, written over a row that is not one already, or as a row of its own where (2)
+    -- says so; (3) what else makes a document worth writing again, in the mode's own words.
+    write  text := format($q$
+        INSERT INTO %1$s AS f (key, doc, hash, deleted, full_sync)
+        SELECT w.key, w.doc, w.hash, w.doc IS NULL, %%1$s
+          FROM (SELECT w.key, w.doc, cde._doc_hash(w.doc) AS hash FROM (%%2$s) AS w) AS w
+          LEFT JOIN %1$s AS f ON f.key = w.key
+         WHERE f.key IS NULL
+            OR CASE WHEN w.doc IS NULL THEN NOT f.deleted ELSE f.hash IS DISTINCT FROM w.hash OR f.deleted%%3$s END
+         ORDER BY w.key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
-           SET doc = excluded.doc, hash = excluded.hash, deleted = false, status = 'pending',
+           SET doc = excluded.doc, hash = excluded.hash, deleted = excluded.deleted, status = 'pending',
                http_status = NULL, error = NULL, attempts = 0, modified_at = now(), full_sync = excluded.full_sync
-         WHERE NOT cde._unseen(f.xmin, f.key) AND (f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%s)$q$, tbl);
-    -- A key gone from the source: a pending deletion ("%s": made by a full sync).
-    gone   text := $q$doc = NULL, hash = NULL, deleted = true, status = 'pending',
-                      http_status = NULL, error = NULL, attempts = 0, modified_at = now(), full_sync = %s$q$;
+         WHERE NOT cde._unseen(f.xmin, f.key)
+           AND CASE WHEN excluded.deleted THEN NOT f.deleted
+                    ELSE f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%3$s END
+        RETURNING f.deleted$q$, tbl);
+    -- Whether a feed-table row holds this key ("%%s") and is not a deletion already.
+    live   text := format('EXISTS (SELECT 1 FROM %s AS t WHERE t.key = %%s AND NOT t.deleted)', tbl);
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     CASE mode
     WHEN 'apply' THEN
-        -- "gone": the keys the source did not return with a document. Given a list of keys, they
-        -- are found in the list itself (keys EXCEPT built keys), not by probing the feed table
-        -- for every key (docs/benchmarks.md).
+        -- Deletions: the keys the source did not return with a document. Given a list of keys,
+        -- they are found in the list itself (keys EXCEPT built keys), not by probing the feed
+        -- table for every key (docs/benchmarks.md); given none, every row the source lacks.
         -- While a full sync of the feed runs, a gone key with no row may yet get one from a step
-        -- whose snapshot still saw it, after this commits: a deletion row ("tomb") is written
-        -- for it then, which that step's write meets and leaves (cde._unseen), or which meets
-        -- the step's own uncommitted row and waits for it. Outside full syncs no step writes.
+        -- whose snapshot still saw it, after this commits: a deletion row is written for it
+        -- then ($3), which that step's write meets and leaves (cde._unseen), or which meets the
+        -- step's own uncommitted row and waits for it. Outside full syncs no step writes.
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'keys', $2)
-            ), built AS (
+            ), gone AS MATERIALIZED (
+                (SELECT k.key FROM pg_catalog.unnest($2) AS k(key) WHERE $2 IS NOT NULL
+                 EXCEPT SELECT src.key FROM src WHERE src.doc IS NOT NULL)
+                UNION ALL
+                SELECT t.key FROM %2$s AS t
+                 WHERE $2 IS NULL AND NOT t.deleted
+                   AND NOT EXISTS (SELECT 1 FROM src WHERE src.key = t.key AND src.doc IS NOT NULL)
+            ), written AS (
                 %1$s
-                RETURNING 1
-            ), missing AS MATERIALIZED (
-                SELECT unnest($2) AS key EXCEPT SELECT src.key FROM src WHERE src.doc IS NOT NULL
-            ), gone AS (
-                UPDATE %2$s AS f
-                   SET %3$s
-                 WHERE ($2 IS NULL OR f.key = ANY (ARRAY(SELECT missing.key FROM missing)))
-                   AND NOT f.deleted
-                   AND ($2 IS NOT NULL OR NOT EXISTS (SELECT 1 FROM src WHERE src.key = f.key AND src.doc IS NOT NULL))
-                   AND NOT cde._unseen(f.xmin, f.key)
-                RETURNING 1
-            ), tomb AS (
-                INSERT INTO %2$s AS f (key, doc, hash, deleted)
-                SELECT m.key, NULL, NULL, true FROM missing m
-                 WHERE $3 AND NOT EXISTS (SELECT 1 FROM %2$s AS t WHERE t.key = m.key)
-                 ORDER BY m.key COLLATE "C"
-                ON CONFLICT (key) DO UPDATE
-                   SET %3$s
-                 WHERE NOT f.deleted AND NOT cde._unseen(f.xmin, f.key)
-                RETURNING 1
             )
-            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built),
-                   (SELECT count(*) FROM gone) + (SELECT count(*) FROM tomb)$q$,
-            format(upsert, 'false', ''), tbl, format(gone, 'false'))
+            SELECT (SELECT count(*) FROM src), count(*) FILTER (WHERE NOT w.deleted), count(*) FILTER (WHERE w.deleted)
+              FROM written AS w$q$,
+            format(write, 'false',
+                   format($w$SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL
+                   UNION ALL
+                   SELECT gone.key, NULL::jsonb FROM gone WHERE $3 OR %s$w$, format(live, 'gone.key')),
+                   ''),
+            tbl)
           INTO built, changed, deleted
           USING f.name, keys, keys IS NOT NULL AND cde._syncing(f.name);
     WHEN 'gone', 'gone_dry' THEN
@@ -170,36 +176,28 @@ BEGIN
                 SELECT f.key FROM %1$s AS f WHERE NOT f.deleted AND f.key > $2 ORDER BY f.key LIMIT $3
             ), src AS MATERIALIZED (
                 SELECT * FROM cde._source($1, 'exists', (SELECT array_agg(chunk.key) FROM chunk))
-            ), missing AS (
+            ), missing AS MATERIALIZED (
                 SELECT chunk.key FROM chunk WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.key = chunk.key)
-            ), gone AS (
-                UPDATE %1$s AS f
-                   SET %2$s
-                  FROM missing WHERE NOT $4 AND f.key = missing.key AND NOT cde._unseen(f.xmin, f.key)
-                RETURNING 1
+            ), written AS (
+                %2$s
             )
-            SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM gone) END,
+            SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM written) END,
                    (SELECT max(key) FROM chunk)$q$,
-            tbl, format(gone, 'true'))
+            tbl, format(write, 'true', 'SELECT missing.key, NULL::jsonb AS doc FROM missing WHERE NOT $4', ''))
           INTO deleted, last_key USING f.name, after, n, mode = 'gone_dry';
     WHEN 'chunk' THEN
         -- Keys the source returns with a NULL document become deletions here; keys it no longer
         -- has are the deletion pass's (mode 'gone'), which walks the feed table.
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5)
-            ), built AS (
+            ), written AS (
                 %1$s
-                RETURNING 1
-            ), gone AS (
-                UPDATE %2$s AS f
-                   SET %3$s
-                  FROM src WHERE src.doc IS NULL AND f.key = src.key AND NOT f.deleted
-                   AND NOT cde._unseen(f.xmin, f.key)
-                RETURNING 1
             )
-            SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM built), (SELECT count(*) FROM gone),
-                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)$q$,
-            format(upsert, 'true', ' OR cde._failed(f.status)'), tbl, format(gone, 'true'))
+            SELECT (SELECT count(*) FROM src), count(*) FILTER (WHERE NOT w.deleted), count(*) FILTER (WHERE w.deleted),
+                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)
+              FROM written AS w$q$,
+            format(write, 'true', format('SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL OR %s', format(live, 'src.key')),
+                   ' OR cde._failed(f.status)'))
           INTO built, changed, deleted, last_key USING f.name, after, n, lane, lanes;
     WHEN 'chunk_dry' THEN
         EXECUTE format($q$

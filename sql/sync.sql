@@ -308,7 +308,7 @@ BEGIN
 END $$;
 
 -- What a step that raised an error (its work rolled back) answers. A transient error (a
--- deadlock: a chunk's upsert and the worker's record can take the same rows in other orders; a
+-- deadlock with a writer that takes feed-table rows in another order than cde's key order; a
 -- serialization failure; a lock timeout) leaves the run going, and the caller takes the step
 -- again later (the worker: at its next iteration): 'retry'. Any other fails the run.
 CREATE FUNCTION cde._sync_step_failed(r cde.sync_runs, feed text, state text, err text) RETURNS cde.step
