@@ -73,6 +73,16 @@ pub fn advance(run: &impl Fn() -> Step, budget: Duration) -> bool {
     progressed
 }
 
+/// Is the active run waiting for its plan (each feed's source counted)?
+pub fn planning() -> bool {
+    Spi::get_one::<bool>(
+        "SELECT r.status = 'preparing' FROM cde.sync_runs r WHERE cde._active(r.status) ORDER BY r.id LIMIT 1",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
 /// One line on the active run, for the server log.
 pub fn progress_line() -> Option<String> {
     Spi::get_one::<String>(

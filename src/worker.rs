@@ -482,6 +482,13 @@ impl Worker {
         // take over, or without any this worker builds for a bounded time, so that partial sync
         // keeps flowing meanwhile.
         let mut more = false;
+        // A run about to be planned: counting its sources takes a while (a third of a second
+        // per million rows), during which this worker would collect nothing. Builders plan it,
+        // as they take any step, and wake the worker when they made progress.
+        let planning = !self.builders.alive() && guarded(|| Own.run(sync::planning)).unwrap_or(false);
+        if planning {
+            self.builders.start(self.settings.sync_builders);
+        }
         if !self.builders.alive() {
             match guarded(|| Own.run(sync::step)) {
                 Ok(sync::Step::Progress) => {
