@@ -944,29 +944,36 @@ DECLARE
     -- Every row a rebuild writes, documents and deletions alike, in one statement and in key
     -- order: a step and a collect writing the same keys at once lock them in the same order, so
     -- that neither waits for the other while it holds a row the other waits for (a deadlock,
-    -- which rolls one back). Rows that would not change are left out before the write, as the
-    -- statement's snapshot sees them: a write that changes nothing still locks its row (a full
-    -- re-sync would lock, and log, every row of the feed table, and a change made meanwhile
-    -- would wait for the lock); the write checks again on the row's latest version. The
-    -- "%%n$s": (1) whether a full sync makes the rows pending (their send lane, see
-    -- cde._create_feed_table); (2) where the rows (key, doc) come from, a NULL doc being a
-    -- deletion, written over a row that is not one already, or as a row of its own where (2)
-    -- says so; (3) what else makes a document worth writing again, in the mode's own words.
+    -- which rolls one back). The "%%n$s":
+    --   (1) the send lane (cde._create_feed_table): true, made pending by a full sync. A row
+    --       pending as a change stays one whoever writes it next.
+    --   (2) where the rows (key, doc) come from, a NULL doc being a deletion: written over a row
+    --       that is not one already, or as a row of its own where (2) says so.
+    --   (3) what else makes a document worth writing again, in the mode's own words.
+    --   (4) which rows to leave out before the write (below), or nothing.
     write  text := format($q$
         INSERT INTO %1$s AS f (key, doc, hash, deleted, full_sync)
         SELECT w.key, w.doc, w.hash, w.doc IS NULL, %%1$s
-          FROM (SELECT w.key, w.doc, cde._doc_hash(w.doc) AS hash FROM (%%2$s) AS w) AS w
-          LEFT JOIN %1$s AS f ON f.key = w.key
-         WHERE f.key IS NULL
-            OR CASE WHEN w.doc IS NULL THEN NOT f.deleted ELSE f.hash IS DISTINCT FROM w.hash OR f.deleted%%3$s END
+          FROM (SELECT w.key, w.doc, cde._doc_hash(w.doc) AS hash FROM (%%2$s) AS w) AS w%%4$s
          ORDER BY w.key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
            SET doc = excluded.doc, hash = excluded.hash, deleted = excluded.deleted, status = 'pending',
-               http_status = NULL, error = NULL, attempts = 0, modified_at = now(), full_sync = excluded.full_sync
+               http_status = NULL, error = NULL, attempts = 0, modified_at = now(),
+               full_sync = excluded.full_sync AND NOT (f.status = 'pending' AND NOT f.full_sync)
          WHERE NOT cde._unseen(f.xmin, f.key)
            AND CASE WHEN excluded.deleted THEN NOT f.deleted
                     ELSE f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%3$s END
         RETURNING f.deleted$q$, tbl);
+    -- A full sync step leaves out the rows that would not change, as its snapshot sees them: a
+    -- write that changes nothing still locks its row, so a full re-sync would lock, and log,
+    -- every row of the feed table, and a change made meanwhile would wait for the lock. The
+    -- write checks again on the row's latest version. A collect leaves out nothing: were a step
+    -- writing an older document of the key, not yet committed, the collect's write meets it,
+    -- waits, and queues the key again (cde._unseen), where the snapshot shows an unchanged row.
+    skip   text := format($q$
+          LEFT JOIN %s AS f ON f.key = w.key
+         WHERE f.key IS NULL
+            OR CASE WHEN w.doc IS NULL THEN NOT f.deleted ELSE f.hash IS DISTINCT FROM w.hash OR f.deleted%%s END$q$, tbl);
     -- Whether a feed-table row holds this key ("%%s") and is not a deletion already.
     live   text := format('EXISTS (SELECT 1 FROM %s AS t WHERE t.key = %%s AND NOT t.deleted)', tbl);
 BEGIN
@@ -994,10 +1001,13 @@ BEGIN
             )
             SELECT (SELECT count(*) FROM src), count(*) FILTER (WHERE NOT w.deleted), count(*) FILTER (WHERE w.deleted)
               FROM written AS w$q$,
-            format(write, 'false',
+            -- Keys given: changes, and a change moves its key's row out of a full sync's lane.
+            -- None: every key (a TRUNCATE or a new definition during a full sync), a sync's job.
+            format(write, (keys IS NULL)::text,
                    format($w$SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL
                    UNION ALL
                    SELECT gone.key, NULL::jsonb FROM gone WHERE $3 OR %s$w$, format(live, 'gone.key')),
+                   CASE WHEN keys IS NULL THEN '' ELSE $w$ OR f.status = 'pending' AND f.full_sync$w$ END,
                    ''),
             tbl)
           INTO built, changed, deleted
@@ -1017,7 +1027,7 @@ BEGIN
             )
             SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM written) END,
                    (SELECT max(key) FROM chunk)$q$,
-            tbl, format(write, 'true', 'SELECT missing.key, NULL::jsonb AS doc FROM missing WHERE NOT $4', ''))
+            tbl, format(write, 'true', 'SELECT missing.key, NULL::jsonb AS doc FROM missing WHERE NOT $4', '', format(skip, '')))
           INTO deleted, last_key USING f.name, after, n, mode = 'gone_dry';
     WHEN 'chunk' THEN
         -- Keys the source returns with a NULL document become deletions here; keys it no longer
@@ -1031,7 +1041,7 @@ BEGIN
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1)
               FROM written AS w$q$,
             format(write, 'true', format('SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL OR %s', format(live, 'src.key')),
-                   ' OR cde._failed(f.status)'))
+                   ' OR cde._failed(f.status)', format(skip, ' OR cde._failed(f.status)')))
           INTO built, changed, deleted, last_key USING f.name, after, n, lane, lanes;
     WHEN 'chunk_dry' THEN
         EXECUTE format($q$
@@ -1310,7 +1320,8 @@ BEGIN
     EXECUTE format($q$
         WITH o AS (
             -- In key order, as rebuilds write (sql/rebuild.sql): a record and a full sync step
-            -- meeting on the same rows lock them in the same order, and never deadlock.
+            -- meeting on the same rows lock them in the same order, and wait rather than
+            -- deadlock (the plan takes the items in this order, each row by its ctid).
             SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[])
                        AS o(key, hash, outcome, http_status, error, tid, response_id)
              ORDER BY o.key COLLATE "C"

@@ -33,7 +33,8 @@ BEGIN
     EXECUTE format($q$
         WITH o AS (
             -- In key order, as rebuilds write (sql/rebuild.sql): a record and a full sync step
-            -- meeting on the same rows lock them in the same order, and never deadlock.
+            -- meeting on the same rows lock them in the same order, and wait rather than
+            -- deadlock (the plan takes the items in this order, each row by its ctid).
             SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[])
                        AS o(key, hash, outcome, http_status, error, tid, response_id)
              ORDER BY o.key COLLATE "C"

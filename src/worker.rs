@@ -335,6 +335,9 @@ struct Worker {
     pump: Pump,
     destinations: Destinations,
     builders: Builders,
+    /// Builders were started to plan a run: should they end with the run still unplanned (a
+    /// transient error, say), the worker plans it, rather than start builders again at once.
+    planning_handed: bool,
     last_progress_log: Instant,
     last_housekeeping: Option<Instant>,
     /// Destinations that answered as misconfigured (401, 404, TLS...) or gone (410): nothing is
@@ -367,6 +370,7 @@ impl Worker {
             pump: Pump::new(SEND_BUDGET),
             destinations: Destinations::default(),
             builders: Builders::default(),
+            planning_handed: false,
             last_progress_log: Instant::now(),
             last_housekeeping: None,
             held_until: HashMap::new(),
@@ -485,9 +489,13 @@ impl Worker {
         // A run about to be planned: counting its sources takes a while (a third of a second
         // per million rows), during which this worker would collect nothing. Builders plan it,
         // as they take any step, and wake the worker when they made progress.
-        let planning = !self.builders.alive() && guarded(|| Own.run(sync::planning)).unwrap_or(false);
-        if planning {
-            self.builders.start(self.settings.sync_builders);
+        if !self.builders.alive() {
+            let planning = guarded(|| Own.run(sync::planning)).unwrap_or(false);
+            if planning && !self.planning_handed {
+                self.planning_handed = self.builders.start(self.settings.sync_builders);
+            } else {
+                self.planning_handed = false;
+            }
         }
         if !self.builders.alive() {
             match guarded(|| Own.run(sync::step)) {

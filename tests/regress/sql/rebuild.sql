@@ -25,4 +25,11 @@ SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'products'::regcla
 -- And written: cde._rebuild as the extension's owner.
 SELECT * FROM cde._rebuild('products', '{1,2,3,4}');
 SELECT key, doc, status FROM cde.feed_products ORDER BY key;
+-- A full sync step leaves unchanged documents alone: no row is written, nor even locked (a full
+-- re-sync writes nothing to the feed table, and a change made meanwhile waits for no lock).
+SELECT built, changed, deleted FROM cde._rebuild('products', NULL, 'chunk', NULL, 100);
+SELECT count(*) FILTER (WHERE xmax::text <> '0') AS locked FROM cde.feed_products;
+-- A collect writes none either, but locks each row (sql/rebuild.sql says why).
+SELECT built, changed, deleted FROM cde._rebuild('products', '{1,2,3,4}');
+SELECT count(*) FILTER (WHERE xmax::text <> '0') AS locked FROM cde.feed_products;
 ROLLBACK;

@@ -55,3 +55,15 @@ END $$;
 SET enable_seqscan = off;   -- a 7-row table; the plan's shape is the point
 SELECT scans($$EXECUTE after_cursors(now(), '7', now(), '1')$$);
 RESET enable_seqscan;
+
+-- A change whose document a full sync step wrote first (its snapshot saw the change): the collect
+-- finds the document unchanged, and moves the row to the changes' lane all the same.
+UPDATE products SET name = 'seen by the step' WHERE id = 6;
+SELECT built, changed FROM cde._rebuild('products', NULL, 'chunk', NULL, 100);
+SELECT key, full_sync FROM cde.feed_products WHERE key = '6';
+SELECT built, changed FROM cde._rebuild('products', '{6}');
+SELECT key, full_sync FROM cde.feed_products WHERE key = '6';
+-- A row pending as a change stays one when a full sync step writes it again.
+UPDATE products SET name = 'changed again' WHERE id = 6;
+SELECT built, changed FROM cde._rebuild('products', NULL, 'chunk', NULL, 100);
+SELECT key, doc->>'name' AS name, full_sync FROM cde.feed_products WHERE key = '6';
