@@ -76,18 +76,8 @@ SELECT CASE WHEN i % 2 = 0 THEN 'products' ELSE 'elsewhere' END, ARRAY['1'] FROM
 SELECT queued_changes, queue_exact, (SELECT count(*) FROM cde.queue WHERE feed = 'products') AS actual FROM cde_feed_status;
 DELETE FROM cde.queue;
 
--- The statements behind the views use the feed table's indexes, never a scan of it (the plans'
--- scans: the rest of a plan's text differs between PostgreSQL versions).
-CREATE FUNCTION scans(q text) RETURNS SETOF text LANGUAGE plpgsql AS $$
-DECLARE
-    line text;
-BEGIN
-    FOR line IN EXECUTE 'EXPLAIN (COSTS OFF) ' || q LOOP
-        IF line ~ 'Scan' THEN
-            RETURN NEXT regexp_replace(line, '^[ ->]*', '');
-        END IF;
-    END LOOP;
-END $$;
+-- The statements behind the views use the feed table's indexes, never a scan of it (sql/scans.inc).
+\i sql/scans.inc
 SET LOCAL enable_seqscan = off;   -- a 1000-row table; the plans' shape is the point
 SELECT scans($$SELECT min(t.modified_at) FROM cde.feed_products t WHERE t.status = 'pending' AND NOT t.full_sync$$);
 SELECT scans($$SELECT min(t.modified_at) FROM cde.feed_products t WHERE t.status = 'pending' AND t.full_sync$$);

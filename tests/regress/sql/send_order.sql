@@ -42,16 +42,7 @@ PREPARE after_cursors(timestamptz, text, timestamptz, text) AS SELECT key, delet
 EXECUTE after_cursors(:'changes_at', '7', :'sync_at', '1');
 
 -- Each lane is an ordered scan of the pending index, however many rows are pending.
-CREATE FUNCTION scans(q text) RETURNS SETOF text LANGUAGE plpgsql AS $$
-DECLARE
-    line text;
-BEGIN
-    FOR line IN EXECUTE 'EXPLAIN (COSTS OFF) ' || q LOOP
-        IF line ~ 'Scan' THEN
-            RETURN NEXT regexp_replace(line, '^[ ->]*', '');
-        END IF;
-    END LOOP;
-END $$;
+\i sql/scans.inc
 SET enable_seqscan = off;   -- a 7-row table; the plan's shape is the point
 SELECT scans($$EXECUTE after_cursors(now(), '7', now(), '1')$$);
 RESET enable_seqscan;
