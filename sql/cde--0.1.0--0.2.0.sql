@@ -963,7 +963,7 @@ DECLARE
          WHERE NOT cde._unseen(f.xmin, f.key)
            AND CASE WHEN excluded.deleted THEN NOT f.deleted
                     ELSE f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%3$s END
-        RETURNING f.deleted$q$, tbl);
+        RETURNING f.key, f.deleted$q$, tbl);
     -- A full sync step leaves out the rows that would not change, as its snapshot sees them: a
     -- write that changes nothing still locks its row, so a full re-sync would lock, and log,
     -- every row of the feed table, and a change made meanwhile would wait for the lock. The
@@ -976,6 +976,9 @@ DECLARE
             OR CASE WHEN w.doc IS NULL THEN NOT f.deleted ELSE f.hash IS DISTINCT FROM w.hash OR f.deleted%%s END$q$, tbl);
     -- Whether a feed-table row holds this key ("%%s") and is not a deletion already.
     live   text := format('EXISTS (SELECT 1 FROM %s AS t WHERE t.key = %%s AND NOT t.deleted)', tbl);
+    -- A collect during a full sync of the feed: see "touch" below.
+    syncing boolean := keys IS NOT NULL AND mode = 'apply' AND cde._syncing(f.name);
+    written text[];   -- the keys a collect during a full sync wrote
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     CASE mode
@@ -999,7 +1002,8 @@ BEGIN
             ), written AS (
                 %1$s
             )
-            SELECT (SELECT count(*) FROM src), count(*) FILTER (WHERE NOT w.deleted), count(*) FILTER (WHERE w.deleted)
+            SELECT (SELECT count(*) FROM src), count(*) FILTER (WHERE NOT w.deleted), count(*) FILTER (WHERE w.deleted),
+                   CASE WHEN $3 THEN coalesce(array_agg(w.key), '{}') END
               FROM written AS w$q$,
             -- Keys given: changes, and a change moves its key's row out of a full sync's lane.
             -- None: every key (a TRUNCATE or a new definition during a full sync), a sync's job.
@@ -1010,8 +1014,22 @@ BEGIN
                    CASE WHEN keys IS NULL THEN '' ELSE $w$ OR f.status = 'pending' AND f.full_sync$w$ END,
                    ''),
             tbl)
-          INTO built, changed, deleted
-          USING f.name, keys, keys IS NOT NULL AND cde._syncing(f.name);
+          INTO built, changed, deleted, written
+          USING f.name, keys, syncing;
+        -- The touch: a collect during a full sync rewrites, as they are, the rows of its keys it
+        -- left unchanged. A key whose document changed and changed back (A, B, A) while a step
+        -- that saw B was building gives this collect A, the row's own document, to leave; and
+        -- it would leave no trace that the step could not see, so the step would then write B.
+        -- Rewritten, the row's version is this transaction's: the step's write meets it and
+        -- leaves it (cde._unseen), and queues the key again. The rows stay locked by the write
+        -- above until commit, so no step writes between the two. Same values, no indexed
+        -- column changed: a heap-only update, and nothing sent again.
+        IF syncing THEN
+            EXECUTE format($q$
+                UPDATE %s AS t SET hash = t.hash
+                 WHERE t.key IN (SELECT pg_catalog.unnest($1) EXCEPT SELECT pg_catalog.unnest($2))$q$, tbl)
+              USING keys, written;
+        END IF;
     WHEN 'gone', 'gone_dry' THEN
         -- Keys the source returns with a NULL document were made deletions when their chunk was
         -- built; here only keys the source no longer has are left.

@@ -30,6 +30,16 @@ SELECT key, doc, status FROM cde.feed_products ORDER BY key;
 SELECT built, changed, deleted FROM cde._rebuild('products', NULL, 'chunk', NULL, 100);
 SELECT count(*) FILTER (WHERE xmax::text <> '0') AS locked FROM cde.feed_products;
 -- A collect writes none either, but locks each row (sql/rebuild.sql says why).
+UPDATE cde.feed_products SET status = 'sent', full_sync = false;   -- delivered
+CREATE TEMP TABLE versions AS SELECT key, ctid::text AS tid, status FROM cde.feed_products;
 SELECT built, changed, deleted FROM cde._rebuild('products', '{1,2,3,4}');
 SELECT count(*) FILTER (WHERE xmax::text <> '0') AS locked FROM cde.feed_products;
+SELECT f.key, f.ctid::text <> v.tid AS rewritten FROM cde.feed_products f JOIN versions v USING (key) ORDER BY key;
+-- During a full sync of the feed, a collect rewrites the rows it leaves unchanged as they are: a
+-- row version a step with an older snapshot will leave (sql/rebuild.sql, "touch"), with the
+-- same document and state, so nothing is sent again.
+SELECT cde_full_sync('products') > 0 AS syncing;
+SELECT built, changed, deleted FROM cde._rebuild('products', '{1,2,3,4}');
+SELECT f.key, f.ctid::text <> v.tid AS rewritten, f.status, f.status = v.status AS same_status
+  FROM cde.feed_products f JOIN versions v USING (key) ORDER BY key;
 ROLLBACK;
