@@ -331,6 +331,15 @@ AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/locks.rs:39
+-- cde::locks::cde::_steps_running
+CREATE  FUNCTION cde."_steps_running"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_steps_running_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/sync.rs:7
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::sync::cde */
 /* </end connected objects> */
@@ -976,9 +985,13 @@ DECLARE
             OR CASE WHEN w.doc IS NULL THEN NOT f.deleted ELSE f.hash IS DISTINCT FROM w.hash OR f.deleted%%s END$q$, tbl);
     -- Whether a feed-table row holds this key ("%%s") and is not a deletion already.
     live   text := format('EXISTS (SELECT 1 FROM %s AS t WHERE t.key = %%s AND NOT t.deleted)', tbl);
-    -- A collect during a full sync of the feed: see "touch" below.
-    syncing boolean := keys IS NOT NULL AND mode = 'apply' AND cde._syncing(f.name);
-    written text[];   -- the keys a collect during a full sync wrote
+    -- A collect while a full sync step may be writing the same keys from an older snapshot:
+    -- during a full sync of the feed, or while any session holds the step lock (a step goes on
+    -- after its run was cancelled, or failed in another lane). A step's snapshot that could
+    -- miss what this collect builds came before the change that queued the key, hence before
+    -- this: such a step runs now. See "tomb" and "touch" below.
+    syncing boolean := keys IS NOT NULL AND mode = 'apply' AND (cde._syncing(f.name) OR cde._steps_running());
+    written text[];   -- the keys a collect wrote, while syncing
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     CASE mode
@@ -986,10 +999,10 @@ BEGIN
         -- Deletions: the keys the source did not return with a document. Given a list of keys,
         -- they are found in the list itself (keys EXCEPT built keys), not by probing the feed
         -- table for every key (docs/benchmarks.md); given none, every row the source lacks.
-        -- While a full sync of the feed runs, a gone key with no row may yet get one from a step
-        -- whose snapshot still saw it, after this commits: a deletion row is written for it
-        -- then ($3), which that step's write meets and leaves (cde._unseen), or which meets the
-        -- step's own uncommitted row and waits for it. Outside full syncs no step writes.
+        -- While a step may be writing ($3, "syncing"), a gone key with no row may yet get one
+        -- from a step whose snapshot still saw it, after this commits: a deletion row is written
+        -- for it then, which that step's write meets and leaves (cde._unseen), or which meets
+        -- the step's own uncommitted row and waits for it. Otherwise no step writes.
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'keys', $2)
             ), gone AS MATERIALIZED (
@@ -1016,14 +1029,19 @@ BEGIN
             tbl)
           INTO built, changed, deleted, written
           USING f.name, keys, syncing;
-        -- The touch: a collect during a full sync rewrites, as they are, the rows of its keys it
-        -- left unchanged. A key whose document changed and changed back (A, B, A) while a step
-        -- that saw B was building gives this collect A, the row's own document, to leave; and
-        -- it would leave no trace that the step could not see, so the step would then write B.
-        -- Rewritten, the row's version is this transaction's: the step's write meets it and
-        -- leaves it (cde._unseen), and queues the key again. The rows stay locked by the write
-        -- above until commit, so no step writes between the two. Same values, no indexed
-        -- column changed: a heap-only update, and nothing sent again.
+        -- The touch: while a step may be writing, a collect rewrites, as they are, the rows of
+        -- its keys it left unchanged. A key whose document changed and changed back (A, B, A)
+        -- while a step that saw B was building gives this collect A, the row's own document, to
+        -- leave; and it would leave no trace that the step could not see, so the step would
+        -- then write B. Rewritten, the row's version is this transaction's: the step's write
+        -- meets it and leaves it (cde._unseen), and queues the key again. The write above locked
+        -- every one of these rows, in key order, so no step writes between the two. Same values,
+        -- no indexed column changed (heap-only where the page has room), the same state: nothing
+        -- is sent again, even from a slice in flight (cde._record finds a moved row by key).
+        -- A rebuild of every key (keys NULL: a TRUNCATE or a new definition during a full sync)
+        -- touches nothing: it would rewrite the whole table. Its A, B, A case (a TRUNCATE that
+        -- puts back what it removed, during a step that saw the B) waits for the key's next
+        -- change or the next full sync (docs/nothing-lost.md).
         IF syncing THEN
             EXECUTE format($q$
                 UPDATE %s AS t SET hash = t.hash
@@ -1310,8 +1328,9 @@ END $$;
 -- version that was sent (same hash, still pending): a document that changed meanwhile stays
 -- pending and its newest version goes next, so an older version never overtakes a newer one.
 -- Rows are found where the read found them (their ctid), not by a primary key descent: a tenth of
--- the worker's time per document. A row that moved since (updated, or the table rewritten) is no
--- longer there with that key, hash and status: it stays pending and goes again, never lost.
+-- the worker's time per document. Items not found there are looked for by key, in a second pass:
+-- a row that moved with its document and state unchanged (rewritten as it was by a collect during
+-- a full sync, sql/rebuild.sql) is still the version that was sent, and is not sent again.
 CREATE FUNCTION cde._record(
     p_feed      text,
     p_keys      text[],
@@ -1329,12 +1348,26 @@ DECLARE
     max_attempts int := current_setting('cde.max_attempts')::int;
     retry_interval interval := current_setting('cde.retry_interval')::interval;
     first_error text;
+    -- Where each item's row is looked for: where it was read; then, for items not found
+    -- there, by key, skipping rows another transaction holds. That pass never waits: it locks
+    -- rows after the first pass's, out of key order (a row it skips stays pending, and goes
+    -- again).
+    found_at text := 't.ctid = o.tid';
+    by_key   text;
+    s bigint; r bigint; rt bigint; d bigint;
 BEGIN
     SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
     IF NOT FOUND THEN          -- dropped while its batch was in flight
         sent := 0; rejected := 0; retrying := 0; dead := 0;
         RETURN;
     END IF;
+    sent := 0; rejected := 0; retrying := 0; dead := 0;
+    -- Only rows still pending with the hash sent are locked, not those the first pass recorded
+    -- ("|| ''": by the primary key, as below, not the partial index on pending rows).
+    by_key := format($q$t.ctid = (SELECT x.ctid FROM %s AS x
+                                  WHERE x.key = o.key AND x.hash IS NOT DISTINCT FROM o.hash AND x.status || '' = 'pending'
+                                  FOR UPDATE SKIP LOCKED)$q$, f.feed_table);
+    LOOP
     EXECUTE format($q$
         WITH o AS (
             -- In key order, as rebuilds write (sql/rebuild.sql): a record and a full sync step
@@ -1356,7 +1389,7 @@ BEGIN
                 response_id = o.response_id,
                 sent_at     = CASE WHEN o.outcome = 'sent' THEN now() ELSE t.sent_at END
               FROM o
-             WHERE t.ctid = o.tid AND t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash
+             WHERE %2$s AND t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash
                -- Written so that the partial index on pending rows cannot serve: its row estimate
                -- is usually stale (rows were just built), and the planner would hash every
                -- pending row of the feed to find the few sent ones, instead of one fetch per item.
@@ -1372,9 +1405,15 @@ BEGIN
         )
         SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'rejected'),
                count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead')
-          FROM done$q$, f.feed_table)
-      INTO sent, rejected, retrying, dead
+          FROM done$q$, f.feed_table, found_at)
+      INTO s, r, rt, d
       USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids;
+    sent := sent + s; rejected := rejected + r; retrying := retrying + rt; dead := dead + d;
+    -- All found, or looked for by key already. Rows the first pass recorded are no longer
+    -- pending: the second finds only the others.
+    EXIT WHEN found_at = by_key OR sent + rejected + retrying + dead = cardinality(p_keys);
+    found_at := by_key;
+    END LOOP;
 
     SELECT e INTO first_error FROM unnest(p_errors) AS e WHERE e IS NOT NULL LIMIT 1;
     UPDATE cde.feeds SET
@@ -1585,6 +1624,11 @@ DECLARE
     lanes int;
     chunk int := cde._chunk_size();
 BEGIN
+    -- No run: no lock either. Every iteration of the worker asks, and a session holding the step
+    -- lock makes collects rewrite the rows they leave (cde._steps_running, cde._rebuild).
+    IF NOT EXISTS (SELECT 1 FROM cde.sync_runs WHERE cde._active(status)) THEN
+        RETURN NULL;
+    END IF;
     IF wait THEN
         PERFORM pg_advisory_xact_lock_shared(cde._sync_step_lock());
     ELSIF NOT pg_try_advisory_xact_lock_shared(cde._sync_step_lock()) THEN

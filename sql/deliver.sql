@@ -5,8 +5,9 @@
 -- version that was sent (same hash, still pending): a document that changed meanwhile stays
 -- pending and its newest version goes next, so an older version never overtakes a newer one.
 -- Rows are found where the read found them (their ctid), not by a primary key descent: a tenth of
--- the worker's time per document. A row that moved since (updated, or the table rewritten) is no
--- longer there with that key, hash and status: it stays pending and goes again, never lost.
+-- the worker's time per document. Items not found there are looked for by key, in a second pass:
+-- a row that moved with its document and state unchanged (rewritten as it was by a collect during
+-- a full sync, sql/rebuild.sql) is still the version that was sent, and is not sent again.
 CREATE FUNCTION cde._record(
     p_feed      text,
     p_keys      text[],
@@ -24,12 +25,26 @@ DECLARE
     max_attempts int := current_setting('cde.max_attempts')::int;
     retry_interval interval := current_setting('cde.retry_interval')::interval;
     first_error text;
+    -- Where each item's row is looked for: where it was read; then, for items not found
+    -- there, by key, skipping rows another transaction holds. That pass never waits: it locks
+    -- rows after the first pass's, out of key order (a row it skips stays pending, and goes
+    -- again).
+    found_at text := 't.ctid = o.tid';
+    by_key   text;
+    s bigint; r bigint; rt bigint; d bigint;
 BEGIN
     SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
     IF NOT FOUND THEN          -- dropped while its batch was in flight
         sent := 0; rejected := 0; retrying := 0; dead := 0;
         RETURN;
     END IF;
+    sent := 0; rejected := 0; retrying := 0; dead := 0;
+    -- Only rows still pending with the hash sent are locked, not those the first pass recorded
+    -- ("|| ''": by the primary key, as below, not the partial index on pending rows).
+    by_key := format($q$t.ctid = (SELECT x.ctid FROM %s AS x
+                                  WHERE x.key = o.key AND x.hash IS NOT DISTINCT FROM o.hash AND x.status || '' = 'pending'
+                                  FOR UPDATE SKIP LOCKED)$q$, f.feed_table);
+    LOOP
     EXECUTE format($q$
         WITH o AS (
             -- In key order, as rebuilds write (sql/rebuild.sql): a record and a full sync step
@@ -51,7 +66,7 @@ BEGIN
                 response_id = o.response_id,
                 sent_at     = CASE WHEN o.outcome = 'sent' THEN now() ELSE t.sent_at END
               FROM o
-             WHERE t.ctid = o.tid AND t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash
+             WHERE %2$s AND t.key = o.key AND t.hash IS NOT DISTINCT FROM o.hash
                -- Written so that the partial index on pending rows cannot serve: its row estimate
                -- is usually stale (rows were just built), and the planner would hash every
                -- pending row of the feed to find the few sent ones, instead of one fetch per item.
@@ -67,9 +82,15 @@ BEGIN
         )
         SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'rejected'),
                count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead')
-          FROM done$q$, f.feed_table)
-      INTO sent, rejected, retrying, dead
+          FROM done$q$, f.feed_table, found_at)
+      INTO s, r, rt, d
       USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids;
+    sent := sent + s; rejected := rejected + r; retrying := retrying + rt; dead := dead + d;
+    -- All found, or looked for by key already. Rows the first pass recorded are no longer
+    -- pending: the second finds only the others.
+    EXIT WHEN found_at = by_key OR sent + rejected + retrying + dead = cardinality(p_keys);
+    found_at := by_key;
+    END LOOP;
 
     SELECT e INTO first_error FROM unnest(p_errors) AS e WHERE e IS NOT NULL LIMIT 1;
     UPDATE cde.feeds SET

@@ -142,9 +142,13 @@ DECLARE
             OR CASE WHEN w.doc IS NULL THEN NOT f.deleted ELSE f.hash IS DISTINCT FROM w.hash OR f.deleted%%s END$q$, tbl);
     -- Whether a feed-table row holds this key ("%%s") and is not a deletion already.
     live   text := format('EXISTS (SELECT 1 FROM %s AS t WHERE t.key = %%s AND NOT t.deleted)', tbl);
-    -- A collect during a full sync of the feed: see "touch" below.
-    syncing boolean := keys IS NOT NULL AND mode = 'apply' AND cde._syncing(f.name);
-    written text[];   -- the keys a collect during a full sync wrote
+    -- A collect while a full sync step may be writing the same keys from an older snapshot:
+    -- during a full sync of the feed, or while any session holds the step lock (a step goes on
+    -- after its run was cancelled, or failed in another lane). A step's snapshot that could
+    -- miss what this collect builds came before the change that queued the key, hence before
+    -- this: such a step runs now. See "tomb" and "touch" below.
+    syncing boolean := keys IS NOT NULL AND mode = 'apply' AND (cde._syncing(f.name) OR cde._steps_running());
+    written text[];   -- the keys a collect wrote, while syncing
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     CASE mode
@@ -152,10 +156,10 @@ BEGIN
         -- Deletions: the keys the source did not return with a document. Given a list of keys,
         -- they are found in the list itself (keys EXCEPT built keys), not by probing the feed
         -- table for every key (docs/benchmarks.md); given none, every row the source lacks.
-        -- While a full sync of the feed runs, a gone key with no row may yet get one from a step
-        -- whose snapshot still saw it, after this commits: a deletion row is written for it
-        -- then ($3), which that step's write meets and leaves (cde._unseen), or which meets the
-        -- step's own uncommitted row and waits for it. Outside full syncs no step writes.
+        -- While a step may be writing ($3, "syncing"), a gone key with no row may yet get one
+        -- from a step whose snapshot still saw it, after this commits: a deletion row is written
+        -- for it then, which that step's write meets and leaves (cde._unseen), or which meets
+        -- the step's own uncommitted row and waits for it. Otherwise no step writes.
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'keys', $2)
             ), gone AS MATERIALIZED (
@@ -182,14 +186,19 @@ BEGIN
             tbl)
           INTO built, changed, deleted, written
           USING f.name, keys, syncing;
-        -- The touch: a collect during a full sync rewrites, as they are, the rows of its keys it
-        -- left unchanged. A key whose document changed and changed back (A, B, A) while a step
-        -- that saw B was building gives this collect A, the row's own document, to leave; and
-        -- it would leave no trace that the step could not see, so the step would then write B.
-        -- Rewritten, the row's version is this transaction's: the step's write meets it and
-        -- leaves it (cde._unseen), and queues the key again. The rows stay locked by the write
-        -- above until commit, so no step writes between the two. Same values, no indexed
-        -- column changed: a heap-only update, and nothing sent again.
+        -- The touch: while a step may be writing, a collect rewrites, as they are, the rows of
+        -- its keys it left unchanged. A key whose document changed and changed back (A, B, A)
+        -- while a step that saw B was building gives this collect A, the row's own document, to
+        -- leave; and it would leave no trace that the step could not see, so the step would
+        -- then write B. Rewritten, the row's version is this transaction's: the step's write
+        -- meets it and leaves it (cde._unseen), and queues the key again. The write above locked
+        -- every one of these rows, in key order, so no step writes between the two. Same values,
+        -- no indexed column changed (heap-only where the page has room), the same state: nothing
+        -- is sent again, even from a slice in flight (cde._record finds a moved row by key).
+        -- A rebuild of every key (keys NULL: a TRUNCATE or a new definition during a full sync)
+        -- touches nothing: it would rewrite the whole table. Its A, B, A case (a TRUNCATE that
+        -- puts back what it removed, during a step that saw the B) waits for the key's next
+        -- change or the next full sync (docs/nothing-lost.md).
         IF syncing THEN
             EXECUTE format($q$
                 UPDATE %s AS t SET hash = t.hash

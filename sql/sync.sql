@@ -120,6 +120,11 @@ DECLARE
     lanes int;
     chunk int := cde._chunk_size();
 BEGIN
+    -- No run: no lock either. Every iteration of the worker asks, and a session holding the step
+    -- lock makes collects rewrite the rows they leave (cde._steps_running, cde._rebuild).
+    IF NOT EXISTS (SELECT 1 FROM cde.sync_runs WHERE cde._active(status)) THEN
+        RETURN NULL;
+    END IF;
     IF wait THEN
         PERFORM pg_advisory_xact_lock_shared(cde._sync_step_lock());
     ELSIF NOT pg_try_advisory_xact_lock_shared(cde._sync_step_lock()) THEN

@@ -33,6 +33,34 @@ mod cde {
     fn _sync_state_lock() -> i64 {
         super::SYNC_STATE
     }
+
+    /// Whether another session holds [`super::SYNC_STEP`]: a full sync step may be building,
+    /// from a snapshot taken after it took the lock, and will hold it until it commits.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn _steps_running() -> bool {
+        super::steps_running()
+    }
+}
+
+/// Take the step lock exclusively and let it go at once, if no other session holds it. A session
+/// lock, so that it can be let go before the transaction ends; taken and let go in one call, with
+/// nothing between the two that could raise an ERROR and leave it held (a session lock outlives
+/// the transaction). Our own session's step lock does not count: its writes are seen.
+fn steps_running() -> bool {
+    unsafe extern "C-unwind" {
+        fn pg_try_advisory_lock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+        fn pg_advisory_unlock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+    }
+    unsafe {
+        let key = pg_sys::Datum::from(SYNC_STEP);
+        let taken = pg_sys::DirectFunctionCall1Coll(Some(pg_try_advisory_lock_int8), pg_sys::InvalidOid, key);
+        if taken.value() != 0 {
+            pg_sys::DirectFunctionCall1Coll(Some(pg_advisory_unlock_int8), pg_sys::InvalidOid, key);
+            false
+        } else {
+            true
+        }
+    }
 }
 
 /// Take the iteration lock, for the transaction or (`session`) until released, telling this

@@ -36,6 +36,8 @@ pub enum Step {
     Retry,
     /// No run is active.
     Idle,
+    /// The active run waits for its plan; no step was taken (`step_unless_planning`).
+    Planning,
 }
 
 /// One step; `wait`: wait for the step lock rather than answer Busy (the builder does).
@@ -67,14 +69,20 @@ pub fn advance(run: &impl Fn() -> Step, budget: Duration) -> bool {
     while started.elapsed() < budget {
         match run() {
             Step::Progress => progressed = true,
-            Step::Waiting | Step::Busy | Step::Retry | Step::Idle => break,
+            Step::Waiting | Step::Busy | Step::Retry | Step::Idle | Step::Planning => break,
         }
     }
     progressed
 }
 
-/// Is the active run waiting for its plan (each feed's source counted)?
-pub fn planning() -> bool {
+/// One step, unless the active run waits for its plan (each feed's source counted): then
+/// `Planning`, and nothing taken. One transaction either way, as the worker asks each iteration.
+pub fn step_unless_planning() -> Step {
+    if planning() { Step::Planning } else { step() }
+}
+
+/// Is the active run waiting for its plan?
+fn planning() -> bool {
     Spi::get_one::<bool>(
         "SELECT r.status = 'preparing' FROM cde.sync_runs r WHERE cde._active(r.status) ORDER BY r.id LIMIT 1",
     )

@@ -486,19 +486,20 @@ impl Worker {
         // take over, or without any this worker builds for a bounded time, so that partial sync
         // keeps flowing meanwhile.
         let mut more = false;
-        // A run about to be planned: counting its sources takes a while (a third of a second
-        // per million rows), during which this worker would collect nothing. Builders plan it,
-        // as they take any step, and wake the worker when they made progress.
         if !self.builders.alive() {
-            let planning = guarded(|| Own.run(sync::planning)).unwrap_or(false);
-            if planning && !self.planning_handed {
+            // A run about to be planned: counting its sources takes a while (a third of a
+            // second per million rows), during which this worker would collect nothing. Builders
+            // plan it, as they take any step, and wake the worker when they made progress. If
+            // none can start, or they ended with the run still unplanned, this worker plans it.
+            let handed = std::mem::take(&mut self.planning_handed);
+            let mut taken = guarded(|| Own.run(if handed { sync::step } else { sync::step_unless_planning }));
+            if let Ok(sync::Step::Planning) = taken {
                 self.planning_handed = self.builders.start(self.settings.sync_builders);
-            } else {
-                self.planning_handed = false;
+                if !self.planning_handed {
+                    taken = guarded(|| Own.run(sync::step));
+                }
             }
-        }
-        if !self.builders.alive() {
-            match guarded(|| Own.run(sync::step)) {
+            match taken {
                 Ok(sync::Step::Progress) => {
                     more = true;
                     if !self.builders.start(self.settings.sync_builders) {
