@@ -90,42 +90,57 @@ mod tests {
         assert_eq!(doc.0, serde_json::json!({"id": 2, "name": "item 2!"}));
     }
 
-    /// The send pass records each item where its read found the row (the ctid): the row read
-    /// there is marked sent; a row that moved since (its version replaced, even by the same
-    /// document) is left pending, to go again, never marked by mistake or lost.
+    /// The send pass records each item on the row version it read: found where the read found
+    /// it (the ctid), or, if the row moved since with the same version (hash and modified_at: a
+    /// collect rewrites rows as they are during a full sync), by its key. A row written again
+    /// since, even with the same document, is left pending, to go again, never marked by mistake.
     #[pg_test]
-    fn a_record_marks_rows_where_they_were_read_and_leaves_moved_ones_pending() {
+    fn a_record_marks_the_version_read_and_leaves_newer_ones_pending() {
         setup_feed();
         Spi::run("SET cde.endpoint = ''").unwrap();
-        Spi::run("UPDATE items SET name = name || '!' WHERE id <= 2").unwrap();
+        Spi::run("UPDATE items SET name = name || '!' WHERE id <= 3").unwrap();
         Spi::run("SELECT * FROM cde_sync_now('items')").unwrap();
-        let record =
-            "SELECT sent FROM cde._record('items', $1, $2::tid[], $3, ARRAY['sent']::cde.outcome[], ARRAY[NULL::int], ARRAY[NULL::text], NULL, ARRAY[NULL::text])";
+        let record = "SELECT sent FROM cde._record('items', $1, $2::tid[], $3, ARRAY['sent']::cde.outcome[], ARRAY[NULL::int], \
+                      ARRAY[NULL::text], NULL, ARRAY[NULL::text], $4::timestamptz[])";
         let read = |key: &str| {
-            Spi::get_two_with_args::<String, String>("SELECT ctid::text, hash FROM cde.feed_items WHERE key = $1", &[key.into()])
-                .unwrap()
+            Spi::connect(|c| {
+                let row = c
+                    .select("SELECT ctid::text, hash, modified_at::text FROM cde.feed_items WHERE key = $1", None, &[key.into()])
+                    .unwrap()
+                    .first();
+                (
+                    row.get::<String>(1).unwrap().unwrap(),
+                    row.get::<String>(2).unwrap().unwrap(),
+                    row.get::<String>(3).unwrap().unwrap(),
+                )
+            })
         };
         let status = |key: &str| {
             Spi::get_one_with_args::<String>("SELECT status FROM cde.feed_items WHERE key = $1", &[key.into()]).unwrap().unwrap()
         };
-        let call = |key: &str, tid: &str, hash: &str| {
+        let call = |key: &str, (tid, hash, modified): &(String, String, String)| {
             Spi::get_one_with_args::<i64>(
                 record,
-                &[vec![key.to_string()].into(), vec![tid.to_string()].into(), vec![hash.to_string()].into()],
+                &[vec![key.to_string()].into(), vec![tid.clone()].into(), vec![hash.clone()].into(), vec![modified.clone()].into()],
             )
             .unwrap()
             .unwrap()
         };
         // Key 1: recorded where it was read.
-        let (tid, hash) = read("1");
-        assert_eq!(call("1", &tid.unwrap(), &hash.unwrap()), 1);
+        let read1 = read("1");
+        assert_eq!(call("1", &read1), 1);
         assert_eq!(status("1"), "sent");
-        // Key 2: read, then its row replaced by the same document elsewhere in the table.
-        let (tid, hash) = read("2");
-        Spi::run("UPDATE cde.feed_items SET modified_at = modified_at WHERE key = '2'").unwrap();
-        assert_ne!(read("2").0, tid);
-        assert_eq!(call("2", &tid.unwrap(), &hash.unwrap()), 0);
-        assert_eq!(status("2"), "pending");
+        // Key 2: read, then its row rewritten as it was, elsewhere in the table: found by key.
+        let read2 = read("2");
+        Spi::run("UPDATE cde.feed_items SET hash = hash WHERE key = '2'").unwrap();
+        assert_ne!(read("2").0, read2.0);
+        assert_eq!(call("2", &read2), 1);
+        assert_eq!(status("2"), "sent");
+        // Key 3: read, then written again with the same document (a newer version): left pending.
+        let read3 = read("3");
+        Spi::run("UPDATE cde.feed_items SET modified_at = modified_at + interval '1 second' WHERE key = '3'").unwrap();
+        assert_eq!(call("3", &read3), 0);
+        assert_eq!(status("3"), "pending");
     }
 
     #[pg_test]

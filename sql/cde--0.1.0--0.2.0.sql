@@ -299,12 +299,23 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:15
+-- src/locks.rs:18
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:32
+-- src/locks.rs:49
+-- cde::locks::cde::_steps_running
+CREATE  FUNCTION cde."_steps_running"(
+	"key" bigint /* i64 */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_steps_running_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:35
 -- cde::locks::cde::_sync_state_lock
 CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -313,7 +324,18 @@ AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:26
+-- src/locks.rs:41
+-- cde::locks::cde::_feed_step_lock
+CREATE  FUNCTION cde."_feed_step_lock"(
+	"feed_table" oid /* pg_sys :: Oid */
+) RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_feed_step_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:29
 -- cde::locks::cde::_sync_step_lock
 CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -322,21 +344,12 @@ AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:20
+-- src/locks.rs:23
 -- cde::locks::cde::_iteration_lock
 CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_iteration_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:39
--- cde::locks::cde::_steps_running
-CREATE  FUNCTION cde."_steps_running"() RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_steps_running_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -986,14 +999,21 @@ DECLARE
     -- Whether a feed-table row holds this key ("%%s") and is not a deletion already.
     live   text := format('EXISTS (SELECT 1 FROM %s AS t WHERE t.key = %%s AND NOT t.deleted)', tbl);
     -- A collect while a full sync step may be writing the same keys from an older snapshot:
-    -- during a full sync of the feed, or while any session holds the step lock (a step goes on
-    -- after its run was cancelled, or failed in another lane). A step's snapshot that could
-    -- miss what this collect builds came before the change that queued the key, hence before
-    -- this: such a step runs now. See "tomb" and "touch" below.
-    syncing boolean := keys IS NOT NULL AND mode = 'apply' AND (cde._syncing(f.name) OR cde._steps_running());
+    -- during a full sync of the feed, or while a session holds the feed's step lock (a step
+    -- goes on after its run was cancelled, or failed in another lane). A step's snapshot that
+    -- could miss what this collect builds came before the change that queued the key, hence
+    -- before this; and the step took the lock before its snapshot: such a step holds it now.
+    -- See "tomb" and "touch" below.
+    syncing boolean := keys IS NOT NULL AND mode = 'apply'
+                       AND (cde._syncing(f.name) OR cde._steps_running(cde._feed_step_lock(f.feed_table)));
     written text[];   -- the keys a collect wrote, while syncing
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
+    IF mode IN ('chunk', 'gone') THEN
+        -- A step's write: the feed's step lock, until commit, taken before the statement's
+        -- snapshot (a collect asks for it: "syncing" above).
+        PERFORM pg_advisory_xact_lock_shared(cde._feed_step_lock(f.feed_table));
+    END IF;
     CASE mode
     WHEN 'apply' THEN
         -- Deletions: the keys the source did not return with a document. Given a list of keys,
@@ -1341,6 +1361,7 @@ CREATE FUNCTION cde._record(
     p_errors    text[],
     p_hold      interval,  -- Retry-After: hold the whole feed back this long
     p_response_ids text[], -- the id of the response that decided each item (x-request-id)
+    p_modified  timestamptz[], -- each row's modified_at, as read
     OUT sent bigint, OUT rejected bigint, OUT retrying bigint, OUT dead bigint
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -1362,10 +1383,13 @@ BEGIN
         RETURN;
     END IF;
     sent := 0; rejected := 0; retrying := 0; dead := 0;
-    -- Only rows still pending with the hash sent are locked, not those the first pass recorded
-    -- ("|| ''": by the primary key, as below, not the partial index on pending rows).
+    -- The version read is its hash and its modified_at: a rewrite as it was keeps both, a
+    -- write of the same document again (A, B, A while the slice was out, and B sent after it)
+    -- does not. Only rows still pending with that version are locked, not those the first pass
+    -- recorded ("|| ''": by the primary key, as below, not the partial index on pending rows).
     by_key := format($q$t.ctid = (SELECT x.ctid FROM %s AS x
-                                  WHERE x.key = o.key AND x.hash IS NOT DISTINCT FROM o.hash AND x.status || '' = 'pending'
+                                  WHERE x.key = o.key AND x.hash IS NOT DISTINCT FROM o.hash
+                                    AND x.modified_at = o.modified_at AND x.status || '' = 'pending'
                                   FOR UPDATE SKIP LOCKED)$q$, f.feed_table);
     LOOP
     EXECUTE format($q$
@@ -1373,8 +1397,9 @@ BEGIN
             -- In key order, as rebuilds write (sql/rebuild.sql): a record and a full sync step
             -- meeting on the same rows lock them in the same order, and wait rather than
             -- deadlock (the plan takes the items in this order, each row by its ctid).
-            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[])
-                       AS o(key, hash, outcome, http_status, error, tid, response_id)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[],
+                                 $11::timestamptz[])
+                       AS o(key, hash, outcome, http_status, error, tid, response_id, modified_at)
              ORDER BY o.key COLLATE "C"
         ), done AS (
             UPDATE %s AS t SET
@@ -1407,7 +1432,8 @@ BEGIN
                count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead')
           FROM done$q$, f.feed_table, found_at)
       INTO s, r, rt, d
-      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids;
+      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids,
+            p_modified;
     sent := sent + s; rejected := rejected + r; retrying := retrying + rt; dead := dead + d;
     -- All found, or looked for by key already. Rows the first pass recorded are no longer
     -- pending: the second finds only the others.
@@ -1600,7 +1626,9 @@ COMMENT ON FUNCTION cde_cancel_sync(bigint, bigint) IS 'Cancel a full sync run; 
 -- them (sql/capture.sql). Collects take no lock against steps: a rebuild never overwrites a row
 -- its snapshot cannot see (cde._rebuild). Steps that change a run's state (count the plan, start
 -- or close a phase, the deletion pass) also take the state lock: one such step at a time, beside
--- the lanes' chunks. docs/architecture.md, "Locks", has them all.
+-- the lanes' chunks. A step's write also takes its feed's step lock shared (cde._rebuild), for
+-- collects to see that a step of the feed may be writing. docs/architecture.md, "Locks", has
+-- them all.
 
 -- What a step did. NULL: no run is active.
 CREATE TYPE cde.step AS ENUM (
@@ -1624,11 +1652,6 @@ DECLARE
     lanes int;
     chunk int := cde._chunk_size();
 BEGIN
-    -- No run: no lock either. Every iteration of the worker asks, and a session holding the step
-    -- lock makes collects rewrite the rows they leave (cde._steps_running, cde._rebuild).
-    IF NOT EXISTS (SELECT 1 FROM cde.sync_runs WHERE cde._active(status)) THEN
-        RETURN NULL;
-    END IF;
     IF wait THEN
         PERFORM pg_advisory_xact_lock_shared(cde._sync_step_lock());
     ELSIF NOT pg_try_advisory_xact_lock_shared(cde._sync_step_lock()) THEN
@@ -2335,12 +2358,12 @@ COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/deliver.rs:283
+-- src/deliver.rs:292
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::deliver::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/deliver.rs:290
+-- src/deliver.rs:299
 -- cde::deliver::cde::_read_sql
 CREATE  FUNCTION cde."_read_sql"(
 	"feed_table" TEXT, /* & str */

@@ -18,6 +18,7 @@ CREATE FUNCTION cde._record(
     p_errors    text[],
     p_hold      interval,  -- Retry-After: hold the whole feed back this long
     p_response_ids text[], -- the id of the response that decided each item (x-request-id)
+    p_modified  timestamptz[], -- each row's modified_at, as read
     OUT sent bigint, OUT rejected bigint, OUT retrying bigint, OUT dead bigint
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -39,10 +40,13 @@ BEGIN
         RETURN;
     END IF;
     sent := 0; rejected := 0; retrying := 0; dead := 0;
-    -- Only rows still pending with the hash sent are locked, not those the first pass recorded
-    -- ("|| ''": by the primary key, as below, not the partial index on pending rows).
+    -- The version read is its hash and its modified_at: a rewrite as it was keeps both, a
+    -- write of the same document again (A, B, A while the slice was out, and B sent after it)
+    -- does not. Only rows still pending with that version are locked, not those the first pass
+    -- recorded ("|| ''": by the primary key, as below, not the partial index on pending rows).
     by_key := format($q$t.ctid = (SELECT x.ctid FROM %s AS x
-                                  WHERE x.key = o.key AND x.hash IS NOT DISTINCT FROM o.hash AND x.status || '' = 'pending'
+                                  WHERE x.key = o.key AND x.hash IS NOT DISTINCT FROM o.hash
+                                    AND x.modified_at = o.modified_at AND x.status || '' = 'pending'
                                   FOR UPDATE SKIP LOCKED)$q$, f.feed_table);
     LOOP
     EXECUTE format($q$
@@ -50,8 +54,9 @@ BEGIN
             -- In key order, as rebuilds write (sql/rebuild.sql): a record and a full sync step
             -- meeting on the same rows lock them in the same order, and wait rather than
             -- deadlock (the plan takes the items in this order, each row by its ctid).
-            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[])
-                       AS o(key, hash, outcome, http_status, error, tid, response_id)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[],
+                                 $11::timestamptz[])
+                       AS o(key, hash, outcome, http_status, error, tid, response_id, modified_at)
              ORDER BY o.key COLLATE "C"
         ), done AS (
             UPDATE %s AS t SET
@@ -84,7 +89,8 @@ BEGIN
                count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead')
           FROM done$q$, f.feed_table, found_at)
       INTO s, r, rt, d
-      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids;
+      USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids,
+            p_modified;
     sent := sent + s; rejected := rejected + r; retrying := retrying + rt; dead := dead + d;
     -- All found, or looked for by key already. Rows the first pass recorded are no longer
     -- pending: the second finds only the others.

@@ -143,14 +143,21 @@ DECLARE
     -- Whether a feed-table row holds this key ("%%s") and is not a deletion already.
     live   text := format('EXISTS (SELECT 1 FROM %s AS t WHERE t.key = %%s AND NOT t.deleted)', tbl);
     -- A collect while a full sync step may be writing the same keys from an older snapshot:
-    -- during a full sync of the feed, or while any session holds the step lock (a step goes on
-    -- after its run was cancelled, or failed in another lane). A step's snapshot that could
-    -- miss what this collect builds came before the change that queued the key, hence before
-    -- this: such a step runs now. See "tomb" and "touch" below.
-    syncing boolean := keys IS NOT NULL AND mode = 'apply' AND (cde._syncing(f.name) OR cde._steps_running());
+    -- during a full sync of the feed, or while a session holds the feed's step lock (a step
+    -- goes on after its run was cancelled, or failed in another lane). A step's snapshot that
+    -- could miss what this collect builds came before the change that queued the key, hence
+    -- before this; and the step took the lock before its snapshot: such a step holds it now.
+    -- See "tomb" and "touch" below.
+    syncing boolean := keys IS NOT NULL AND mode = 'apply'
+                       AND (cde._syncing(f.name) OR cde._steps_running(cde._feed_step_lock(f.feed_table)));
     written text[];   -- the keys a collect wrote, while syncing
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
+    IF mode IN ('chunk', 'gone') THEN
+        -- A step's write: the feed's step lock, until commit, taken before the statement's
+        -- snapshot (a collect asks for it: "syncing" above).
+        PERFORM pg_advisory_xact_lock_shared(cde._feed_step_lock(f.feed_table));
+    END IF;
     CASE mode
     WHEN 'apply' THEN
         -- Deletions: the keys the source did not return with a document. Given a list of keys,

@@ -96,7 +96,9 @@ COMMENT ON FUNCTION cde_cancel_sync(bigint, bigint) IS 'Cancel a full sync run; 
 -- them (sql/capture.sql). Collects take no lock against steps: a rebuild never overwrites a row
 -- its snapshot cannot see (cde._rebuild). Steps that change a run's state (count the plan, start
 -- or close a phase, the deletion pass) also take the state lock: one such step at a time, beside
--- the lanes' chunks. docs/architecture.md, "Locks", has them all.
+-- the lanes' chunks. A step's write also takes its feed's step lock shared (cde._rebuild), for
+-- collects to see that a step of the feed may be writing. docs/architecture.md, "Locks", has
+-- them all.
 
 -- What a step did. NULL: no run is active.
 CREATE TYPE cde.step AS ENUM (
@@ -120,11 +122,6 @@ DECLARE
     lanes int;
     chunk int := cde._chunk_size();
 BEGIN
-    -- No run: no lock either. Every iteration of the worker asks, and a session holding the step
-    -- lock makes collects rewrite the rows they leave (cde._steps_running, cde._rebuild).
-    IF NOT EXISTS (SELECT 1 FROM cde.sync_runs WHERE cde._active(status)) THEN
-        RETURN NULL;
-    END IF;
     IF wait THEN
         PERFORM pg_advisory_xact_lock_shared(cde._sync_step_lock());
     ELSIF NOT pg_try_advisory_xact_lock_shared(cde._sync_step_lock()) THEN

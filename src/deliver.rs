@@ -29,6 +29,9 @@ pub struct Pending {
     pub hashes: Vec<Option<String>>,
     /// Where each row was read (its ctid, in text form): the record finds it there.
     pub tids: Vec<Option<String>>,
+    /// Each row's modified_at, in text form: with the hash, the version read, should the record
+    /// have to look for a row that moved by its key.
+    pub modified: Vec<Option<String>>,
     pub held: bool,
     /// Where the next read starts in each lane: the cursor read from, moved past this slice.
     pub cursor: Cursor,
@@ -106,6 +109,7 @@ pub fn read_pending(feed: &FeedInfo, limit: usize, cursor: &Cursor) -> Pending {
             items: Vec::with_capacity(n),
             hashes: Vec::with_capacity(n),
             tids: Vec::with_capacity(n),
+            modified: Vec::with_capacity(n),
             held,
             cursor: cursor.clone(),
         };
@@ -114,7 +118,9 @@ pub fn read_pending(feed: &FeedInfo, limit: usize, cursor: &Cursor) -> Pending {
             let deleted = r.get::<bool>(2)?.unwrap_or(false);
             p.hashes.push(r.get::<String>(4)?);
             p.tids.push(r.get::<String>(6)?);
-            let at = Some((r.get::<String>(5)?.unwrap_or_default(), key.clone()));
+            let modified = r.get::<String>(5)?;
+            p.modified.push(modified.clone());
+            let at = Some((modified.unwrap_or_default(), key.clone()));
             if r.get::<bool>(7)?.unwrap_or(false) {
                 p.cursor.full_sync = at;
             } else {
@@ -220,6 +226,7 @@ pub fn record(feed: &FeedInfo, posted: &Posted) -> (i64, i64) {
     let mut response_ids: Vec<Option<String>> = Vec::new();
     let mut keys = Vec::new();
     let mut tids = Vec::new();
+    let mut modified = Vec::new();
     let mut hashes = Vec::new();
     let mut kinds = Vec::new();
     let mut statuses: Vec<Option<i32>> = Vec::new();
@@ -229,6 +236,7 @@ pub fn record(feed: &FeedInfo, posted: &Posted) -> (i64, i64) {
         keys.push(p.items[i].key.clone());
         response_ids.push(posted.response_ids[i].clone());
         tids.push(p.tids[i].clone());
+        modified.push(p.modified[i].clone());
         hashes.push(p.hashes[i].clone());
         let (kind, status, error) = match o {
             ItemOutcome::Sent => ("sent", None, None),
@@ -260,7 +268,7 @@ pub fn record(feed: &FeedInfo, posted: &Posted) -> (i64, i64) {
         }
         let row = c
             .update(
-                "SELECT sent, rejected + retrying + dead FROM cde._record($1, $2, $3::tid[], $4, $5::cde.outcome[], $6, $7, $8::interval, $9)",
+                "SELECT sent, rejected + retrying + dead FROM cde._record($1, $2, $3::tid[], $4, $5::cde.outcome[], $6, $7, $8::interval, $9, $10::timestamptz[])",
                 None,
                 &[
                     feed.name.as_str().into(),
@@ -272,6 +280,7 @@ pub fn record(feed: &FeedInfo, posted: &Posted) -> (i64, i64) {
                     errors.into(),
                     hold.into(),
                     response_ids.into(),
+                    modified.into(),
                 ],
             )?
             .first();

@@ -11,6 +11,9 @@ pub const ITERATION: i64 = 0x6364_6500;
 pub const SYNC_STEP: i64 = 0x6364_6501;
 /// Steps that change a run's state: one at a time.
 pub const SYNC_STATE: i64 = 0x6364_6502;
+/// A feed's full sync steps (shared), with the feed table's oid in the low 32 bits: a collect of
+/// the feed asks whether one is writing ([`steps_running`]).
+pub const FEED_STEP: i64 = 0x6364_6503;
 
 #[pg_schema]
 mod cde {
@@ -34,25 +37,32 @@ mod cde {
         super::SYNC_STATE
     }
 
-    /// Whether another session holds [`super::SYNC_STEP`]: a full sync step may be building,
-    /// from a snapshot taken after it took the lock, and will hold it until it commits.
-    #[pg_extern(volatile, parallel_unsafe)]
-    fn _steps_running() -> bool {
-        super::steps_running()
+    /// [`super::FEED_STEP`] of a feed table.
+    #[pg_extern(immutable, parallel_safe, strict)]
+    fn _feed_step_lock(feed_table: pg_sys::Oid) -> i64 {
+        (super::FEED_STEP << 32) | i64::from(u32::from(feed_table))
+    }
+
+    /// Whether another session holds the advisory lock `key`, [`super::FEED_STEP`]'s: a full
+    /// sync step of the feed may be writing, from a snapshot taken after it took the lock, and
+    /// holds it until it commits.
+    #[pg_extern(volatile, parallel_unsafe, strict)]
+    fn _steps_running(key: i64) -> bool {
+        super::steps_running(key)
     }
 }
 
-/// Take the step lock exclusively and let it go at once, if no other session holds it. A session
-/// lock, so that it can be let go before the transaction ends; taken and let go in one call, with
-/// nothing between the two that could raise an ERROR and leave it held (a session lock outlives
-/// the transaction). Our own session's step lock does not count: its writes are seen.
-fn steps_running() -> bool {
+/// Take the lock `key` exclusively and let it go at once, if no other session holds it. A
+/// session lock, so that it can be let go before the transaction ends; taken and let go in one
+/// call, with nothing between the two that could raise an ERROR and leave it held (a session
+/// lock outlives the transaction). Our own session's hold does not count: its writes are seen.
+fn steps_running(key: i64) -> bool {
     unsafe extern "C-unwind" {
         fn pg_try_advisory_lock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
         fn pg_advisory_unlock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
     }
     unsafe {
-        let key = pg_sys::Datum::from(SYNC_STEP);
+        let key = pg_sys::Datum::from(key);
         let taken = pg_sys::DirectFunctionCall1Coll(Some(pg_try_advisory_lock_int8), pg_sys::InvalidOid, key);
         if taken.value() != 0 {
             pg_sys::DirectFunctionCall1Coll(Some(pg_advisory_unlock_int8), pg_sys::InvalidOid, key);

@@ -42,7 +42,7 @@ SELECT * FROM counts_agree();
 -- The outcomes the worker records: the counts, and the feed's totals, which only grow.
 SELECT (cde._record('products', array_agg(key), array_agg(ctid), array_agg(hash),
                     array_agg(CASE key WHEN '1' THEN 'rejected' WHEN '2' THEN 'retry' ELSE 'sent' END::cde.outcome),
-                    array_agg(200), array_agg(NULL::text), NULL, array_agg('sink-1'::text))).*
+                    array_agg(200), array_agg(NULL::text), NULL, array_agg('sink-1'::text), array_agg(modified_at))).*
   FROM cde.feed_products WHERE status = 'pending';
 SELECT * FROM counts_agree();
 SELECT sent_total, rejected_total, retried_total, dead_total, build_failures_total FROM cde_feed_status;
