@@ -32,6 +32,7 @@ DECLARE
     -- again).
     found_at text := 't.ctid = o.tid';
     by_key   text;
+    missed   text[];   -- the keys of items a pass did not record; NULL: every item
     s bigint; r bigint; rt bigint; d bigint;
 BEGIN
     SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
@@ -57,6 +58,7 @@ BEGIN
             SELECT * FROM unnest($1::text[], $2::text[], $3::cde.outcome[], $4::int[], $5::text[], $9::tid[], $10::text[],
                                  $11::timestamptz[])
                        AS o(key, hash, outcome, http_status, error, tid, response_id, modified_at)
+             WHERE $12::text[] IS NULL OR o.key IN (SELECT pg_catalog.unnest($12::text[]))
              ORDER BY o.key COLLATE "C"
         ), done AS (
             UPDATE %s AS t SET
@@ -86,15 +88,17 @@ BEGIN
              WHERE r.feed = $7 AND r.key = done.key AND done.status <> 'retrying'
         )
         SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'rejected'),
-               count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead')
+               count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead'),
+               ARRAY(SELECT o.key FROM o EXCEPT SELECT done.key FROM done)
           FROM done$q$, f.feed_table, found_at)
-      INTO s, r, rt, d
+      INTO s, r, rt, d, missed
       USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids,
-            p_modified;
+            p_modified, missed;
     sent := sent + s; rejected := rejected + r; retrying := retrying + rt; dead := dead + d;
-    -- All found, or looked for by key already. Rows the first pass recorded are no longer
-    -- pending: the second finds only the others.
-    EXIT WHEN found_at = by_key OR sent + rejected + retrying + dead = cardinality(p_keys);
+    -- All found, or looked for by key already; the second pass takes only the items the first
+    -- did not record (rows whose document changed meanwhile, under a stream of changes, are
+    -- a few in most slices).
+    EXIT WHEN found_at = by_key OR cardinality(missed) = 0;
     found_at := by_key;
     END LOOP;
 
