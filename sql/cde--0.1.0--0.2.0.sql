@@ -1432,7 +1432,8 @@ BEGIN
         )
         SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'rejected'),
                count(*) FILTER (WHERE status = 'retrying'), count(*) FILTER (WHERE status = 'dead'),
-               ARRAY(SELECT o.key FROM o EXCEPT SELECT done.key FROM done)
+               CASE WHEN count(*) < (SELECT count(*) FROM o) THEN ARRAY(SELECT o.key FROM o EXCEPT SELECT done.key FROM done)
+                    ELSE '{}' END
           FROM done$q$, f.feed_table, found_at)
       INTO s, r, rt, d, missed
       USING p_keys, p_hashes, p_outcomes, p_http, p_errors, max_attempts, f.name, retry_interval, p_tids, p_response_ids,

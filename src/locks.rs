@@ -59,17 +59,23 @@ mod cde {
 fn steps_running(key: i64) -> bool {
     unsafe extern "C-unwind" {
         fn pg_try_advisory_lock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+    }
+    let taken = unsafe {
+        pg_sys::DirectFunctionCall1Coll(Some(pg_try_advisory_lock_int8), pg_sys::InvalidOid, pg_sys::Datum::from(key))
+    };
+    if taken.value() != 0 {
+        unlock_session(key);
+    }
+    taken.value() == 0
+}
+
+/// Let go of a session-level advisory lock `key`, with no SQL (no statement may be able to run).
+fn unlock_session(key: i64) {
+    unsafe extern "C-unwind" {
         fn pg_advisory_unlock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
     }
     unsafe {
-        let key = pg_sys::Datum::from(key);
-        let taken = pg_sys::DirectFunctionCall1Coll(Some(pg_try_advisory_lock_int8), pg_sys::InvalidOid, key);
-        if taken.value() != 0 {
-            pg_sys::DirectFunctionCall1Coll(Some(pg_advisory_unlock_int8), pg_sys::InvalidOid, key);
-            false
-        } else {
-            true
-        }
+        pg_sys::DirectFunctionCall1Coll(Some(pg_advisory_unlock_int8), pg_sys::InvalidOid, pg_sys::Datum::from(key));
     }
 }
 
@@ -98,14 +104,5 @@ pub fn take_iteration_lock(session: bool) {
 /// Release the session-level iteration lock, with no SQL: it runs on the way out of an ERROR too,
 /// when no statement can run, and a session lock would otherwise be kept until the session ends.
 pub fn release_iteration_session_lock() {
-    unsafe extern "C-unwind" {
-        fn pg_advisory_unlock_int8(fcinfo: pgrx::pg_sys::FunctionCallInfo) -> pgrx::pg_sys::Datum;
-    }
-    unsafe {
-        pgrx::pg_sys::DirectFunctionCall1Coll(
-            Some(pg_advisory_unlock_int8),
-            pgrx::pg_sys::InvalidOid,
-            pgrx::pg_sys::Datum::from(ITERATION),
-        );
-    }
+    unlock_session(ITERATION);
 }
