@@ -19,7 +19,8 @@ import time
 
 from common import PORT, SOCKET, one, wait
 
-METHODS = ("untracked", "cde", "pgq", "plpgsql", "wal2json")
+CEILINGS = ("cde_noindex", "cde_unlogged") if os.environ.get("CDE_BENCH_CEILINGS") == "1" else ()
+METHODS = ("untracked", "cde", "pgq", "plpgsql", "wal2json") + CEILINGS
 TRIGGER_PEERS = ("pgq", "plpgsql")
 RECVLOGICAL = "/usr/lib/postgresql/15/bin/pg_recvlogical"
 SLOT = "cde_bench_wal2json"
@@ -83,7 +84,7 @@ def remove(db):
 def use(db, table, method):
     """Enable `method`'s triggers on `table` and disable every other user trigger."""
     db.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-    pattern = {"cde": r"cde\_capture\_%", "pgq": "cde_bench_pgq", "plpgsql": "cde_bench_plpgsql"}.get(method)
+    pattern = {"cde": r"cde\_capture\_%", "cde_noindex": r"cde\_capture\_%", "cde_unlogged": r"cde\_capture\_%", "pgq": "cde_bench_pgq", "plpgsql": "cde_bench_plpgsql"}.get(method)
     if pattern:
         for (name,) in db.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname LIKE %s AND NOT tgisinternal",
                                   (table, pattern)).fetchall():
@@ -128,6 +129,10 @@ def run(db, table, method, fn):
     """fn() with `method` capturing writes to `table`, from the same state as every other run."""
     use(db, table, method)
     empty(db)
+    if method == "cde_noindex":
+        db.execute("DROP INDEX cde.queue_feed_id")
+    elif method == "cde_unlogged":
+        db.execute("ALTER TABLE cde.queue SET UNLOGGED")
     db.execute(f"VACUUM {table}")
     db.execute("CHECKPOINT")
     receiver = Receiver(db) if method == "wal2json" else None
@@ -136,6 +141,11 @@ def run(db, table, method, fn):
     finally:
         if receiver:
             receiver.close()
+        if method == "cde_noindex":
+            db.execute("CREATE INDEX queue_feed_id ON cde.queue (feed, id)")
+        elif method == "cde_unlogged":
+            empty(db)  # SET LOGGED copies the table into the WAL
+            db.execute("ALTER TABLE cde.queue SET LOGGED")
 
 
 def orders(rounds):
