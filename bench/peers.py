@@ -9,6 +9,15 @@
   `pg_recvlogical` during the run, the approach of Debezium and Sequin. Its writers pay only
   wal_level = logical (set for every method here), and its decoding shares the cores.
 
+With CDE_BENCH_CEILINGS=1, two variants of cde's own capture join the single-row runs. They show
+what a redesign of its queue could win at most, measured before it is built (docs/benchmarks.md,
+"Eighteenth session"):
+- cde_noindex: the same triggers, cde.queue without its (feed, id) index: the writers' side of an
+  unindexed queue, as PgQ's rotated tables would be (it still takes the queue's sequence, which
+  such a design would not need).
+- cde_unlogged: the same triggers, cde.queue UNLOGGED: no WAL for the queue's rows.
+Each puts the queue back as it was after its run.
+
 Each method's run starts from the same state: its event tables emptied, the written table
 vacuumed, a checkpoint taken. Runs of the methods alternate in a rotating order, and a method's
 figure is pooled over the rounds (its transactions over the untracked runs' transactions)."""
