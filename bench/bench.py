@@ -74,10 +74,9 @@ def bench_single_row(db):
         base = sum(tps["untracked"]) / peers.rounds()
         # A round's own ratio shows how far one pair of runs strays from the pooled figure.
         spread = {m: [t / u for t, u in zip(tps[m], tps["untracked"])] for m in peers.METHODS}
-        rounds_of[clients] = f"rounds {min(spread['cde']):.3f}-{max(spread['cde']):.3f}"
+        rounds_of[clients] = {m: f"rounds {min(r):.3f}-{max(r):.3f}" for m, r in spread.items()}
         print(f"    {clients} clients: untracked {base:,.0f} TPS; " +
-              ", ".join(f"{m} {table[clients][m]:.3f} (rounds {min(spread[m]):.3f}-{max(spread[m]):.3f})"
-                        for m in peers.METHODS[1:]), flush=True)
+              ", ".join(f"{m} {table[clients][m]:.3f} ({rounds_of[clients][m]})" for m in peers.METHODS[1:]), flush=True)
     peers.use(db, "prices", "cde")
     set_pause(db, False)
     PEER_TABLE["single"] = table
@@ -85,7 +84,7 @@ def bench_single_row(db):
     met = {c: r["cde"] >= 0.95 and r["cde"] > max(r[m] for m in peers.TRIGGER_PEERS) for c, r in table.items()}
     for clients, ratios in table.items():
         report(f"single-row write overhead, {clients} clients (tracked/untracked TPS, pooled over {peers.rounds()} rounds)",
-               f"{ratios['cde']:.3f} ({rounds_of[clients]}; PgQ {ratios['pgq']:.3f}, PL/pgSQL {ratios['plpgsql']:.3f}, wal2json {ratios['wal2json']:.3f})",
+               f"{ratios['cde']:.3f} ({rounds_of[clients]['cde']}; PgQ {ratios['pgq']:.3f}, PL/pgSQL {ratios['plpgsql']:.3f}, wal2json {ratios['wal2json']:.3f})",
                ">= 0.95 and ahead of every trigger-based peer", met[clients])
     goal("single-row TPS ratio at 2, 8 and 32 clients", ">= 0.95 at each, ahead of every trigger-based peer",
          " / ".join(f"{table[c]['cde']:.3f}" for c in (2, 8, 32)),

@@ -93,7 +93,8 @@ def remove(db):
 def use(db, table, method):
     """Enable `method`'s triggers on `table` and disable every other user trigger."""
     db.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-    pattern = {"cde": r"cde\_capture\_%", "cde_noindex": r"cde\_capture\_%", "cde_unlogged": r"cde\_capture\_%", "pgq": "cde_bench_pgq", "plpgsql": "cde_bench_plpgsql"}.get(method)
+    triggers = "cde" if method in CEILINGS else method  # the ceilings are cde's own triggers
+    pattern = {"cde": r"cde\_capture\_%", "pgq": "cde_bench_pgq", "plpgsql": "cde_bench_plpgsql"}.get(triggers)
     if pattern:
         for (name,) in db.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname LIKE %s AND NOT tgisinternal",
                                   (table, pattern)).fetchall():
