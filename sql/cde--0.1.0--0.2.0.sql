@@ -222,7 +222,7 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
 
 -- The 0.2.0 objects follow.
 /* <begin connected objects> */
--- src/lib.rs:28
+-- src/lib.rs:29
 -- requires:
 --   schema
 
@@ -455,7 +455,7 @@ AS 'MODULE_PATHNAME', '_query_as_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:29
+-- src/lib.rs:30
 -- requires:
 --   rules
 --   trust::cde::_ticket
@@ -850,7 +850,7 @@ COMMENT ON FUNCTION cde_drop_feed(text, bigint) IS 'Drop a feed: its capture tri
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:30
+-- src/lib.rs:31
 -- requires:
 --   feeds
 
@@ -969,23 +969,37 @@ DECLARE
     -- which rolls one back). The "%%n$s":
     --   (1) the send lane (cde._create_feed_table): true, made pending by a full sync. A row
     --       pending as a change stays one whoever writes it next.
-    --   (2) where the rows (key, doc) come from, a NULL doc being a deletion: written over a row
-    --       that is not one already, or as a row of its own where (2) says so.
+    --   (2) where the rows (key, doc, hash) come from, a NULL doc being a deletion: written over
+    --       a row that is not one already, or as a row of its own where (2) says so.
     --   (3) what else makes a document worth writing again, in the mode's own words.
     --   (4) which rows to leave out before the write (below), or nothing.
+    --   (5) the rows a builder has sent already, with the id of the response that took each
+    --       (cde._send_built): written as sent, not pending.
     write  text := format($q$
-        INSERT INTO %1$s AS f (key, doc, hash, deleted, full_sync)
-        SELECT w.key, w.doc, w.hash, w.doc IS NULL, %%1$s
-          FROM (SELECT w.key, w.doc, cde._doc_hash(w.doc) AS hash FROM (%%2$s) AS w) AS w%%4$s
+        INSERT INTO %1$s AS f (key, doc, hash, deleted, full_sync, status, sent_at, response_id)
+        SELECT w.key, w.doc, w.hash, w.doc IS NULL, %%1$s, CASE WHEN s.key IS NULL THEN 'pending' ELSE 'sent' END,
+               CASE WHEN s.key IS NOT NULL THEN now() END, s.response_id
+          FROM (%%2$s) AS w LEFT JOIN %%5$s AS s ON s.key = w.key%%4$s
          ORDER BY w.key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
-           SET doc = excluded.doc, hash = excluded.hash, deleted = excluded.deleted, status = 'pending',
+           SET doc = excluded.doc, hash = excluded.hash, deleted = excluded.deleted,
+               -- Sent already (by a builder), unless the row it replaces is pending: that row's
+               -- older document may be out with the worker, and arrive after this one, so this
+               -- one goes again, after it.
+               status = CASE WHEN excluded.status = 'sent' AND f.status <> 'pending' THEN 'sent' ELSE 'pending' END,
+               sent_at = CASE WHEN excluded.status = 'sent' AND f.status <> 'pending' THEN excluded.sent_at ELSE f.sent_at END,
+               response_id = CASE WHEN excluded.status = 'sent' AND f.status <> 'pending' THEN excluded.response_id
+                                  ELSE f.response_id END,
                http_status = NULL, error = NULL, attempts = 0, modified_at = now(),
                full_sync = excluded.full_sync AND NOT (f.status = 'pending' AND NOT f.full_sync)
          WHERE NOT cde._unseen(f.xmin, f.key)
            AND CASE WHEN excluded.deleted THEN NOT f.deleted
                     ELSE f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%3$s END
         RETURNING f.key, f.deleted$q$, tbl);
+    -- The rows of (2), from rows (key, doc).
+    hashed text := 'SELECT w.key, w.doc, cde._doc_hash(w.doc) AS hash FROM (%s) AS w';
+    -- (5) of the modes that send nothing.
+    unsent text := '(SELECT NULL::text AS key, NULL::text AS response_id WHERE false)';
     -- A full sync step leaves out the rows that would not change, as its snapshot sees them: a
     -- write that changes nothing still locks its row, so a full re-sync would lock, and log,
     -- every row of the feed table, and a change made meanwhile would wait for the lock. The
@@ -1007,6 +1021,7 @@ DECLARE
     syncing boolean := keys IS NOT NULL AND mode = 'apply'
                        AND (cde._syncing(f.name) OR cde._steps_running(cde._feed_step_lock(f.feed_table)));
     written text[];   -- the keys a collect wrote, while syncing
+    sent    text[];   -- the keys a builder sent (mode 'chunk')
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     IF mode IN ('chunk', 'gone') THEN
@@ -1041,11 +1056,11 @@ BEGIN
             -- Keys given: changes, and a change moves its key's row out of a full sync's lane.
             -- None: every key (a TRUNCATE or a new definition during a full sync), a sync's job.
             format(write, (keys IS NULL)::text,
-                   format($w$SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL
+                   format(hashed, format($w$SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL
                    UNION ALL
-                   SELECT gone.key, NULL::jsonb FROM gone WHERE $3 OR %s$w$, format(live, 'gone.key')),
+                   SELECT gone.key, NULL::jsonb FROM gone WHERE $3 OR %s$w$, format(live, 'gone.key'))),
                    CASE WHEN keys IS NULL THEN '' ELSE $w$ OR f.status = 'pending' AND f.full_sync$w$ END,
-                   ''),
+                   '', unsent),
             tbl)
           INTO built, changed, deleted, written
           USING f.name, keys, syncing;
@@ -1083,22 +1098,39 @@ BEGIN
             )
             SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM written) END,
                    (SELECT max(key) FROM chunk)$q$,
-            tbl, format(write, 'true', 'SELECT missing.key, NULL::jsonb AS doc FROM missing WHERE NOT $4', '', format(skip, '')))
+            tbl, format(write, 'true', format(hashed, 'SELECT missing.key, NULL::jsonb AS doc FROM missing WHERE NOT $4'), '',
+                        format(skip, ''), unsent))
           INTO deleted, last_key USING f.name, after, n, mode = 'gone_dry';
     WHEN 'chunk' THEN
         -- Keys the source returns with a NULL document become deletions here; keys it no longer
-        -- has are the deletion pass's (mode 'gone'), which walks the feed table.
+        -- has are the deletion pass's (mode 'gone'), which walks the feed table. The rows that
+        -- change ("todo") are found before the write: a sync builder sends their documents
+        -- itself (cde._send_built), in this statement, and writes those the destination took as
+        -- sent. Nothing is read back, nothing recorded twice: a full sync's cost per document
+        -- (docs/benchmarks.md). The rows are locked only once sent, by the write.
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5)
+            ), todo AS MATERIALIZED (
+                SELECT w.key, w.doc, w.hash FROM (%2$s) AS w%3$s
+            ), sent AS MATERIALIZED (
+                %4$s
             ), written AS (
                 %1$s
             )
             SELECT (SELECT count(*) FROM src), count(*) FILTER (WHERE NOT w.deleted), count(*) FILTER (WHERE w.deleted),
-                   (SELECT key FROM src ORDER BY o DESC LIMIT 1)
+                   (SELECT key FROM src ORDER BY o DESC LIMIT 1),
+                   (SELECT array_agg(sent.key) FROM sent)
               FROM written AS w$q$,
-            format(write, 'true', format('SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL OR %s', format(live, 'src.key')),
-                   ' OR cde._failed(f.status)', format(skip, ' OR cde._failed(f.status)')))
-          INTO built, changed, deleted, last_key USING f.name, after, n, lane, lanes;
+            format(write, 'true', 'SELECT todo.key, todo.doc, todo.hash FROM todo', ' OR cde._failed(f.status)', '', 'sent'),
+            format(hashed, format('SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL OR %s', format(live, 'src.key'))),
+            format(skip, ' OR cde._failed(f.status)'),
+            -- Only a builder that may send to the feed's destination now renders the documents.
+            CASE WHEN cde._sends_built(f.name)
+                 THEN $s$SELECT s.* FROM (SELECT array_agg(todo.key) AS k, array_agg(todo.doc::text) AS d
+                                           FROM todo WHERE todo.doc IS NOT NULL) AS a,
+                                 LATERAL cde._send_built($1, a.k, a.d) AS s$s$
+                 ELSE 'SELECT * FROM ' || unsent || ' AS s' END)
+          INTO built, changed, deleted, last_key, sent USING f.name, after, n, lane, lanes;
     WHEN 'chunk_dry' THEN
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5))
@@ -1115,16 +1147,23 @@ BEGIN
     ELSE
         RAISE EXCEPTION 'cde._rebuild: unknown mode %', mode;
     END CASE;
-    PERFORM cde._requeue_unseen(f.name);
+    PERFORM cde._requeue_unseen(f.name, sent);
 END $fn$;
 
--- Queue again the keys whose rows a rebuild left because it could not see who wrote them.
-CREATE FUNCTION cde._requeue_unseen(feed text) RETURNS void
+-- Queue again the keys whose rows a rebuild left because it could not see who wrote them. Of
+-- those, the keys a builder sent before it wrote (cde._send_built) go again as they are now: the
+-- row's document, newer than what was sent, may have reached the destination before it.
+CREATE FUNCTION cde._requeue_unseen(feed text, sent text[] DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     unseen text[] := cde._unseen_keys();
 BEGIN
     IF unseen IS NOT NULL THEN
+        IF sent IS NOT NULL THEN
+            EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = clock_timestamp(), full_sync = false
+                               WHERE key IN (SELECT unnest($1) INTERSECT SELECT unnest($2))$q$, (cde._feed(feed)).feed_table)
+              USING unseen, sent;
+        END IF;
         -- A key may have been met twice (an upsert's row, then a deletion's).
         PERFORM cde._enqueue(_requeue_unseen.feed, ARRAY(SELECT DISTINCT k FROM unnest(unseen) AS k));
         PERFORM cde._changes_recorded();
@@ -1133,7 +1172,7 @@ END $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:32
+-- src/lib.rs:33
 -- requires:
 --   rebuild
 
@@ -1337,7 +1376,7 @@ END $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:33
+-- src/lib.rs:34
 -- requires:
 --   collect
 
@@ -1529,7 +1568,7 @@ COMMENT ON FUNCTION cde_resync(text, text[], bigint) IS 'Rebuild and resend thes
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:34
+-- src/lib.rs:35
 -- requires:
 --   deliver
 
@@ -1930,7 +1969,7 @@ AS 'MODULE_PATHNAME', '_destination_roles_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:35
+-- src/lib.rs:36
 -- requires:
 --   sync
 --   destination::cde::_check_destination_options
@@ -2135,7 +2174,7 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:36
+-- src/lib.rs:37
 -- requires:
 --   destinations
 
@@ -2223,7 +2262,7 @@ END $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:37
+-- src/lib.rs:38
 -- requires:
 --   housekeeping
 
@@ -2382,6 +2421,47 @@ AS 'MODULE_PATHNAME', '_read_sql_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
+-- src/builder_send.rs:98
+CREATE SCHEMA IF NOT EXISTS cde; /* cde::builder_send::cde */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/builder_send.rs:111
+-- cde::builder_send::cde::_send_as_builder
+CREATE  FUNCTION cde."_send_as_builder"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_send_as_builder_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/builder_send.rs:104
+-- cde::builder_send::cde::_sends_built
+CREATE  FUNCTION cde."_sends_built"(
+	"feed" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_sends_built_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/builder_send.rs:122
+-- cde::builder_send::cde::_send_built
+CREATE  FUNCTION cde."_send_built"(
+	"feed" TEXT, /* & str */
+	"keys" TEXT[], /* :: std :: option :: Option < Vec < String > > */
+	"docs" TEXT[] /* :: std :: option :: Option < Vec < String > > */
+) RETURNS TABLE (
+	"key" TEXT,  /* String */
+	"response_id" TEXT  /* Option < String > */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_send_built_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
 -- src/api.rs:127
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
 /* </end connected objects> */
@@ -2469,7 +2549,7 @@ CREATE FUNCTION cde."_capture_keys"()
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:31
+-- src/lib.rs:32
 -- requires:
 --   feeds
 --   capture::cde::_capture
@@ -3033,7 +3113,7 @@ AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:38
+-- src/lib.rs:39
 -- finalize
 -- What operators look at. Every column is documented in docs/operations.md.
 

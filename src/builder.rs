@@ -83,10 +83,18 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(entry as *const AtomicI32 as usize)) };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     crate::worker::session_settings();
+    crate::builder_send::enable();
     let mut chunks = 0u64;
     loop {
         if BackgroundWorker::sigterm_received() || unsafe { pg_sys::ShutdownRequestPending } != 0 {
             break;
+        }
+        // cde.pause, cde.sync_builders_send, a destination's settings: read again.
+        if BackgroundWorker::sighup_received() {
+            unsafe {
+                pg_sys::ConfigReloadPending = 0;
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            }
         }
         // A held database, or a database elsewhere waiting for a worker slot: give this one up.
         if shmem::held(db) || shmem::workers_wait_for_slots() {
@@ -105,6 +113,11 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
             warning!("cde: CDE-301 a sync builder's step failed and was rolled back; the worker takes it again: {e}");
             None
         });
+        // What the step sent counts once it committed; rolled back, its documents go again.
+        let tally = crate::builder_send::take_tally();
+        if step.is_some() {
+            crate::builder_send::flush(tally);
+        }
         // Busy: every lane left is another builder's; Waiting, Idle, Retry: nothing to build now.
         match step {
             Some(Step::Progress) => {

@@ -24,6 +24,7 @@ pub static COMPRESSION: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_PAYLOADS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static PAUSE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static SYNC_BUILDERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static SYNC_BUILDERS_SEND: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static TOMBSTONE_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 3600);
 pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 
@@ -157,6 +158,14 @@ pub fn init() {
         c"gzip request bodies (Content-Encoding: gzip).",
         c"",
         &COMPRESSION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"cde.sync_builders_send",
+        c"Sync builders send the documents they build themselves (off: they leave them pending for the worker).",
+        c"Only to an immediate feed's destination that is neither held, failing nor rate limited; otherwise the worker sends.",
+        &SYNC_BUILDERS_SEND,
         GucContext::Suset,
         GucFlags::default(),
     );

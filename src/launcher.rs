@@ -256,7 +256,8 @@ fn start(shared: &Shared, d: &Database, e: &mut Entry) -> bool {
                 return true; // not a background worker slot: nothing to give up for it
             };
             let slot = &shared.slots[i];
-            for counter in [&slot.iterations, &slot.docs_sent, &slot.bytes_sent, &slot.requests, &slot.requests_failed, &slot.reloads] {
+            for counter in [&slot.iterations, &slot.docs_sent, &slot.bytes_sent, &slot.requests, &slot.requests_failed, &slot.reloads,
+                            &slot.builders_docs_sent, &slot.builders_bytes_sent, &slot.builders_requests, &slot.builders_requests_failed] {
                 counter.store(0, Ordering::Relaxed);
             }
             slot.started_at.store(0, Ordering::Relaxed);

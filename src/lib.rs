@@ -14,6 +14,7 @@
 //! - worker   the background worker of one database
 //! - databases DROP DATABASE and the like never refused because of cde's workers
 //! - builder  a second worker taking full sync steps while the worker sends
+//! - builder_send  builders sending what they build, in the step that builds it
 //! - api      SQL functions written in Rust
 //! - trust    running what a non-superuser wrote with that role's rights (docs/security.md)
 //! - locks    the advisory locks' keys
@@ -39,6 +40,7 @@ extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 mod api;
 mod builder;
+mod builder_send;
 mod capture;
 mod collect;
 mod compat;

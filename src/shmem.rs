@@ -42,6 +42,12 @@ pub struct WorkerShared {
     pub bytes_sent: AtomicU64,
     pub requests: AtomicU64,
     pub requests_failed: AtomicU64,
+    /// The same four, of what sync builders sent themselves (src/builder_send.rs): added to the
+    /// worker's in cde_worker_status.
+    pub builders_docs_sent: AtomicU64,
+    pub builders_bytes_sent: AtomicU64,
+    pub builders_requests: AtomicU64,
+    pub builders_requests_failed: AtomicU64,
     /// Settings reloads (SIGHUP) the worker has processed: lets a test wait for one.
     pub reloads: AtomicU64,
     /// Commits that queued changes (counted before they wake the worker). While builders run a
@@ -72,6 +78,10 @@ impl Default for WorkerShared {
             bytes_sent: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             requests_failed: AtomicU64::new(0),
+            builders_docs_sent: AtomicU64::new(0),
+            builders_bytes_sent: AtomicU64::new(0),
+            builders_requests: AtomicU64::new(0),
+            builders_requests_failed: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             lock_waiters: AtomicU32::new(0),

@@ -87,6 +87,30 @@ class Writer(threading.Thread):
         time.sleep(r.uniform(0, 0.01))
 
 
+class Syncer(threading.Thread):
+    """Full syncs of every feed, one after the other, during the writes and the faults: their
+    builders send what changed while collects send the same keys' changes (docs/nothing-lost.md,
+    "Full syncs sent by builders")."""
+
+    def __init__(self, stop, stats):
+        super().__init__(daemon=True)
+        self.stop = stop
+        self.stats = stats
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with psycopg.connect(**_conninfo()) as conn:
+                    while not self.stop.is_set():
+                        busy = conn.execute("SELECT count(*) FROM cde_sync_runs WHERE finished_at IS NULL").fetchone()[0]
+                        if not busy:
+                            conn.execute("SELECT cde_full_sync()")
+                            self.stats["full_syncs"] += 1
+                        time.sleep(0.5)
+            except psycopg.Error:
+                time.sleep(0.2)   # a restart, or a run started meanwhile by nobody else: again
+
+
 def _conninfo():
     from conftest import SOCKET, PORT
     return dict(host=SOCKET, port=PORT, user="postgres", dbname="cde", autocommit=True)
@@ -153,9 +177,9 @@ def test_the_sink_converges_to_the_database(db, sink):
     base_requests = sink.stats()["requests"]
 
     stats = {"writes": 0, "faults": 0, "worker_kills": 0, "postgres_restarts": 0, "endpoint_switches": 0,
-             "unauthorized_phases": 0, "t0": time.monotonic()}
+             "unauthorized_phases": 0, "full_syncs": 0, "t0": time.monotonic()}
     stop = threading.Event()
-    writers = [Writer(n, stop, stats) for n in range(4)]
+    writers = [Writer(n, stop, stats) for n in range(4)] + [Syncer(stop, stats)]
     holder = [db]
     chaos = threading.Thread(target=inject_faults, args=(holder, sink, stop, stats, random.Random(42)), daemon=True)
     for w in writers:
@@ -172,6 +196,8 @@ def test_the_sink_converges_to_the_database(db, sink):
     with reconnect() as conn:
         db = Db(conn)
         db.configure(endpoint=None, retry_interval="200ms")
+        wait_until("the last full sync to end", lambda: db.one(
+            "SELECT count(*) FROM cde_sync_runs WHERE finished_at IS NULL") == 0, timeout=120, interval=0.5)
         wait_until("every feed quiet (nothing pending or retrying)", lambda: db.one(
             "SELECT coalesce(sum(pending + retrying), 0) FROM cde_feed_status") == 0, timeout=120, interval=0.5)
 
@@ -211,9 +237,11 @@ def test_the_sink_converges_to_the_database(db, sink):
     print(f"\nconvergence: {SECONDS:.0f}s of writes; writes committed {stats['writes']}; "
           f"faults injected {stats['faults']} ({s['faults_injected']} at the sink, {stats['worker_kills']} worker kills, "
           f"{stats['postgres_restarts']} immediate PostgreSQL restarts, "
-          f"{stats['endpoint_switches']} endpoint switches, {stats['unauthorized_phases']} 401 phases); requests {s['requests'] - base_requests}; "
+          f"{stats['endpoint_switches']} endpoint switches, {stats['unauthorized_phases']} 401 phases); "
+          f"full syncs {stats['full_syncs']}; requests {s['requests'] - base_requests}; "
           f"items delivered {s['items_received']}; duplicate requests {s['duplicate_requests']}; "
           f"keys checked {checked}; rejected as expected {rejected_ok}; items lost {lost}")
     assert stats["writes"] > 100
     assert stats["unauthorized_phases"] >= 1
+    assert stats["full_syncs"] >= 1
     assert lost == 0

@@ -4,7 +4,7 @@ killed mid-run, and writes made during a run all delivered."""
 import threading
 import time
 
-from conftest import Db, connect, fresh_catalog, full_sync_and_wait, kill_worker, wait_until
+from conftest import SERVER_LOG, Db, connect, fresh_catalog, full_sync_and_wait, kill_worker, wait_until
 
 
 def test_phases_arrive_in_dependency_order(db, sink):
@@ -146,10 +146,11 @@ def test_a_full_sync_ends_while_writers_keep_writing(db, sink):
 
 
 def test_a_change_overtakes_the_documents_a_full_sync_made_pending(db, sink):
-    """A destination slower than the builders: the sync's documents pile up pending, and a change
-    made meanwhile goes out in the next slice, not behind them (docs/nothing-lost.md, "Order")."""
+    """A destination slower than the builders, which leave what they build to the worker: the
+    sync's documents pile up pending, and a change made meanwhile goes out in the next slice,
+    not behind them (docs/nothing-lost.md, "Order")."""
     fresh_catalog(db, products=2000)
-    db.configure(batch_size=20)
+    db.configure(batch_size=20, sync_builders_send="off")
     sink.fault(feed="products", delay_ms=100)   # 20 items a request: 200 documents a second
     run = db.one("SELECT cde_full_sync('products')")
     wait_until("every document built, the sync's backlog being sent",
@@ -168,3 +169,72 @@ def test_a_change_overtakes_the_documents_a_full_sync_made_pending(db, sink):
     docs = sink.docs("products")
     assert len(docs) == 2000 and docs["2000"]["data"]["name"] == "changed during the sync"
     assert db.one("SELECT count(*) FROM cde.feed_products WHERE status <> 'sent'") == 0
+
+
+def sent_by_builders(db, feed="products"):
+    """Rows a sync builder wrote as sent in the step that built them: sent when written."""
+    return db.one(f"SELECT count(*) FROM cde.feed_{feed} WHERE status = 'sent' AND sent_at = modified_at")
+
+
+def test_builders_send_what_they_build(db, sink):
+    """Sync builders post the documents a chunk changes, then write them as sent: the worker
+    reads none of them back and records none (docs/nothing-lost.md, "Full syncs sent by
+    builders"). What they send is counted where the worker's deliveries are."""
+    fresh_catalog(db, products=30000)
+    before = db.one("SELECT requests FROM cde_destinations WHERE name = 'default'")
+    run = full_sync_and_wait(db, "products", timeout=180)
+    assert len(sink.docs("products")) == 30000
+    assert sent_by_builders(db) == 30000
+    assert db.one("SELECT count(*) FROM cde.feed_products WHERE response_id IS NULL") == 0
+    assert db.one("SELECT sent FROM cde_sync_runs WHERE run_id = %s", run) == 30000
+    wait_until("the builders' counts", lambda: db.one("SELECT sent_total FROM cde_feed_status WHERE feed = 'products'") == 30000)
+    assert db.one("SELECT items_sent FROM cde_destinations WHERE name = 'default'") >= 30000
+    assert db.one("SELECT requests FROM cde_destinations WHERE name = 'default'") - before >= 30000 // 500
+    assert db.one("SELECT documents_sent FROM cde_worker_status") >= 30000
+
+
+def test_a_builder_that_meets_a_failing_destination_leaves_the_rest_to_the_worker(db, sink):
+    """A failed request stops a builder's sending: what it built from then on is written pending,
+    and the worker sends it with its retries and backoff. Nothing is lost."""
+    fresh_catalog(db, products=30000)
+    sink.fault(feed="products", status=503, count=1)
+    full_sync_and_wait(db, "products", timeout=180)
+    wait_until("nothing pending", lambda: db.one("SELECT count(*) FROM cde.feed_products WHERE status <> 'sent'") == 0, timeout=60)
+    assert len(sink.docs("products")) == 30000
+    by_builders = sent_by_builders(db)
+    assert 0 < by_builders < 30000
+    assert "a sync builder stops sending to destination default" in SERVER_LOG.read_text(errors="replace")
+    assert db.one("SELECT requests_failed FROM cde_destinations WHERE name = 'default'") >= 1
+
+
+def test_items_a_destination_rejects_from_a_builder_are_recorded_by_the_worker(db, sink):
+    """A builder writes as sent only what the destination took; an item it rejected is written
+    pending, and the worker's send records the rejection."""
+    fresh_catalog(db, products=12000)
+    sink.fault(feed="products", reject={"key": "77", "error": "no such category"})
+    full_sync_and_wait(db, "products", timeout=180)
+    wait_until("the rejection recorded", lambda: db.one("SELECT status FROM cde.feed_products WHERE key = '77'") == "rejected", timeout=30)
+    assert db.one("SELECT error FROM cde.feed_products WHERE key = '77'") == "no such category"
+    assert db.one("SELECT count(*) FROM cde.feed_products WHERE status = 'sent'") == 11999
+    assert sent_by_builders(db) == 11999
+
+
+def test_a_change_during_a_builders_send_is_not_overtaken_by_it(db, sink):
+    """A builder posting a chunk to a slow destination, and a change made meanwhile: the worker
+    sends the change at once, before the builder posts that key's older document. The builder's
+    write then meets the newer row, makes it pending again, and the change arrives last."""
+    fresh_catalog(db, products=2000)
+    db.configure(batch_size=20)
+    sink.fault(feed="products", delay_ms=100)   # 20 items a request: 200 documents a second
+    run = db.one("SELECT cde_full_sync('products')")
+    wait_until("a builder sending", lambda: len(sink.log("products")) > 0, timeout=30)
+    # Product 2000 is in the builder's only chunk, built from a snapshot before this change.
+    db.run("UPDATE products SET name = 'changed during the sync' WHERE id = 2000")
+    wait_until("the change at the sink",
+               lambda: (sink.doc("products", 2000) or {}).get("data", {}).get("name") == "changed during the sync", timeout=5)
+    sink.clear_faults()
+    wait_until("the run to finish", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=60)
+    wait_until("nothing pending", lambda: db.one("SELECT count(*) FROM cde.feed_products WHERE status <> 'sent'") == 0, timeout=30)
+    docs = sink.docs("products")
+    assert len(docs) == 2000 and docs["2000"]["data"]["name"] == "changed during the sync"
+    assert sent_by_builders(db) >= 1900
