@@ -208,6 +208,16 @@ CREATE TABLE cde.row_counts (
     n       bigint NOT NULL
 );
 COMMENT ON TABLE cde.row_counts IS 'Rows of each feed table by status and deleted flag (sum of n), kept by triggers';
+-- What a sync builder wrote as sent and is posting now, after its chunk committed
+-- (src/builder_send.rs): the worker sends no newer version of these keys until the builder is
+-- done and deletes the row. A builder that died first leaves it, and the keys go again
+-- (cde._recover_posts). The builder holds cde._post_lock(id) while it posts.
+CREATE TABLE cde.sync_posts (
+    id         bigserial PRIMARY KEY,
+    feed       text NOT NULL,
+    keys       text[] NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
 SELECT pg_catalog.pg_extension_config_dump('cde.feeds', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.tracks', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.queue', '');
@@ -219,6 +229,8 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_posts', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_posts_id_seq', '');
 
 -- The 0.2.0 objects follow.
 /* <begin connected objects> */
@@ -299,12 +311,12 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:18
+-- src/locks.rs:21
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:49
+-- src/locks.rs:58
 -- cde::locks::cde::_steps_running
 CREATE  FUNCTION cde."_steps_running"(
 	"key" bigint /* i64 */
@@ -315,7 +327,18 @@ AS 'MODULE_PATHNAME', '_steps_running_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:35
+-- src/locks.rs:50
+-- cde::locks::cde::_post_lock
+CREATE  FUNCTION cde."_post_lock"(
+	"post" bigint /* i64 */
+) RETURNS bigint /* i64 */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_post_lock_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/locks.rs:38
 -- cde::locks::cde::_sync_state_lock
 CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -324,7 +347,7 @@ AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:41
+-- src/locks.rs:44
 -- cde::locks::cde::_feed_step_lock
 CREATE  FUNCTION cde."_feed_step_lock"(
 	"feed_table" oid /* pg_sys :: Oid */
@@ -335,7 +358,7 @@ AS 'MODULE_PATHNAME', '_feed_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:29
+-- src/locks.rs:32
 -- cde::locks::cde::_sync_step_lock
 CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -344,7 +367,7 @@ AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:23
+-- src/locks.rs:26
 -- cde::locks::cde::_iteration_lock
 CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -969,37 +992,30 @@ DECLARE
     -- which rolls one back). The "%%n$s":
     --   (1) the send lane (cde._create_feed_table): true, made pending by a full sync. A row
     --       pending as a change stays one whoever writes it next.
-    --   (2) where the rows (key, doc, hash) come from, a NULL doc being a deletion: written over
-    --       a row that is not one already, or as a row of its own where (2) says so.
+    --   (2) where the rows (key, doc) come from, a NULL doc being a deletion: written over a row
+    --       that is not one already, or as a row of its own where (2) says so.
     --   (3) what else makes a document worth writing again, in the mode's own words.
     --   (4) which rows to leave out before the write (below), or nothing.
-    --   (5) the rows a builder has sent already, with the id of the response that took each
-    --       (cde._send_built): written as sent, not pending.
+    --   (5) the status of a row written anew: 'pending', or 'sent' where a sync builder sends the
+    --       documents this write commits (cde._sends_built, src/builder_send.rs). Sent is written
+    --       over a row that was sent only: a pending or failed one may be out with the worker,
+    --       whose older document could arrive after this one; this one then goes after it.
     write  text := format($q$
-        INSERT INTO %1$s AS f (key, doc, hash, deleted, full_sync, status, sent_at, response_id)
-        SELECT w.key, w.doc, w.hash, w.doc IS NULL, %%1$s, CASE WHEN s.key IS NULL THEN 'pending' ELSE 'sent' END,
-               CASE WHEN s.key IS NOT NULL THEN now() END, s.response_id
-          FROM (%%2$s) AS w LEFT JOIN %%5$s AS s ON s.key = w.key%%4$s
+        INSERT INTO %1$s AS f (key, doc, hash, deleted, full_sync, status, sent_at)
+        SELECT w.key, w.doc, w.hash, w.doc IS NULL, %%1$s, w.status, CASE WHEN w.status = 'sent' THEN now() END
+          FROM (SELECT w.key, w.doc, cde._doc_hash(w.doc) AS hash, %%5$s AS status FROM (%%2$s) AS w) AS w%%4$s
          ORDER BY w.key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
            SET doc = excluded.doc, hash = excluded.hash, deleted = excluded.deleted,
-               -- Sent already (by a builder), unless the row it replaces is pending: that row's
-               -- older document may be out with the worker, and arrive after this one, so this
-               -- one goes again, after it.
-               status = CASE WHEN excluded.status = 'sent' AND f.status <> 'pending' THEN 'sent' ELSE 'pending' END,
-               sent_at = CASE WHEN excluded.status = 'sent' AND f.status <> 'pending' THEN excluded.sent_at ELSE f.sent_at END,
-               response_id = CASE WHEN excluded.status = 'sent' AND f.status <> 'pending' THEN excluded.response_id
-                                  ELSE f.response_id END,
+               status = CASE WHEN excluded.status = 'sent' AND f.status = 'sent' THEN 'sent' ELSE 'pending' END,
+               sent_at = CASE WHEN excluded.status = 'sent' AND f.status = 'sent' THEN excluded.sent_at ELSE f.sent_at END,
+               response_id = CASE WHEN excluded.status = 'sent' AND f.status = 'sent' THEN NULL ELSE f.response_id END,
                http_status = NULL, error = NULL, attempts = 0, modified_at = now(),
                full_sync = excluded.full_sync AND NOT (f.status = 'pending' AND NOT f.full_sync)
          WHERE NOT cde._unseen(f.xmin, f.key)
            AND CASE WHEN excluded.deleted THEN NOT f.deleted
                     ELSE f.hash IS DISTINCT FROM excluded.hash OR f.deleted%%3$s END
-        RETURNING f.key, f.deleted$q$, tbl);
-    -- The rows of (2), from rows (key, doc).
-    hashed text := 'SELECT w.key, w.doc, cde._doc_hash(w.doc) AS hash FROM (%s) AS w';
-    -- (5) of the modes that send nothing.
-    unsent text := '(SELECT NULL::text AS key, NULL::text AS response_id WHERE false)';
+        RETURNING f.key, f.deleted, f.status$q$, tbl);
     -- A full sync step leaves out the rows that would not change, as its snapshot sees them: a
     -- write that changes nothing still locks its row, so a full re-sync would lock, and log,
     -- every row of the feed table, and a change made meanwhile would wait for the lock. The
@@ -1021,7 +1037,9 @@ DECLARE
     syncing boolean := keys IS NOT NULL AND mode = 'apply'
                        AND (cde._syncing(f.name) OR cde._steps_running(cde._feed_step_lock(f.feed_table)));
     written text[];   -- the keys a collect wrote, while syncing
-    sent    text[];   -- the keys a builder sent (mode 'chunk')
+    sends   boolean;  -- a builder sends what this chunk writes (mode 'chunk')
+    sent    text[];   -- the keys it writes as sent, for it to send
+    post    bigint;   -- their cde.sync_posts row
 BEGIN
     PERFORM cde._unseen_keys();   -- none left over from a statement that failed
     IF mode IN ('chunk', 'gone') THEN
@@ -1056,11 +1074,11 @@ BEGIN
             -- Keys given: changes, and a change moves its key's row out of a full sync's lane.
             -- None: every key (a TRUNCATE or a new definition during a full sync), a sync's job.
             format(write, (keys IS NULL)::text,
-                   format(hashed, format($w$SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL
+                   format($w$SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL
                    UNION ALL
-                   SELECT gone.key, NULL::jsonb FROM gone WHERE $3 OR %s$w$, format(live, 'gone.key'))),
+                   SELECT gone.key, NULL::jsonb FROM gone WHERE $3 OR %s$w$, format(live, 'gone.key')),
                    CASE WHEN keys IS NULL THEN '' ELSE $w$ OR f.status = 'pending' AND f.full_sync$w$ END,
-                   '', unsent),
+                   '', '''pending'''),
             tbl)
           INTO built, changed, deleted, written
           USING f.name, keys, syncing;
@@ -1098,39 +1116,39 @@ BEGIN
             )
             SELECT CASE WHEN $4 THEN (SELECT count(*) FROM missing) ELSE (SELECT count(*) FROM written) END,
                    (SELECT max(key) FROM chunk)$q$,
-            tbl, format(write, 'true', format(hashed, 'SELECT missing.key, NULL::jsonb AS doc FROM missing WHERE NOT $4'), '',
-                        format(skip, ''), unsent))
+            tbl, format(write, 'true', 'SELECT missing.key, NULL::jsonb AS doc FROM missing WHERE NOT $4', '', format(skip, ''),
+                        '''pending'''))
           INTO deleted, last_key USING f.name, after, n, mode = 'gone_dry';
     WHEN 'chunk' THEN
         -- Keys the source returns with a NULL document become deletions here; keys it no longer
-        -- has are the deletion pass's (mode 'gone'), which walks the feed table. The rows that
-        -- change ("todo") are found before the write: a sync builder sends their documents
-        -- itself (cde._send_built), in this statement, and writes those the destination took as
-        -- sent. Nothing is read back, nothing recorded twice: a full sync's cost per document
-        -- (docs/benchmarks.md). The rows are locked only once sent, by the write.
+        -- has are the deletion pass's (mode 'gone'), which walks the feed table.
+        -- A sync builder sends the documents it writes as sent itself, once this commits: they
+        -- are handed to it here (cde._stash_sent), never read back nor written a second time
+        -- (docs/nothing-lost.md, "Full syncs sent by builders"). Until it is done, a row of
+        -- cde.sync_posts names their keys: the worker sends no newer version of them, and a
+        -- builder that dies leaves them to cde._recover_posts. That row is on disk before the
+        -- first request goes: this commit waits for its WAL.
+        sends := cde._sends_built(f.name);
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5)
-            ), todo AS MATERIALIZED (
-                SELECT w.key, w.doc, w.hash FROM (%2$s) AS w%3$s
-            ), sent AS MATERIALIZED (
-                %4$s
             ), written AS (
                 %1$s
             )
             SELECT (SELECT count(*) FROM src), count(*) FILTER (WHERE NOT w.deleted), count(*) FILTER (WHERE w.deleted),
                    (SELECT key FROM src ORDER BY o DESC LIMIT 1),
-                   (SELECT array_agg(sent.key) FROM sent)
+                   CASE WHEN $6 THEN (SELECT cde._stash_sent($1, array_agg(s.key), array_agg(s.doc::text))
+                                        FROM written AS x JOIN src AS s ON s.key = x.key WHERE x.status = 'sent') END
               FROM written AS w$q$,
-            format(write, 'true', 'SELECT todo.key, todo.doc, todo.hash FROM todo', ' OR cde._failed(f.status)', '', 'sent'),
-            format(hashed, format('SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL OR %s', format(live, 'src.key'))),
-            format(skip, ' OR cde._failed(f.status)'),
-            -- Only a builder that may send to the feed's destination now renders the documents.
-            CASE WHEN cde._sends_built(f.name)
-                 THEN $s$SELECT s.* FROM (SELECT array_agg(todo.key) AS k, array_agg(todo.doc::text) AS d
-                                           FROM todo WHERE todo.doc IS NOT NULL) AS a,
-                                 LATERAL cde._send_built($1, a.k, a.d) AS s$s$
-                 ELSE 'SELECT * FROM ' || unsent || ' AS s' END)
-          INTO built, changed, deleted, last_key, sent USING f.name, after, n, lane, lanes;
+            format(write, 'true', format('SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL OR %s', format(live, 'src.key')),
+                   ' OR cde._failed(f.status)', format(skip, ' OR cde._failed(f.status)'),
+                   CASE WHEN sends THEN $s$CASE WHEN w.doc IS NULL THEN 'pending' ELSE 'sent' END$s$ ELSE '''pending''' END))
+          INTO built, changed, deleted, last_key, sent USING f.name, after, n, lane, lanes, sends;
+        IF sent IS NOT NULL THEN
+            INSERT INTO cde.sync_posts (feed, keys) VALUES (f.name, sent) RETURNING id INTO post;
+            PERFORM pg_advisory_lock(cde._post_lock(post));   -- a session lock: held while it posts
+            PERFORM cde._stash_post(post);
+            PERFORM set_config('synchronous_commit', 'on', true);
+        END IF;
     WHEN 'chunk_dry' THEN
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5))
@@ -1147,27 +1165,79 @@ BEGIN
     ELSE
         RAISE EXCEPTION 'cde._rebuild: unknown mode %', mode;
     END CASE;
-    PERFORM cde._requeue_unseen(f.name, sent);
+    PERFORM cde._requeue_unseen(f.name);
 END $fn$;
 
--- Queue again the keys whose rows a rebuild left because it could not see who wrote them. Of
--- those, the keys a builder sent before it wrote (cde._send_built) go again as they are now: the
--- row's document, newer than what was sent, may have reached the destination before it.
-CREATE FUNCTION cde._requeue_unseen(feed text, sent text[] DEFAULT NULL) RETURNS void
+-- Queue again the keys whose rows a rebuild left because it could not see who wrote them.
+CREATE FUNCTION cde._requeue_unseen(feed text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     unseen text[] := cde._unseen_keys();
 BEGIN
     IF unseen IS NOT NULL THEN
-        IF sent IS NOT NULL THEN
-            EXECUTE format($q$UPDATE %s SET status = 'pending', attempts = 0, modified_at = clock_timestamp(), full_sync = false
-                               WHERE key IN (SELECT unnest($1) INTERSECT SELECT unnest($2))$q$, (cde._feed(feed)).feed_table)
-              USING unseen, sent;
-        END IF;
         -- A key may have been met twice (an upsert's row, then a deletion's).
         PERFORM cde._enqueue(_requeue_unseen.feed, ARRAY(SELECT DISTINCT k FROM unnest(unseen) AS k));
         PERFORM cde._changes_recorded();
     END IF;
+END $$;
+
+-- The keys of sync builders' posts whose builder stopped before it was done (cde._post_lock is
+-- free): they were written as sent, and may not have been delivered; they go again, and the worker
+-- may send their newer versions. Run by housekeeping and before each full sync step.
+CREATE FUNCTION cde._recover_posts() RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p cde.sync_posts;
+    t regclass;
+    n int := 0;
+BEGIN
+    FOR p IN SELECT * FROM cde.sync_posts ORDER BY id FOR UPDATE SKIP LOCKED LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(cde._post_lock(p.id));   -- its builder is posting
+        SELECT feed_table INTO t FROM cde.feeds WHERE name = p.feed;
+        IF FOUND THEN
+            EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true, modified_at = clock_timestamp()
+                               WHERE key = ANY ($1) AND status = 'sent'$q$, t)
+              USING p.keys;
+        END IF;
+        DELETE FROM cde.sync_posts WHERE id = p.id;
+        n := n + 1;
+    END LOOP;
+    IF n > 0 THEN
+        RAISE LOG 'cde: % posts of sync builders that stopped before they were done go again', n;
+        PERFORM cde._changes_recorded();
+    END IF;
+    RETURN n;
+END $$;
+
+-- A sync builder is done with a post (src/builder_send.rs): the keys the destination did not take
+-- go to the worker (pending), the others count as sent, and the worker may send the keys' newer
+-- versions. The destination's row first, as the worker's record takes them.
+CREATE FUNCTION cde._posted(post bigint, not_taken text[], requests bigint, failed bigint, last_status int,
+                            first_error text, answered boolean) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p cde.sync_posts;
+    f cde.feeds;
+    n bigint;
+BEGIN
+    DELETE FROM cde.sync_posts WHERE id = post RETURNING * INTO p;
+    SELECT * INTO f FROM cde.feeds WHERE name = p.feed;
+    IF NOT FOUND THEN   -- gone meanwhile: dropped, or recovered (the builder let its lock go)
+        RETURN 0;
+    END IF;
+    PERFORM cde._destination_answered(coalesce(f.destination, 'default'), requests, failed, last_status, first_error, answered);
+    IF cardinality(not_taken) > 0 THEN
+        EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true, modified_at = clock_timestamp()
+                           WHERE key = ANY ($1) AND status = 'sent'$q$, f.feed_table)
+          USING not_taken;
+    END IF;
+    n := cardinality(p.keys) - coalesce(cardinality(not_taken), 0);
+    IF n > 0 THEN
+        UPDATE cde.feeds SET items_sent = items_sent + n, last_sent_at = now() WHERE name = f.name;
+        UPDATE cde.destinations SET items_sent = items_sent + n WHERE name = coalesce(f.destination, 'default');
+    END IF;
+    PERFORM cde._changes_recorded();   -- the keys' newer versions, held back, may go
+    RETURN n;
 END $$;
 /* </end connected objects> */
 
@@ -1702,6 +1772,12 @@ BEGIN
         RETURN 'busy';
     END IF;
 
+    -- Posts of builders that stopped before they were done go again first (their lanes are
+    -- taken up again from their last committed chunk, which those posts were).
+    IF EXISTS (SELECT 1 FROM cde.sync_posts) THEN
+        PERFORM cde._recover_posts();
+    END IF;
+
     -- The oldest active run (runs go one after the other). If its phase is building: the next
     -- chunk of a lane no other step is building.
     SELECT * INTO r FROM cde.sync_runs WHERE cde._active(status) ORDER BY id LIMIT 1;
@@ -1858,12 +1934,14 @@ BEGIN
 
     -- sending: done when what the phase built has been delivered: no row is pending that was
     -- made pending before the building ended (in either lane of the pending index, each in its
-    -- own order). Rows changed since are the partial sync's: under a stream of writes the phase
-    -- still ends.
+    -- own order), and no builder is still posting what it wrote as sent (what the destination
+    -- does not take becomes pending). Rows changed since are the partial sync's: under a stream
+    -- of writes the phase still ends.
     EXECUTE format($q$SELECT EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND full_sync AND modified_at <= $1)
-                          OR EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND NOT full_sync AND modified_at <= $1) AS "exists"$q$,
+                          OR EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND NOT full_sync AND modified_at <= $1)
+                          OR EXISTS (SELECT 1 FROM cde.sync_posts p WHERE p.feed = $2) AS "exists"$q$,
                    f.feed_table)
-       INTO res USING coalesce(ph.built_at, now());
+       INTO res USING coalesce(ph.built_at, now()), f.name;
     IF res.exists THEN
         IF coalesce(current_setting('cde.endpoint', true), '') = ''
            AND NOT EXISTS (SELECT 1 FROM cde.sync_events e WHERE e.run_id = r.id AND e.feed = ph.feed AND e.message LIKE 'waiting for an endpoint%') THEN
@@ -2198,8 +2276,9 @@ LANGUAGE sql AS $$
      GROUP BY f.feed, f.status, f.deleted HAVING sum(f.n) <> 0 OR f.status = '*'
 $$;
 
--- Fold the counts; count the feeds whose counts are not kept yet (a restored copy, once its feed
--- table's triggers are there); remove deletions delivered more than tombstone_retention seconds
+-- Fold the counts; make the keys of sync builders' posts left unfinished pending again
+-- (cde._recover_posts); count the feeds whose counts are not kept yet (a restored copy, once its
+-- feed table's triggers are there); remove deletions delivered more than tombstone_retention seconds
 -- ago (never one that is unsent or failed, nor while a full sync of the feed runs), at most
 -- "batch" per feed; remove full sync runs (their phases, lanes and events) that ended more than
 -- history_retention seconds ago, but the last one to end. -1 keeps them for ever. The caller
@@ -2221,6 +2300,11 @@ BEGIN
         PERFORM cde._fold_counts();
     EXCEPTION WHEN lock_not_available THEN
         NULL;   -- another fold holds them: next pass
+    END;
+    BEGIN
+        PERFORM cde._recover_posts();   -- of sync builders that stopped before they were done
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;
     END;
     FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
         BEGIN
@@ -2402,18 +2486,19 @@ COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/deliver.rs:292
+-- src/deliver.rs:308
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::deliver::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/deliver.rs:299
+-- src/deliver.rs:316
 -- cde::deliver::cde::_read_sql
 CREATE  FUNCTION cde."_read_sql"(
 	"feed_table" TEXT, /* & str */
 	"lim" INT, /* i32 */
 	"changes_after" bool, /* bool */
-	"full_sync_after" bool /* bool */
+	"full_sync_after" bool, /* bool */
+	"posting" bool DEFAULT false /* bool */
 ) RETURNS TEXT /* String */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
@@ -2421,12 +2506,12 @@ AS 'MODULE_PATHNAME', '_read_sql_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:98
+-- src/builder_send.rs:63
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::builder_send::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:111
+-- src/builder_send.rs:103
 -- cde::builder_send::cde::_send_as_builder
 CREATE  FUNCTION cde."_send_as_builder"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
@@ -2435,7 +2520,31 @@ AS 'MODULE_PATHNAME', '_send_as_builder_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:104
+-- src/builder_send.rs:92
+-- cde::builder_send::cde::_stash_post
+CREATE  FUNCTION cde."_stash_post"(
+	"post" bigint /* i64 */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_stash_post_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/builder_send.rs:76
+-- cde::builder_send::cde::_stash_sent
+CREATE  FUNCTION cde."_stash_sent"(
+	"feed" TEXT, /* & str */
+	"keys" TEXT[], /* :: std :: option :: Option < Vec < String > > */
+	"docs" TEXT[] /* :: std :: option :: Option < Vec < String > > */
+) RETURNS TEXT[] /* :: std :: option :: Option < Vec < String > > */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_stash_sent_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/builder_send.rs:69
 -- cde::builder_send::cde::_sends_built
 CREATE  FUNCTION cde."_sends_built"(
 	"feed" TEXT /* & str */
@@ -2443,22 +2552,6 @@ CREATE  FUNCTION cde."_sends_built"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_sends_built_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/builder_send.rs:122
--- cde::builder_send::cde::_send_built
-CREATE  FUNCTION cde."_send_built"(
-	"feed" TEXT, /* & str */
-	"keys" TEXT[], /* :: std :: option :: Option < Vec < String > > */
-	"docs" TEXT[] /* :: std :: option :: Option < Vec < String > > */
-) RETURNS TABLE (
-	"key" TEXT,  /* String */
-	"response_id" TEXT  /* Option < String > */
-)
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_send_built_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

@@ -18,8 +18,9 @@ LANGUAGE sql AS $$
      GROUP BY f.feed, f.status, f.deleted HAVING sum(f.n) <> 0 OR f.status = '*'
 $$;
 
--- Fold the counts; count the feeds whose counts are not kept yet (a restored copy, once its feed
--- table's triggers are there); remove deletions delivered more than tombstone_retention seconds
+-- Fold the counts; make the keys of sync builders' posts left unfinished pending again
+-- (cde._recover_posts); count the feeds whose counts are not kept yet (a restored copy, once its
+-- feed table's triggers are there); remove deletions delivered more than tombstone_retention seconds
 -- ago (never one that is unsent or failed, nor while a full sync of the feed runs), at most
 -- "batch" per feed; remove full sync runs (their phases, lanes and events) that ended more than
 -- history_retention seconds ago, but the last one to end. -1 keeps them for ever. The caller
@@ -41,6 +42,11 @@ BEGIN
         PERFORM cde._fold_counts();
     EXCEPTION WHEN lock_not_available THEN
         NULL;   -- another fold holds them: next pass
+    END;
+    BEGIN
+        PERFORM cde._recover_posts();   -- of sync builders that stopped before they were done
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;
     END;
     FOR f IN SELECT * FROM cde.feeds ORDER BY name LOOP
         BEGIN

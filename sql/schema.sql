@@ -182,6 +182,17 @@ CREATE TABLE cde.sync_lanes (
     FOREIGN KEY (run_id, feed) REFERENCES cde.sync_phases ON DELETE CASCADE
 );
 
+-- What a sync builder wrote as sent and is posting now, after its chunk committed
+-- (src/builder_send.rs): the worker sends no newer version of these keys until the builder is
+-- done and deletes the row. A builder that died first leaves it, and the keys go again
+-- (cde._recover_posts). The builder holds cde._post_lock(id) while it posts.
+CREATE TABLE cde.sync_posts (
+    id         bigserial PRIMARY KEY,
+    feed       text NOT NULL,
+    keys       text[] NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- A dump of the database keeps cde's configuration and state with it (feed tables, which are
 -- not members of the extension, are dumped as ordinary tables): docs/operations.md, "Dump and
 -- restore". The default destination's row is the extension's own.
@@ -196,5 +207,7 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_posts', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_posts_id_seq', '');
 -- cde.row_counts is not dumped: a restored copy counts its feed tables once their triggers are
 -- there (cde._housekeep), which a dump's rows could not (the worker may write them before).

@@ -128,6 +128,12 @@ BEGIN
         RETURN 'busy';
     END IF;
 
+    -- Posts of builders that stopped before they were done go again first (their lanes are
+    -- taken up again from their last committed chunk, which those posts were).
+    IF EXISTS (SELECT 1 FROM cde.sync_posts) THEN
+        PERFORM cde._recover_posts();
+    END IF;
+
     -- The oldest active run (runs go one after the other). If its phase is building: the next
     -- chunk of a lane no other step is building.
     SELECT * INTO r FROM cde.sync_runs WHERE cde._active(status) ORDER BY id LIMIT 1;
@@ -284,12 +290,14 @@ BEGIN
 
     -- sending: done when what the phase built has been delivered: no row is pending that was
     -- made pending before the building ended (in either lane of the pending index, each in its
-    -- own order). Rows changed since are the partial sync's: under a stream of writes the phase
-    -- still ends.
+    -- own order), and no builder is still posting what it wrote as sent (what the destination
+    -- does not take becomes pending). Rows changed since are the partial sync's: under a stream
+    -- of writes the phase still ends.
     EXECUTE format($q$SELECT EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND full_sync AND modified_at <= $1)
-                          OR EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND NOT full_sync AND modified_at <= $1) AS "exists"$q$,
+                          OR EXISTS (SELECT 1 FROM %1$s WHERE status = 'pending' AND NOT full_sync AND modified_at <= $1)
+                          OR EXISTS (SELECT 1 FROM cde.sync_posts p WHERE p.feed = $2) AS "exists"$q$,
                    f.feed_table)
-       INTO res USING coalesce(ph.built_at, now());
+       INTO res USING coalesce(ph.built_at, now()), f.name;
     IF res.exists THEN
         IF coalesce(current_setting('cde.endpoint', true), '') = ''
            AND NOT EXISTS (SELECT 1 FROM cde.sync_events e WHERE e.run_id = r.id AND e.feed = ph.feed AND e.message LIKE 'waiting for an endpoint%') THEN

@@ -113,11 +113,8 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
             warning!("cde: CDE-301 a sync builder's step failed and was rolled back; the worker takes it again: {e}");
             None
         });
-        // What the step sent counts once it committed; rolled back, its documents go again.
-        let tally = crate::builder_send::take_tally();
-        if step.is_some() {
-            crate::builder_send::flush(tally);
-        }
+        // What the step's chunk wrote as sent goes now that the step has committed.
+        crate::builder_send::deliver();
         // Busy: every lane left is another builder's; Waiting, Idle, Retry: nothing to build now.
         match step {
             Some(Step::Progress) => {

@@ -55,8 +55,19 @@ const READ_BATCHES: usize = 4;
 /// returns however many rows are pending; at most `limit` rows of the two together, the changes'
 /// first. The documents are rendered as text outside the ordered subqueries: should the planner
 /// sort the pending rows rather than walk the index, only the rows kept are rendered. Parameters:
-/// the cursors that are set, in order, each as (modified_at, key).
-fn read_sql(feed_table: &str, limit: usize, cursor: &Cursor) -> String {
+/// the cursors that are set, in order, each as (modified_at, key); then, with `posting`, the
+/// feed's name: keys a sync builder is posting (cde.sync_posts) wait until it is done, so that no
+/// newer version of a document arrives before its older one (src/builder_send.rs).
+fn read_sql(feed_table: &str, limit: usize, cursor: &Cursor, posting: bool) -> String {
+    let cursors = [&cursor.changes, &cursor.full_sync].iter().filter(|c| c.is_some()).count();
+    let posted = if posting {
+        format!(
+            "\n\x20            AND t.key NOT IN (SELECT pg_catalog.unnest(p.keys) FROM cde.sync_posts AS p WHERE p.feed = ${})",
+            2 * cursors + 1
+        )
+    } else {
+        String::new()
+    };
     let mut n = 0;
     let mut lane = |full_sync: bool, at: &Option<(String, String)>| {
         let after = at.as_ref().map_or(String::new(), |_| {
@@ -66,7 +77,7 @@ fn read_sql(feed_table: &str, limit: usize, cursor: &Cursor) -> String {
         let not = if full_sync { "" } else { "NOT " };
         format!(
             "(SELECT t.key, t.deleted, t.doc, t.hash, t.modified_at, t.ctid AS tid, t.full_sync FROM {feed_table} AS t\n\
-             \x20          WHERE t.status = 'pending' AND {not}t.full_sync{after}\n\
+             \x20          WHERE t.status = 'pending' AND {not}t.full_sync{after}{posted}\n\
              \x20          ORDER BY t.modified_at, t.key LIMIT {limit})"
         )
     };
@@ -86,24 +97,29 @@ fn read_sql(feed_table: &str, limit: usize, cursor: &Cursor) -> String {
 /// feed is held).
 pub fn read_pending(feed: &FeedInfo, limit: usize, cursor: &Cursor) -> Pending {
     Spi::connect(|c| {
-        let held = c
+        let (held, posting) = c
             .select(
-                "SELECT coalesce(hold_until > now(), false) FROM cde.feeds WHERE name = $1",
+                "SELECT coalesce(hold_until > now(), false), EXISTS (SELECT 1 FROM cde.sync_posts p WHERE p.feed = $1)
+                   FROM cde.feeds WHERE name = $1",
                 None,
                 &[feed.name.as_str().into()],
             )?
             .first()
-            .get_one::<bool>()?
-            .unwrap_or(true); // feed dropped meanwhile: nothing to send
+            .get_two::<bool, bool>()?;
+        let held = held.unwrap_or(true); // feed dropped meanwhile: nothing to send
+        let posting = posting.unwrap_or(false);
         if held {
             return Ok::<_, pgrx::spi::SpiError>(Pending { held, cursor: cursor.clone(), ..Pending::default() });
         }
-        let args: Vec<pgrx::datum::DatumWithOid> = [&cursor.changes, &cursor.full_sync]
+        let mut args: Vec<pgrx::datum::DatumWithOid> = [&cursor.changes, &cursor.full_sync]
             .into_iter()
             .flatten()
             .flat_map(|(m, k)| [m.as_str().into(), k.as_str().into()])
             .collect();
-        let rows = c.select(&read_sql(&feed.feed_table, limit, cursor), None, &args)?;
+        if posting {
+            args.push(feed.name.as_str().into());
+        }
+        let rows = c.select(&read_sql(&feed.feed_table, limit, cursor, posting), None, &args)?;
         let n = rows.len();
         let mut p = Pending {
             items: Vec::with_capacity(n),
@@ -295,11 +311,12 @@ mod cde {
 
     /// The statement that reads a slice ([`super::read_sql`]) for a feed table, `lim` rows, from
     /// the start of each lane or after a cursor ($1, $2 for the changes' lane, then the full
-    /// syncs'): for a reader, and for tests/regress/sql/send_order.sql, which prints and runs it.
+    /// syncs'), and, with `posting`, the feed's name last: for a reader, and for
+    /// tests/regress/sql/send_order.sql, which prints and runs it.
     #[pg_extern(immutable, parallel_safe, strict)]
-    fn _read_sql(feed_table: &str, lim: i32, changes_after: bool, full_sync_after: bool) -> String {
+    fn _read_sql(feed_table: &str, lim: i32, changes_after: bool, full_sync_after: bool, posting: default!(bool, false)) -> String {
         let at = |set: bool| set.then(|| (String::new(), String::new()));
         let cursor = super::Cursor { changes: at(changes_after), full_sync: at(full_sync_after) };
-        super::read_sql(feed_table, lim.max(1) as usize, &cursor)
+        super::read_sql(feed_table, lim.max(1) as usize, &cursor, posting)
     }
 }

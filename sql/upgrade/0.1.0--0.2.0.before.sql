@@ -205,6 +205,16 @@ CREATE TABLE cde.row_counts (
     n       bigint NOT NULL
 );
 COMMENT ON TABLE cde.row_counts IS 'Rows of each feed table by status and deleted flag (sum of n), kept by triggers';
+-- What a sync builder wrote as sent and is posting now, after its chunk committed
+-- (src/builder_send.rs): the worker sends no newer version of these keys until the builder is
+-- done and deletes the row. A builder that died first leaves it, and the keys go again
+-- (cde._recover_posts). The builder holds cde._post_lock(id) while it posts.
+CREATE TABLE cde.sync_posts (
+    id         bigserial PRIMARY KEY,
+    feed       text NOT NULL,
+    keys       text[] NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
 SELECT pg_catalog.pg_extension_config_dump('cde.feeds', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.tracks', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.queue', '');
@@ -216,5 +226,7 @@ SELECT pg_catalog.pg_extension_config_dump('cde.sync_runs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_phases', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_lanes', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.sync_events', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_posts', '');
+SELECT pg_catalog.pg_extension_config_dump('cde.sync_posts_id_seq', '');
 
 -- The 0.2.0 objects follow.

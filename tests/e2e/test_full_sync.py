@@ -177,15 +177,15 @@ def sent_by_builders(db, feed="products"):
 
 
 def test_builders_send_what_they_build(db, sink):
-    """Sync builders post the documents a chunk changes, then write them as sent: the worker
-    reads none of them back and records none (docs/nothing-lost.md, "Full syncs sent by
-    builders"). What they send is counted where the worker's deliveries are."""
+    """Sync builders write the documents a chunk changes as sent and post them once the chunk has
+    committed: the worker reads none of them back and records none (docs/nothing-lost.md, "Full
+    syncs sent by builders"). What they send is counted where the worker's deliveries are."""
     fresh_catalog(db, products=30000)
     before = db.one("SELECT requests FROM cde_destinations WHERE name = 'default'")
     run = full_sync_and_wait(db, "products", timeout=180)
     assert len(sink.docs("products")) == 30000
     assert sent_by_builders(db) == 30000
-    assert db.one("SELECT count(*) FROM cde.feed_products WHERE response_id IS NULL") == 0
+    assert db.one("SELECT count(*) FROM cde.sync_posts") == 0
     assert db.one("SELECT sent FROM cde_sync_runs WHERE run_id = %s", run) == 30000
     wait_until("the builders' counts", lambda: db.one("SELECT sent_total FROM cde_feed_status WHERE feed = 'products'") == 30000)
     assert db.one("SELECT items_sent FROM cde_destinations WHERE name = 'default'") >= 30000
@@ -220,18 +220,25 @@ def test_items_a_destination_rejects_from_a_builder_are_recorded_by_the_worker(d
 
 
 def test_a_change_during_a_builders_send_is_not_overtaken_by_it(db, sink):
-    """A builder posting a chunk to a slow destination, and a change made meanwhile: the worker
-    sends the change at once, before the builder posts that key's older document. The builder's
-    write then meets the newer row, makes it pending again, and the change arrives last."""
+    """A builder posting a chunk to a slow destination, and a change made meanwhile to a key of
+    that chunk: the worker holds the change back until the builder is done, so that it arrives
+    after the builder's older document, not before it."""
     fresh_catalog(db, products=2000)
     db.configure(batch_size=20)
     sink.fault(feed="products", delay_ms=100)   # 20 items a request: 200 documents a second
     run = db.one("SELECT cde_full_sync('products')")
     wait_until("a builder sending", lambda: len(sink.log("products")) > 0, timeout=30)
-    # Product 2000 is in the builder's only chunk, built from a snapshot before this change.
+    # Product 2000 is in the builder's only chunk, being posted: 100 requests, 10 seconds.
+    assert db.one("SELECT count(*) FROM cde.sync_posts WHERE '2000' = ANY (keys)") == 1
     db.run("UPDATE products SET name = 'changed during the sync' WHERE id = 2000")
-    wait_until("the change at the sink",
-               lambda: (sink.doc("products", 2000) or {}).get("data", {}).get("name") == "changed during the sync", timeout=5)
+    wait_until("the change collected", lambda: db.one("SELECT status FROM cde.feed_products WHERE key = '2000'") == "pending")
+
+    def held_back_until_done():
+        posting, status = db.rows("SELECT EXISTS (SELECT FROM cde.sync_posts WHERE '2000' = ANY (keys)),"
+                                  " (SELECT status FROM cde.feed_products WHERE key = '2000')")[0]
+        assert not posting or status == "pending", "sent while the builder was still posting its older version"
+        return not posting
+    wait_until("the builder done with its post", held_back_until_done, timeout=60)
     sink.clear_faults()
     wait_until("the run to finish", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=60)
     wait_until("nothing pending", lambda: db.one("SELECT count(*) FROM cde.feed_products WHERE status <> 'sent'") == 0, timeout=30)
