@@ -210,13 +210,15 @@ CREATE TABLE cde.row_counts (
 COMMENT ON TABLE cde.row_counts IS 'Rows of each feed table by status and deleted flag (sum of n), kept by triggers';
 -- What a sync builder wrote as sent and is posting now, after its chunk committed
 -- (src/builder_send.rs): the worker sends no newer version of these keys until the builder is
--- done and deletes the row. A builder that died first leaves it, and the keys go again
--- (cde._recover_posts). The builder holds cde._post_lock(id) while it posts.
+-- done and deletes the row. A builder that stopped first (no backend of that pid and start is
+-- left) leaves it, and the keys go again (cde._recover_posts).
 CREATE TABLE cde.sync_posts (
-    id         bigserial PRIMARY KEY,
-    feed       text NOT NULL,
-    keys       text[] NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    id            bigserial PRIMARY KEY,
+    feed          text NOT NULL,
+    keys          text[] NOT NULL,
+    pid           int NOT NULL,
+    backend_start timestamptz NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now()
 );
 SELECT pg_catalog.pg_extension_config_dump('cde.feeds', '');
 SELECT pg_catalog.pg_extension_config_dump('cde.tracks', '');
@@ -311,12 +313,12 @@ $$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:21
+-- src/locks.rs:18
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::locks::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:58
+-- src/locks.rs:49
 -- cde::locks::cde::_steps_running
 CREATE  FUNCTION cde."_steps_running"(
 	"key" bigint /* i64 */
@@ -327,18 +329,7 @@ AS 'MODULE_PATHNAME', '_steps_running_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:50
--- cde::locks::cde::_post_lock
-CREATE  FUNCTION cde."_post_lock"(
-	"post" bigint /* i64 */
-) RETURNS bigint /* i64 */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_post_lock_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/locks.rs:38
+-- src/locks.rs:35
 -- cde::locks::cde::_sync_state_lock
 CREATE  FUNCTION cde."_sync_state_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -347,7 +338,7 @@ AS 'MODULE_PATHNAME', '_sync_state_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:44
+-- src/locks.rs:41
 -- cde::locks::cde::_feed_step_lock
 CREATE  FUNCTION cde."_feed_step_lock"(
 	"feed_table" oid /* pg_sys :: Oid */
@@ -358,7 +349,7 @@ AS 'MODULE_PATHNAME', '_feed_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:32
+-- src/locks.rs:29
 -- cde::locks::cde::_sync_step_lock
 CREATE  FUNCTION cde."_sync_step_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -367,7 +358,7 @@ AS 'MODULE_PATHNAME', '_sync_step_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/locks.rs:26
+-- src/locks.rs:23
 -- cde::locks::cde::_iteration_lock
 CREATE  FUNCTION cde."_iteration_lock"() RETURNS bigint /* i64 */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -1127,7 +1118,9 @@ BEGIN
         -- (docs/nothing-lost.md, "Full syncs sent by builders"). Until it is done, a row of
         -- cde.sync_posts names their keys: the worker sends no newer version of them, and a
         -- builder that dies leaves them to cde._recover_posts. That row is on disk before the
-        -- first request goes: this commit waits for its WAL.
+        -- first request goes: this commit waits for its WAL. A key another builder is posting
+        -- (a run cancelled while its builders post, and a new one) is written pending: the
+        -- worker holds it back until that builder is done.
         sends := cde._sends_built(f.name);
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5)
@@ -1141,11 +1134,14 @@ BEGIN
               FROM written AS w$q$,
             format(write, 'true', format('SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL OR %s', format(live, 'src.key')),
                    ' OR cde._failed(f.status)', format(skip, ' OR cde._failed(f.status)'),
-                   CASE WHEN sends THEN $s$CASE WHEN w.doc IS NULL THEN 'pending' ELSE 'sent' END$s$ ELSE '''pending''' END))
+                   CASE WHEN sends THEN $s$CASE WHEN w.doc IS NULL OR w.key IN (SELECT pg_catalog.unnest(p.keys) FROM cde.sync_posts AS p WHERE p.feed = $1)
+                                                 THEN 'pending' ELSE 'sent' END$s$
+                        ELSE '''pending''' END))
           INTO built, changed, deleted, last_key, sent USING f.name, after, n, lane, lanes, sends;
         IF sent IS NOT NULL THEN
-            INSERT INTO cde.sync_posts (feed, keys) VALUES (f.name, sent) RETURNING id INTO post;
-            PERFORM pg_advisory_lock(cde._post_lock(post));   -- a session lock: held while it posts
+            INSERT INTO cde.sync_posts (feed, keys, pid, backend_start)
+            SELECT f.name, sent, a.pid, a.backend_start FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid()
+            RETURNING id INTO post;
             PERFORM cde._stash_post(post);
             PERFORM set_config('synchronous_commit', 'on', true);
         END IF;
@@ -1181,9 +1177,10 @@ BEGIN
     END IF;
 END $$;
 
--- The keys of sync builders' posts whose builder stopped before it was done (cde._post_lock is
--- free): they were written as sent, and may not have been delivered; they go again, and the worker
--- may send their newer versions. Run by housekeeping and before each full sync step.
+-- The keys of sync builders' posts whose builder stopped before it was done (no backend of its pid
+-- and start is left): they were written as sent, and may not have been delivered; they go again,
+-- and the worker may send their newer versions. Their modified_at stays the chunk's: a phase
+-- waits for them (cde._sync_step). Run by housekeeping and before each full sync step.
 CREATE FUNCTION cde._recover_posts() RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -1191,12 +1188,12 @@ DECLARE
     t regclass;
     n int := 0;
 BEGIN
-    FOR p IN SELECT * FROM cde.sync_posts ORDER BY id FOR UPDATE SKIP LOCKED LOOP
-        CONTINUE WHEN NOT pg_try_advisory_xact_lock(cde._post_lock(p.id));   -- its builder is posting
+    FOR p IN SELECT * FROM cde.sync_posts s
+              WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid AND a.backend_start = s.backend_start)
+              ORDER BY s.id FOR UPDATE SKIP LOCKED LOOP
         SELECT feed_table INTO t FROM cde.feeds WHERE name = p.feed;
         IF FOUND THEN
-            EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true, modified_at = clock_timestamp()
-                               WHERE key = ANY ($1) AND status = 'sent'$q$, t)
+            EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$, t)
               USING p.keys;
         END IF;
         DELETE FROM cde.sync_posts WHERE id = p.id;
@@ -1226,9 +1223,9 @@ BEGIN
         RETURN 0;
     END IF;
     PERFORM cde._destination_answered(coalesce(f.destination, 'default'), requests, failed, last_status, first_error, answered);
-    IF cardinality(not_taken) > 0 THEN
-        EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true, modified_at = clock_timestamp()
-                           WHERE key = ANY ($1) AND status = 'sent'$q$, f.feed_table)
+    IF cardinality(not_taken) > 0 THEN   -- modified_at stays the chunk's: the phase waits for them
+        EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$,
+                       f.feed_table)
           USING not_taken;
     END IF;
     n := cardinality(p.keys) - coalesce(cardinality(not_taken), 0);
@@ -2486,19 +2483,18 @@ COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/deliver.rs:308
+-- src/deliver.rs:301
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::deliver::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/deliver.rs:316
+-- src/deliver.rs:309
 -- cde::deliver::cde::_read_sql
 CREATE  FUNCTION cde."_read_sql"(
 	"feed_table" TEXT, /* & str */
 	"lim" INT, /* i32 */
 	"changes_after" bool, /* bool */
-	"full_sync_after" bool, /* bool */
-	"posting" bool DEFAULT false /* bool */
+	"full_sync_after" bool /* bool */
 ) RETURNS TEXT /* String */
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
@@ -2511,7 +2507,7 @@ CREATE SCHEMA IF NOT EXISTS cde; /* cde::builder_send::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:103
+-- src/builder_send.rs:105
 -- cde::builder_send::cde::_send_as_builder
 CREATE  FUNCTION cde."_send_as_builder"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE

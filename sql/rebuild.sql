@@ -248,7 +248,9 @@ BEGIN
         -- (docs/nothing-lost.md, "Full syncs sent by builders"). Until it is done, a row of
         -- cde.sync_posts names their keys: the worker sends no newer version of them, and a
         -- builder that dies leaves them to cde._recover_posts. That row is on disk before the
-        -- first request goes: this commit waits for its WAL.
+        -- first request goes: this commit waits for its WAL. A key another builder is posting
+        -- (a run cancelled while its builders post, and a new one) is written pending: the
+        -- worker holds it back until that builder is done.
         sends := cde._sends_built(f.name);
         EXECUTE format($q$
             WITH src AS MATERIALIZED (SELECT * FROM cde._source($1, 'chunk', NULL, $2, $3, $4, $5)
@@ -262,11 +264,14 @@ BEGIN
               FROM written AS w$q$,
             format(write, 'true', format('SELECT src.key, src.doc FROM src WHERE src.doc IS NOT NULL OR %s', format(live, 'src.key')),
                    ' OR cde._failed(f.status)', format(skip, ' OR cde._failed(f.status)'),
-                   CASE WHEN sends THEN $s$CASE WHEN w.doc IS NULL THEN 'pending' ELSE 'sent' END$s$ ELSE '''pending''' END))
+                   CASE WHEN sends THEN $s$CASE WHEN w.doc IS NULL OR w.key IN (SELECT pg_catalog.unnest(p.keys) FROM cde.sync_posts AS p WHERE p.feed = $1)
+                                                 THEN 'pending' ELSE 'sent' END$s$
+                        ELSE '''pending''' END))
           INTO built, changed, deleted, last_key, sent USING f.name, after, n, lane, lanes, sends;
         IF sent IS NOT NULL THEN
-            INSERT INTO cde.sync_posts (feed, keys) VALUES (f.name, sent) RETURNING id INTO post;
-            PERFORM pg_advisory_lock(cde._post_lock(post));   -- a session lock: held while it posts
+            INSERT INTO cde.sync_posts (feed, keys, pid, backend_start)
+            SELECT f.name, sent, a.pid, a.backend_start FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid()
+            RETURNING id INTO post;
             PERFORM cde._stash_post(post);
             PERFORM set_config('synchronous_commit', 'on', true);
         END IF;
@@ -302,9 +307,10 @@ BEGIN
     END IF;
 END $$;
 
--- The keys of sync builders' posts whose builder stopped before it was done (cde._post_lock is
--- free): they were written as sent, and may not have been delivered; they go again, and the worker
--- may send their newer versions. Run by housekeeping and before each full sync step.
+-- The keys of sync builders' posts whose builder stopped before it was done (no backend of its pid
+-- and start is left): they were written as sent, and may not have been delivered; they go again,
+-- and the worker may send their newer versions. Their modified_at stays the chunk's: a phase
+-- waits for them (cde._sync_step). Run by housekeeping and before each full sync step.
 CREATE FUNCTION cde._recover_posts() RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -312,12 +318,12 @@ DECLARE
     t regclass;
     n int := 0;
 BEGIN
-    FOR p IN SELECT * FROM cde.sync_posts ORDER BY id FOR UPDATE SKIP LOCKED LOOP
-        CONTINUE WHEN NOT pg_try_advisory_xact_lock(cde._post_lock(p.id));   -- its builder is posting
+    FOR p IN SELECT * FROM cde.sync_posts s
+              WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid AND a.backend_start = s.backend_start)
+              ORDER BY s.id FOR UPDATE SKIP LOCKED LOOP
         SELECT feed_table INTO t FROM cde.feeds WHERE name = p.feed;
         IF FOUND THEN
-            EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true, modified_at = clock_timestamp()
-                               WHERE key = ANY ($1) AND status = 'sent'$q$, t)
+            EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$, t)
               USING p.keys;
         END IF;
         DELETE FROM cde.sync_posts WHERE id = p.id;
@@ -347,9 +353,9 @@ BEGIN
         RETURN 0;
     END IF;
     PERFORM cde._destination_answered(coalesce(f.destination, 'default'), requests, failed, last_status, first_error, answered);
-    IF cardinality(not_taken) > 0 THEN
-        EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true, modified_at = clock_timestamp()
-                           WHERE key = ANY ($1) AND status = 'sent'$q$, f.feed_table)
+    IF cardinality(not_taken) > 0 THEN   -- modified_at stays the chunk's: the phase waits for them
+        EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$,
+                       f.feed_table)
           USING not_taken;
     END IF;
     n := cardinality(p.keys) - coalesce(cardinality(not_taken), 0);

@@ -184,13 +184,15 @@ CREATE TABLE cde.sync_lanes (
 
 -- What a sync builder wrote as sent and is posting now, after its chunk committed
 -- (src/builder_send.rs): the worker sends no newer version of these keys until the builder is
--- done and deletes the row. A builder that died first leaves it, and the keys go again
--- (cde._recover_posts). The builder holds cde._post_lock(id) while it posts.
+-- done and deletes the row. A builder that stopped first (no backend of that pid and start is
+-- left) leaves it, and the keys go again (cde._recover_posts).
 CREATE TABLE cde.sync_posts (
-    id         bigserial PRIMARY KEY,
-    feed       text NOT NULL,
-    keys       text[] NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    id            bigserial PRIMARY KEY,
+    feed          text NOT NULL,
+    keys          text[] NOT NULL,
+    pid           int NOT NULL,
+    backend_start timestamptz NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now()
 );
 
 -- A dump of the database keeps cde's configuration and state with it (feed tables, which are

@@ -18,6 +18,12 @@ use crate::worker::Own;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a builder finding every lane left taken waits for one before it exits, and how often
+/// it asks again meanwhile.
+const BUSY_WAIT: Duration = Duration::from_secs(1);
+const BUSY_RETRY: Duration = Duration::from_millis(5);
 
 /// The worker's handles on its builders.
 #[derive(Default)]
@@ -85,6 +91,7 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
     crate::worker::session_settings();
     crate::builder_send::enable();
     let mut chunks = 0u64;
+    let mut busy_since: Option<Instant> = None;
     loop {
         if BackgroundWorker::sigterm_received() || unsafe { pg_sys::ShutdownRequestPending } != 0 {
             break;
@@ -115,11 +122,18 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
         });
         // What the step's chunk wrote as sent goes now that the step has committed.
         crate::builder_send::deliver();
-        // Busy: every lane left is another builder's; Waiting, Idle, Retry: nothing to build now.
+        // Busy: every lane left is another builder's chunk now. Those chunks commit in a moment,
+        // and their builders then post with no lane held: this one takes the lane's next chunk
+        // meanwhile, rather than leave the rest of the phase to one builder that builds and
+        // posts in turn. Waiting, Idle, Retry: nothing to build now.
         match step {
             Some(Step::Progress) => {
                 chunks += 1;
+                busy_since = None;
                 shmem::wake_worker(); // something to send
+            }
+            Some(Step::Busy) if busy_since.get_or_insert_with(Instant::now).elapsed() < BUSY_WAIT => {
+                BackgroundWorker::wait_latch(Some(BUSY_RETRY));
             }
             _ => break,
         }

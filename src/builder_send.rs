@@ -6,12 +6,12 @@
 //! (docs/benchmarks.md).
 //!
 //! A row of `cde.sync_posts`, committed with the chunk and on disk before the first request,
-//! names the keys being posted: the worker sends no newer version of them until the builder is
-//! done, so none can arrive before the builder's; a builder that stops first (a crash, a kill)
-//! leaves the row, and `cde._recover_posts` makes the keys pending again. What the destination
-//! does not take goes to the worker, whose retries, holds and backoff apply. Only a builder sends,
-//! only to an immediate feed's destination that may be sent to now, and it stops sending at its
-//! first failed request. docs/nothing-lost.md, "Full syncs sent by builders".
+//! names the keys being posted and the builder's backend: the worker sends no newer version of
+//! them until the builder is done, so none can arrive before the builder's; a builder that stops
+//! first (a crash, a kill) leaves the row, and `cde._recover_posts`, finding no such backend,
+//! makes the keys pending again. What the destination does not take goes to the worker, whose
+//! retries, holds and backoff apply. Only a builder sends, only to an immediate feed's
+//! destination that may be sent to now, and it stops sending at its first failed request. docs/nothing-lost.md, "Full syncs sent by builders".
 
 use crate::deliver::{post_slice, Pending};
 use crate::destination::Destinations;
@@ -99,7 +99,9 @@ mod cde {
     }
 
     /// This session sends the documents its full sync steps build, as a sync builder does: for
-    /// the isolation specs, which play a builder's part. Superusers only.
+    /// the isolation specs, which play a builder's part and say what came of each post
+    /// themselves (`cde._posted`); nothing else here posts them, and their keys stay held back
+    /// until the session does or ends. Superusers only.
     #[pg_extern(volatile, parallel_unsafe)]
     fn _send_as_builder() {
         if !unsafe { pg_sys::superuser() } {
@@ -160,7 +162,6 @@ pub fn deliver() {
         return;
     };
     let Some(post) = stash.post else { return };
-    let lock = crate::locks::post_lock(post);
     let committed = guarded(|| {
         Own.run(|| Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM cde.sync_posts WHERE id = $1)", &[post.into()]))
     });
@@ -169,7 +170,6 @@ pub fn deliver() {
             post_and_report(post, &stash, &dest, batch);
         }
     }
-    crate::locks::unlock_session(lock);
 }
 
 fn post_and_report(post: i64, stash: &Stash, dest_name: &str, batch: usize) {

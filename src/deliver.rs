@@ -55,19 +55,16 @@ const READ_BATCHES: usize = 4;
 /// returns however many rows are pending; at most `limit` rows of the two together, the changes'
 /// first. The documents are rendered as text outside the ordered subqueries: should the planner
 /// sort the pending rows rather than walk the index, only the rows kept are rendered. Parameters:
-/// the cursors that are set, in order, each as (modified_at, key); then, with `posting`, the
-/// feed's name: keys a sync builder is posting (cde.sync_posts) wait until it is done, so that no
-/// newer version of a document arrives before its older one (src/builder_send.rs).
-fn read_sql(feed_table: &str, limit: usize, cursor: &Cursor, posting: bool) -> String {
+/// the cursors that are set, in order, each as (modified_at, key); then the feed's name: keys a
+/// sync builder is posting (cde.sync_posts) wait until it is done, so that no newer version of a
+/// document arrives before its older one (src/builder_send.rs). In the same statement, under the
+/// same snapshot as the rows: a post committed between two statements could not slip through.
+fn read_sql(feed_table: &str, limit: usize, cursor: &Cursor) -> String {
     let cursors = [&cursor.changes, &cursor.full_sync].iter().filter(|c| c.is_some()).count();
-    let posted = if posting {
-        format!(
-            "\n\x20            AND t.key NOT IN (SELECT pg_catalog.unnest(p.keys) FROM cde.sync_posts AS p WHERE p.feed = ${})",
-            2 * cursors + 1
-        )
-    } else {
-        String::new()
-    };
+    let posted = format!(
+        "\n\x20            AND t.key NOT IN (SELECT pg_catalog.unnest(p.keys) FROM cde.sync_posts AS p WHERE p.feed = ${})",
+        2 * cursors + 1
+    );
     let mut n = 0;
     let mut lane = |full_sync: bool, at: &Option<(String, String)>| {
         let after = at.as_ref().map_or(String::new(), |_| {
@@ -97,17 +94,15 @@ fn read_sql(feed_table: &str, limit: usize, cursor: &Cursor, posting: bool) -> S
 /// feed is held).
 pub fn read_pending(feed: &FeedInfo, limit: usize, cursor: &Cursor) -> Pending {
     Spi::connect(|c| {
-        let (held, posting) = c
+        let held = c
             .select(
-                "SELECT coalesce(hold_until > now(), false), EXISTS (SELECT 1 FROM cde.sync_posts p WHERE p.feed = $1)
-                   FROM cde.feeds WHERE name = $1",
+                "SELECT coalesce(hold_until > now(), false) FROM cde.feeds WHERE name = $1",
                 None,
                 &[feed.name.as_str().into()],
             )?
             .first()
-            .get_two::<bool, bool>()?;
-        let held = held.unwrap_or(true); // feed dropped meanwhile: nothing to send
-        let posting = posting.unwrap_or(false);
+            .get_one::<bool>()?
+            .unwrap_or(true); // feed dropped meanwhile: nothing to send
         if held {
             return Ok::<_, pgrx::spi::SpiError>(Pending { held, cursor: cursor.clone(), ..Pending::default() });
         }
@@ -116,10 +111,8 @@ pub fn read_pending(feed: &FeedInfo, limit: usize, cursor: &Cursor) -> Pending {
             .flatten()
             .flat_map(|(m, k)| [m.as_str().into(), k.as_str().into()])
             .collect();
-        if posting {
-            args.push(feed.name.as_str().into());
-        }
-        let rows = c.select(&read_sql(&feed.feed_table, limit, cursor, posting), None, &args)?;
+        args.push(feed.name.as_str().into());
+        let rows = c.select(&read_sql(&feed.feed_table, limit, cursor), None, &args)?;
         let n = rows.len();
         let mut p = Pending {
             items: Vec::with_capacity(n),
@@ -311,12 +304,12 @@ mod cde {
 
     /// The statement that reads a slice ([`super::read_sql`]) for a feed table, `lim` rows, from
     /// the start of each lane or after a cursor ($1, $2 for the changes' lane, then the full
-    /// syncs'), and, with `posting`, the feed's name last: for a reader, and for
-    /// tests/regress/sql/send_order.sql, which prints and runs it.
+    /// syncs'), then the feed's name: for a reader, and for tests/regress/sql/send_order.sql,
+    /// which prints and runs it.
     #[pg_extern(immutable, parallel_safe, strict)]
-    fn _read_sql(feed_table: &str, lim: i32, changes_after: bool, full_sync_after: bool, posting: default!(bool, false)) -> String {
+    fn _read_sql(feed_table: &str, lim: i32, changes_after: bool, full_sync_after: bool) -> String {
         let at = |set: bool| set.then(|| (String::new(), String::new()));
         let cursor = super::Cursor { changes: at(changes_after), full_sync: at(full_sync_after) };
-        super::read_sql(feed_table, lim.max(1) as usize, &cursor, posting)
+        super::read_sql(feed_table, lim.max(1) as usize, &cursor)
     }
 }

@@ -14,7 +14,7 @@
 //! - worker   the background worker of one database
 //! - databases DROP DATABASE and the like never refused because of cde's workers
 //! - builder  a second worker taking full sync steps while the worker sends
-//! - builder_send  builders sending what they build, in the step that builds it
+//! - builder_send  builders sending what their chunks wrote as sent, once committed
 //! - api      SQL functions written in Rust
 //! - trust    running what a non-superuser wrote with that role's rights (docs/security.md)
 //! - locks    the advisory locks' keys

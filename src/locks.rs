@@ -14,9 +14,6 @@ pub const SYNC_STATE: i64 = 0x6364_6502;
 /// A feed's full sync steps (shared), with the feed table's oid in the low 32 bits: a collect of
 /// the feed asks whether one is writing ([`steps_running`]).
 pub const FEED_STEP: i64 = 0x6364_6503;
-/// A sync builder's post (src/builder_send.rs), with its cde.sync_posts id in the low 32 bits: a
-/// session lock the builder holds while it posts; free, the post is left to `cde._recover_posts`.
-pub const POST: i64 = 0x6364_6504;
 
 #[pg_schema]
 mod cde {
@@ -46,12 +43,6 @@ mod cde {
         (super::FEED_STEP << 32) | i64::from(u32::from(feed_table))
     }
 
-    /// [`super::POST`] of a cde.sync_posts row.
-    #[pg_extern(immutable, parallel_safe, strict)]
-    fn _post_lock(post: i64) -> i64 {
-        super::post_lock(post)
-    }
-
     /// Whether another session holds the advisory lock `key`, [`super::FEED_STEP`]'s: a full
     /// sync step of the feed may be writing, from a snapshot taken after it took the lock, and
     /// holds it until it commits.
@@ -59,11 +50,6 @@ mod cde {
     fn _steps_running(key: i64) -> bool {
         super::steps_running(key)
     }
-}
-
-/// [`POST`] of a cde.sync_posts row.
-pub fn post_lock(post: i64) -> i64 {
-    (POST << 32) | (post & 0xffff_ffff)
 }
 
 /// Take the lock `key` exclusively and let it go at once, if no other session holds it. A
@@ -84,7 +70,7 @@ fn steps_running(key: i64) -> bool {
 }
 
 /// Let go of a session-level advisory lock `key`, with no SQL (no statement may be able to run).
-pub fn unlock_session(key: i64) {
+fn unlock_session(key: i64) {
     unsafe extern "C-unwind" {
         fn pg_advisory_unlock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
     }

@@ -1,8 +1,11 @@
 """Full sync, run by the background worker: phase order at the sink, resume after the worker is
 killed mid-run, and writes made during a run all delivered."""
 
+import os
 import threading
 import time
+
+import psycopg
 
 from conftest import SERVER_LOG, Db, connect, fresh_catalog, full_sync_and_wait, kill_worker, wait_until
 
@@ -245,3 +248,34 @@ def test_a_change_during_a_builders_send_is_not_overtaken_by_it(db, sink):
     docs = sink.docs("products")
     assert len(docs) == 2000 and docs["2000"]["data"]["name"] == "changed during the sync"
     assert sent_by_builders(db) >= 1900
+
+
+def test_a_builder_killed_while_posting_leaves_its_keys_to_the_worker(db, sink):
+    """kill -9 of a builder in the middle of its post: its chunk was committed as sent, and its
+    row of cde.sync_posts names a backend that is gone after the restart; the keys go again
+    (cde._recover_posts), the run resumes, and every document arrives."""
+    fresh_catalog(db, products=2000)
+    db.configure(batch_size=20)
+    sink.fault(feed="products", delay_ms=100)   # the builder's 2000 documents take 10 seconds
+    run = db.one("SELECT cde_full_sync('products')")
+    pid = wait_until("a builder posting", lambda: db.one(
+        "SELECT a.pid FROM cde.sync_posts p JOIN pg_stat_activity a ON a.pid = p.pid AND a.backend_start = p.backend_start"),
+        timeout=30)
+    old_worker = db.worker_pid()
+    os.kill(pid, 9)
+    sink.clear_faults()
+
+    def restarted():
+        try:
+            with connect() as conn:
+                return Db(conn).worker_pid() not in (None, old_worker)
+        except psycopg.Error:
+            return False
+    wait_until("a new worker after the crash", restarted, timeout=60, interval=0.2)
+    with connect() as conn:
+        db = Db(conn)
+        wait_until("the run to finish", lambda: db.one("SELECT status FROM cde_sync_runs WHERE run_id = %s", run) == "finished", timeout=60)
+        wait_until("nothing pending", lambda: db.one("SELECT count(*) FROM cde.feed_products WHERE status <> 'sent'") == 0, timeout=30)
+        assert db.one("SELECT count(*) FROM cde.sync_posts") == 0
+        assert len(sink.docs("products")) == 2000
+    assert "posts of sync builders that stopped before they were done go again" in SERVER_LOG.read_text(errors="replace")

@@ -29,22 +29,25 @@ SELECT key, full_sync FROM cde.feed_products WHERE key = '3';
 -- The statement, from the start of both lanes.
 SELECT cde._read_sql('cde.feed_products', 4, false, false) AS read \gset
 \echo :read
--- Four rows: the four changes, oldest first, then nothing of the full syncs' lane.
-SELECT key, deleted, full_sync FROM (:read) AS r;
+-- Four rows: the four changes, oldest first, then nothing of the full syncs' lane. The last
+-- parameter is the feed: keys a sync builder is posting wait (tests/isolation, builders' posts).
+PREPARE first_read(text) AS SELECT key, deleted, full_sync FROM (:read) AS r;
+EXECUTE first_read('products');
 -- Six rows: the changes, then the full syncs' rows, oldest first (the same transaction: by key).
 SELECT cde._read_sql('cde.feed_products', 6, false, false) AS read \gset
-SELECT key, deleted, full_sync FROM (:read) AS r;
+PREPARE six(text) AS SELECT key, deleted, full_sync FROM (:read) AS r;
+EXECUTE six('products');
 -- After a cursor in each lane: what comes after the change to 7, then after the sync's row 1.
 SELECT cde._read_sql('cde.feed_products', 6, true, true) AS read \gset
 SELECT modified_at::text AS changes_at FROM cde.feed_products WHERE key = '7' \gset
 SELECT modified_at::text AS sync_at FROM cde.feed_products WHERE key = '1' \gset
-PREPARE after_cursors(timestamptz, text, timestamptz, text) AS SELECT key, deleted, full_sync FROM (:read) AS r;
-EXECUTE after_cursors(:'changes_at', '7', :'sync_at', '1');
+PREPARE after_cursors(timestamptz, text, timestamptz, text, text) AS SELECT key, deleted, full_sync FROM (:read) AS r;
+EXECUTE after_cursors(:'changes_at', '7', :'sync_at', '1', 'products');
 
 -- Each lane is an ordered scan of the pending index, however many rows are pending.
 \i sql/scans.inc
 SET enable_seqscan = off;   -- a 7-row table; the plan's shape is the point
-SELECT scans($$EXECUTE after_cursors(now(), '7', now(), '1')$$);
+SELECT scans($$EXECUTE after_cursors(now(), '7', now(), '1', 'products')$$);
 RESET enable_seqscan;
 
 -- A change whose document a full sync step wrote first (its snapshot saw the change): the collect
