@@ -374,10 +374,15 @@ BEGIN
         RAISE EXCEPTION 'cde: feed % cannot be dropped while a full sync of it runs', f.name
             USING HINT = 'cde_cancel_sync(run_id) first; see cde_sync_runs.';
     END IF;
+    -- The worker's requests of this feed still out come back first: a feed registered again
+    -- under this name starts with an empty table, and its builders would write as sent, and
+    -- post, keys whose older documents were still on their way (docs/nothing-lost.md).
+    PERFORM cde._hold_iteration_lock();
     FOR t IN SELECT * FROM cde.tracks WHERE tracks.feed = f.name LOOP
         PERFORM cde._drop_capture(t);
     END LOOP;
     DELETE FROM cde.queue q WHERE q.feed = f.name;
+    DELETE FROM cde.sync_posts p WHERE p.feed = f.name;   -- a builder still posting counts nothing
     DELETE FROM cde.feeds x WHERE x.name = f.name;   -- cascades to tracks and retries
     EXECUTE format('DROP TABLE IF EXISTS %s', f.feed_table);   -- its counts go at the next fold
 END $$;

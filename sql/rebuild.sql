@@ -120,10 +120,12 @@ DECLARE
     --   (5) the status of a row written anew: 'pending', or 'sent' where a sync builder sends the
     --       documents this write commits (cde._sends_built, src/builder_send.rs). Sent is written
     --       over a row that was sent only: a pending or failed one may be out with the worker,
-    --       whose older document could arrive after this one; this one then goes after it.
+    --       whose older document could arrive after this one; this one then goes after it. Its
+    --       sent_at is the write's clock, after the phase began (the phase counts what it sent
+    --       by it, sql/sync.sql), where the transaction's start might not be.
     write  text := format($q$
         INSERT INTO %1$s AS f (key, doc, hash, deleted, full_sync, status, sent_at)
-        SELECT w.key, w.doc, w.hash, w.doc IS NULL, %%1$s, w.status, CASE WHEN w.status = 'sent' THEN now() END
+        SELECT w.key, w.doc, w.hash, w.doc IS NULL, %%1$s, w.status, CASE WHEN w.status = 'sent' THEN clock_timestamp() END
           FROM (SELECT w.key, w.doc, cde._doc_hash(w.doc) AS hash, %%5$s AS status FROM (%%2$s) AS w) AS w%%4$s
          ORDER BY w.key COLLATE "C"
         ON CONFLICT (key) DO UPDATE
@@ -318,8 +320,13 @@ DECLARE
     t regclass;
     n int := 0;
 BEGIN
+    -- The backends as they are now, not as this transaction first read them (cde_sync_now()
+    -- takes many steps in one transaction; a builder started since would look gone). A start
+    -- this role may not see (not a superuser, nor pg_read_all_stats) counts as the builder's.
+    PERFORM pg_catalog.pg_stat_clear_snapshot();
     FOR p IN SELECT * FROM cde.sync_posts s
-              WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid AND a.backend_start = s.backend_start)
+              WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                 WHERE a.pid = s.pid AND (a.backend_start = s.backend_start OR a.backend_start IS NULL))
               ORDER BY s.id FOR UPDATE SKIP LOCKED LOOP
         SELECT feed_table INTO t FROM cde.feeds WHERE name = p.feed;
         IF FOUND THEN
@@ -336,23 +343,24 @@ BEGIN
     RETURN n;
 END $$;
 
--- A sync builder is done with a post (src/builder_send.rs): the keys the destination did not take
--- go to the worker (pending), the others count as sent, and the worker may send the keys' newer
--- versions. The destination's row first, as the worker's record takes them.
-CREATE FUNCTION cde._posted(post bigint, not_taken text[], requests bigint, failed bigint, last_status int,
-                            first_error text, answered boolean) RETURNS bigint
+-- A sync builder is done with a post (src/builder_send.rs): its requests count for the destination,
+-- the keys the destination did not take go to the worker (pending), the others count as sent, and
+-- the worker may send the keys' newer versions. The destination's row first, as the worker's
+-- record takes them.
+CREATE FUNCTION cde._posted(post bigint, destination text, not_taken text[], requests bigint, failed bigint,
+                            last_status int, first_error text, answered boolean) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     p cde.sync_posts;
     f cde.feeds;
     n bigint;
 BEGIN
+    PERFORM cde._destination_answered(destination, requests, failed, last_status, first_error, answered);
     DELETE FROM cde.sync_posts WHERE id = post RETURNING * INTO p;
     SELECT * INTO f FROM cde.feeds WHERE name = p.feed;
-    IF NOT FOUND THEN   -- gone meanwhile: dropped, or recovered (the builder let its lock go)
+    IF NOT FOUND THEN   -- the feed was dropped meanwhile (its posts with it)
         RETURN 0;
     END IF;
-    PERFORM cde._destination_answered(coalesce(f.destination, 'default'), requests, failed, last_status, first_error, answered);
     IF cardinality(not_taken) > 0 THEN   -- modified_at stays the chunk's: the phase waits for them
         EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$,
                        f.feed_table)
@@ -365,4 +373,28 @@ BEGIN
     END IF;
     PERFORM cde._changes_recorded();   -- the keys' newer versions, held back, may go
     RETURN n;
+END $$;
+
+-- Whether a feed may be sent by its builders now, as the worker would send it: its owner may use
+-- its destination (CDE-209 otherwise: kept, not sent), and no feed it depends on has changes
+-- queued or documents pending (dependency order, docs/protocol.md). Otherwise the chunk is
+-- written pending, and the worker's rules apply.
+CREATE FUNCTION cde._builders_may_send(feed text) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f cde.feeds := cde._feed(feed);
+    t regclass;
+    busy boolean;
+BEGIN
+    IF NOT cde._may_use_destination(f.owner, f.destination)
+       OR EXISTS (SELECT 1 FROM cde.queue q WHERE q.feed = ANY (f.depends_on)) THEN
+        RETURN false;
+    END IF;
+    FOR t IN SELECT x.feed_table FROM cde.feeds x WHERE x.name = ANY (f.depends_on) LOOP
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE status = ''pending'')', t) INTO busy;
+        IF busy THEN
+            RETURN false;
+        END IF;
+    END LOOP;
+    RETURN true;
 END $$;

@@ -121,7 +121,9 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
             None
         });
         // What the step's chunk wrote as sent goes now that the step has committed.
-        crate::builder_send::deliver();
+        if !crate::builder_send::deliver() {
+            break;
+        }
         // Busy: every lane left is another builder's chunk now. Those chunks commit in a moment,
         // and their builders then post with no lane held: this one takes the lane's next chunk
         // meanwhile, rather than leave the rest of the phase to one builder that builds and

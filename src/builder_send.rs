@@ -136,7 +136,8 @@ fn sends(feed: &str) -> bool {
             "SELECT d.name, coalesce(f.batch_size, 0)
                FROM cde.feeds f JOIN cde.destinations d ON d.name = coalesce(f.destination, 'default')
               WHERE f.name = $1 AND f.mode = 'immediate' AND NOT coalesce(f.hold_until > now(), false)
-                AND NOT coalesce(d.held_until > now(), false) AND d.failing_since IS NULL AND d.disabled_at IS NULL",
+                AND NOT coalesce(d.held_until > now(), false) AND d.failing_since IS NULL AND d.disabled_at IS NULL
+                AND cde._builders_may_send(f.name)",
             &[feed.into()],
         );
         let Ok((Some(dest), Some(batch))) = row else { return false };
@@ -153,26 +154,31 @@ fn sends(feed: &str) -> bool {
 
 /// After a step: post what its chunk wrote as sent, if the step committed (its cde.sync_posts
 /// row is there), then say what came of it. Outside any transaction but the two short ones.
-pub fn deliver() {
+/// False when a post may be left unsaid: the builder then stops, so that the row, naming a
+/// backend gone, is taken over (`cde._recover_posts`) rather than holding its keys back.
+pub fn deliver() -> bool {
     let Some((stash, target)) = STATE.with(|s| {
         let mut s = s.borrow_mut();
         let stash = s.stash.take()?;
         Some((stash, s.target.clone()))
     }) else {
-        return;
+        return true;
     };
-    let Some(post) = stash.post else { return };
+    let Some(post) = stash.post else { return true };
     let committed = guarded(|| {
         Own.run(|| Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM cde.sync_posts WHERE id = $1)", &[post.into()]))
     });
-    if matches!(committed, Ok(Ok(Some(true)))) {
-        if let Some((_, dest, batch)) = target.filter(|t| t.0 == stash.feed) {
-            post_and_report(post, &stash, &dest, batch);
-        }
+    match committed {
+        Ok(Ok(Some(false))) => true, // the step rolled back: nothing to post
+        Ok(Ok(Some(true))) => match target.filter(|t| t.0 == stash.feed) {
+            Some((_, dest, batch)) => post_and_report(post, &stash, &dest, batch),
+            None => false,
+        },
+        _ => false,
     }
 }
 
-fn post_and_report(post: i64, stash: &Stash, dest_name: &str, batch: usize) {
+fn post_and_report(post: i64, stash: &Stash, dest_name: &str, batch: usize) -> bool {
     let (posted, bytes) = STATE.with(|s| {
         let mut guard = s.borrow_mut();
         let s = &mut *guard;
@@ -196,7 +202,7 @@ fn post_and_report(post: i64, stash: &Stash, dest_name: &str, batch: usize) {
         Some((posted, s.bytes.load(Ordering::Relaxed) - before))
     })
     .unzip();
-    let (Some(posted), Some(bytes)) = (posted, bytes) else { return };
+    let (Some(posted), Some(bytes)) = (posted, bytes) else { return false };
     let not_taken: Vec<String> = posted
         .outcomes
         .iter()
@@ -209,9 +215,10 @@ fn post_and_report(post: i64, stash: &Stash, dest_name: &str, batch: usize) {
     let reported = guarded(|| {
         Own.run(|| {
             Spi::run_with_args(
-                "SELECT cde._posted($1, $2, $3, $4, $5, $6, $7)",
+                "SELECT cde._posted($1, $2, $3, $4, $5, $6, $7, $8)",
                 &[
                     post.into(),
+                    dest_name.into(),
                     not_taken.clone().into(),
                     (posted.requests as i64).into(),
                     (posted.failed_requests as i64).into(),
@@ -228,9 +235,11 @@ fn post_and_report(post: i64, stash: &Stash, dest_name: &str, batch: usize) {
         w.builders_requests.fetch_add(posted.requests, Ordering::Relaxed);
         w.builders_requests_failed.fetch_add(posted.failed_requests, Ordering::Relaxed);
     }
-    match reported {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warning!("cde: a sync builder could not say what came of its post {post}; its keys go again: {e}"),
-        Err(e) => warning!("cde: a sync builder could not say what came of its post {post}; its keys go again: {e}"),
-    }
+    let failed = match reported {
+        Ok(Ok(())) => return true,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e,
+    };
+    warning!("cde: a sync builder could not say what came of its post {post}; it stops, and its keys go again: {failed}");
+    false
 }
