@@ -1149,6 +1149,9 @@ BEGIN
             INSERT INTO cde.sync_posts (feed, keys, pid, backend_start)
             SELECT f.name, sent, a.pid, a.backend_start FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid()
             RETURNING id INTO post;
+            IF post IS NULL THEN   -- never seen: a post must name a live backend, or it is taken over
+                RAISE EXCEPTION 'cde: this backend is not in pg_stat_activity; its post could not be told from a stopped builder''s';
+            END IF;
             PERFORM cde._stash_post(post);
             PERFORM set_config('synchronous_commit', 'on', true);
         END IF;
