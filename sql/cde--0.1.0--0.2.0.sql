@@ -1187,6 +1187,17 @@ BEGIN
     END IF;
 END $$;
 
+-- Keys a sync builder wrote as sent and did not deliver go to the worker: pending again, in the
+-- full sync's lane. Only rows still sent: one changed since is pending already, with its newer
+-- document. modified_at stays the chunk's, so the phase waits for them (cde._sync_step).
+CREATE FUNCTION cde._hand_back(feed_table regclass, keys text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$,
+                   feed_table)
+      USING keys;
+END $$;
+
 -- The keys of sync builders' posts whose builder stopped before it was done (no backend of its pid
 -- and start is left): they were written as sent, and may not have been delivered; they go again,
 -- and the worker may send their newer versions. Their modified_at stays the chunk's: a phase
@@ -1208,8 +1219,7 @@ BEGIN
               ORDER BY s.id FOR UPDATE SKIP LOCKED LOOP
         SELECT feed_table INTO t FROM cde.feeds WHERE name = p.feed;
         IF FOUND THEN
-            EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$, t)
-              USING p.keys;
+            PERFORM cde._hand_back(t, p.keys);
         END IF;
         DELETE FROM cde.sync_posts WHERE id = p.id;
         n := n + 1;
@@ -1239,10 +1249,8 @@ BEGIN
     IF NOT FOUND THEN   -- the feed was dropped meanwhile (its posts with it)
         RETURN 0;
     END IF;
-    IF cardinality(not_taken) > 0 THEN   -- modified_at stays the chunk's: the phase waits for them
-        EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$,
-                       f.feed_table)
-          USING not_taken;
+    IF cardinality(not_taken) > 0 THEN
+        PERFORM cde._hand_back(f.feed_table, not_taken);
     END IF;
     n := cardinality(p.keys) - coalesce(cardinality(not_taken), 0);
     IF n > 0 THEN
@@ -2523,12 +2531,12 @@ COMMENT ON FUNCTION cde_check_feed(text, int, bigint) IS
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/deliver.rs:301
+-- src/deliver.rs:306
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::deliver::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/deliver.rs:309
+-- src/deliver.rs:314
 -- cde::deliver::cde::_read_sql
 CREATE  FUNCTION cde."_read_sql"(
 	"feed_table" TEXT, /* & str */
@@ -2591,12 +2599,12 @@ AS 'MODULE_PATHNAME', '_sends_built_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:127
+-- src/api.rs:140
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:142
+-- src/api.rs:155
 -- cde::api::cde::_worker_status
 CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
 	"running" bool,  /* bool */
@@ -2619,7 +2627,7 @@ AS 'MODULE_PATHNAME', '_worker_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:135
+-- src/api.rs:148
 -- cde::api::cde::_hold_iteration_lock
 CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
@@ -2628,7 +2636,7 @@ AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:203
+-- src/api.rs:216
 -- cde::api::cde::_serve
 CREATE  FUNCTION cde."_serve"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE

@@ -312,6 +312,17 @@ BEGIN
     END IF;
 END $$;
 
+-- Keys a sync builder wrote as sent and did not deliver go to the worker: pending again, in the
+-- full sync's lane. Only rows still sent: one changed since is pending already, with its newer
+-- document. modified_at stays the chunk's, so the phase waits for them (cde._sync_step).
+CREATE FUNCTION cde._hand_back(feed_table regclass, keys text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$,
+                   feed_table)
+      USING keys;
+END $$;
+
 -- The keys of sync builders' posts whose builder stopped before it was done (no backend of its pid
 -- and start is left): they were written as sent, and may not have been delivered; they go again,
 -- and the worker may send their newer versions. Their modified_at stays the chunk's: a phase
@@ -333,8 +344,7 @@ BEGIN
               ORDER BY s.id FOR UPDATE SKIP LOCKED LOOP
         SELECT feed_table INTO t FROM cde.feeds WHERE name = p.feed;
         IF FOUND THEN
-            EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$, t)
-              USING p.keys;
+            PERFORM cde._hand_back(t, p.keys);
         END IF;
         DELETE FROM cde.sync_posts WHERE id = p.id;
         n := n + 1;
@@ -364,10 +374,8 @@ BEGIN
     IF NOT FOUND THEN   -- the feed was dropped meanwhile (its posts with it)
         RETURN 0;
     END IF;
-    IF cardinality(not_taken) > 0 THEN   -- modified_at stays the chunk's: the phase waits for them
-        EXECUTE format($q$UPDATE %s SET status = 'pending', full_sync = true WHERE key = ANY ($1) AND status = 'sent'$q$,
-                       f.feed_table)
-          USING not_taken;
+    IF cardinality(not_taken) > 0 THEN
+        PERFORM cde._hand_back(f.feed_table, not_taken);
     END IF;
     n := cardinality(p.keys) - coalesce(cardinality(not_taken), 0);
     IF n > 0 THEN

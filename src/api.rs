@@ -29,6 +29,7 @@ fn cde_sync_now(
         Spi::run_with_args("SELECT cde._managed_feed($1, $2::oid::regrole)", &[f.into(), caller.into()])
             .unwrap_or_else(|e| error!("{e}"));
     }
+    read_committed_only("cde_sync_now", unsafe { pg_sys::XactIsoLevel });
     // Wait for the worker's iteration, if one runs, rather than racing it on the same rows.
     cde::_hold_iteration_lock();
     let settings = Settings::read();
@@ -36,6 +37,21 @@ fn cde_sync_now(
     let totals = until_done(&Inline, &settings, &feeds, Duration::MAX, Duration::MAX);
     let rows: Vec<(String, i64, i64, i64)> = feeds.iter().zip(totals).map(|(f, t)| (f.name.clone(), t.0, t.1, t.2)).collect();
     TableIterator::new(rows)
+}
+
+/// A collect and a full sync step each read in their own statement's snapshot, taken after their
+/// locks (docs/nothing-lost.md); a REPEATABLE READ or SERIALIZABLE transaction's one snapshot is
+/// older than the locks, and would miss what a concurrent step wrote. Refused, rather than run.
+fn read_committed_only(what: &str, level: i32) {
+    if level > pg_sys::XACT_READ_COMMITTED as i32 {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            format!("{what}: runs only in READ COMMITTED transactions, not in REPEATABLE READ or SERIALIZABLE ones"),
+            pgrx::function_name!(),
+        )
+        .set_hint("Call it in a transaction of its own, with SET default_transaction_isolation = 'read committed' first if the session's default is another.")
+        .report(PgLogLevel::ERROR);
+    }
 }
 
 /// The worker's job in this session, through `tx`, until nothing is left: collect, due retries,
@@ -249,6 +265,8 @@ pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) ->
                 "In a transaction, SELECT * FROM cde_sync_now() does one iteration inside it."
             );
         }
+        // Each step's transaction after the first takes the session's default.
+        read_committed_only("cde_deliver", pg_sys::XactIsoLevel.max(pg_sys::DefaultXactIsoLevel));
         let feed: Option<String> = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0).map(String::from);
         if pg_sys::InSecurityRestrictedOperation() {
             error!("cde: cde_deliver() cannot be called from a security-restricted operation");

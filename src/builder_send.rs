@@ -171,24 +171,25 @@ pub fn deliver() -> bool {
     match committed {
         Ok(Ok(Some(false))) => true, // the step rolled back: nothing to post
         Ok(Ok(Some(true))) => match target.filter(|t| t.0 == stash.feed) {
-            Some((_, dest, batch)) => post_and_report(post, &stash, &dest, batch),
+            Some((_, dest, batch)) => post_and_report(post, stash, &dest, batch),
             None => false,
         },
         _ => false,
     }
 }
 
-fn post_and_report(post: i64, stash: &Stash, dest_name: &str, batch: usize) -> bool {
+fn post_and_report(post: i64, stash: Stash, dest_name: &str, batch: usize) -> bool {
+    let Stash { feed, keys, docs, .. } = stash;
     let (posted, bytes) = STATE.with(|s| {
         let mut guard = s.borrow_mut();
         let s = &mut *guard;
         let dest = s.destinations.get(dest_name)?;
-        let items = stash.keys.iter().zip(&stash.docs).map(|(k, d)| Item { key: k.clone(), deleted: false, doc: Some(d.clone()) });
+        let items = keys.into_iter().zip(docs).map(|(key, doc)| Item { key, deleted: false, doc: Some(doc) });
         let pending = Pending { items: items.collect(), ..Pending::default() };
         let counter = Arc::clone(&s.bytes);
         let transport = s.transport.get_or_insert_with(|| Transport::new(dest.timeout, counter));
         let before = s.bytes.load(Ordering::Relaxed);
-        let posted = post_slice(transport, &dest, &stash.feed, batch, pending, &AtomicBool::new(false));
+        let posted = post_slice(transport, &dest, &feed, batch, pending, &AtomicBool::new(false));
         for line in transport.payload_log.drain(..) {
             log!("{line}");
         }
@@ -210,7 +211,7 @@ fn post_and_report(post: i64, stash: &Stash, dest_name: &str, batch: usize) -> b
         .filter(|(o, _)| !matches!(o, Some(ItemOutcome::Sent)))
         .map(|(_, i)| i.key.clone())
         .collect();
-    let error = posted.first_error.as_ref().map(|e| e.1.clone()).or(posted.misconfigured.as_ref().map(|m| m.2.clone()));
+    let error = posted.error_text();
     let sent = (posted.pending.items.len() - not_taken.len()) as u64;
     let reported = guarded(|| {
         Own.run(|| {

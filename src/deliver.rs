@@ -174,6 +174,11 @@ impl Posted {
         self.requests > 0 && !self.unwell
     }
 
+    /// What the destination's record says went wrong: the first error, else the misconfiguration.
+    pub fn error_text(&self) -> Option<String> {
+        self.first_error.as_ref().map(|e| e.1.clone()).or(self.misconfigured.as_ref().map(|m| m.2.clone()))
+    }
+
     /// A slice nothing was done with yet: every item stays pending.
     pub fn unsent(pending: Pending) -> Posted {
         Posted {
@@ -256,7 +261,7 @@ pub fn record(feed: &FeedInfo, posted: &Posted) -> (i64, i64) {
         statuses.push(status.map(i32::from));
         errors.push(error);
     }
-    let first_error = posted.first_error.as_ref().map(|e| e.1.clone()).or(posted.misconfigured.as_ref().map(|m| m.2.clone()));
+    let first_error = posted.error_text();
     let ok = posted.answered();
     let hold = hold.map(|d| format!("{} milliseconds", d.as_millis()));
     Spi::connect_mut(|c| {

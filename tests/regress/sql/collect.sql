@@ -96,3 +96,18 @@ SELECT * FROM cde_sync_now('fragile');
 SELECT key, status, error, attempts FROM cde.feed_fragile ORDER BY key::int;
 SELECT feed, key, status, error FROM cde_failed_items;
 SELECT feed, key, reason FROM cde.retries;
+
+-- cde_sync_now() reads in each statement's snapshot: a transaction's one snapshot is refused.
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT * FROM cde_sync_now();
+ROLLBACK;
+BEGIN ISOLATION LEVEL SERIALIZABLE;
+SELECT * FROM cde_sync_now();
+ROLLBACK;
+SET default_transaction_isolation = 'repeatable read';
+SELECT * FROM cde_sync_now();
+CALL cde_deliver();   -- its steps' transactions would take the session's default
+BEGIN ISOLATION LEVEL READ COMMITTED;   -- this one's own level is what counts
+SELECT count(*) FROM cde_sync_now();
+ROLLBACK;
+RESET default_transaction_isolation;
