@@ -120,7 +120,8 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
             warning!("cde: CDE-301 a sync builder's step failed and was rolled back; the worker takes it again: {e}");
             None
         });
-        // What the step's chunk wrote as sent goes now that the step has committed.
+        // What the step's chunk wrote as sent goes now that the step has committed, while the
+        // next step builds; the chunk before it is said.
         if !crate::builder_send::deliver() {
             break;
         }
@@ -140,6 +141,8 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
             _ => break,
         }
     }
+    // The last chunk's post, on its way: said before this builder goes.
+    crate::builder_send::finish();
     log!("cde: sync builder done after {chunks} steps");
 }
 

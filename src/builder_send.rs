@@ -13,7 +13,7 @@
 //! retries, holds and backoff apply. Only a builder sends, only to an immediate feed's
 //! destination that may be sent to now, and it stops sending at its first failed request. docs/nothing-lost.md, "Full syncs sent by builders".
 
-use crate::deliver::{post_slice, Pending};
+use crate::deliver::{post_slice, Pending, Posted};
 use crate::destination::Destinations;
 use crate::engine::Txn;
 use crate::gucs::Settings;
@@ -152,58 +152,109 @@ fn sends(feed: &str) -> bool {
     })
 }
 
-/// After a step: post what its chunk wrote as sent, if the step committed (its cde.sync_posts
-/// row is there), then say what came of it. Outside any transaction but the two short ones.
-/// False when a post may be left unsaid: the builder then stops, so that the row, naming a
-/// backend gone, is taken over (`cde._recover_posts`) rather than holding its keys back.
+/// After a step: what the chunk before it posted is said (`cde._posted`), and what this step's
+/// chunk wrote as sent, if the step committed (its cde.sync_posts row is there), starts going on
+/// a thread of its own, which never calls into PostgreSQL, while this builder builds the next
+/// chunk. Outside any transaction but short ones. False when a post may be left unsaid: the
+/// builder then stops, so that the row, naming a backend gone, is taken over
+/// (`cde._recover_posts`) rather than holding its keys back.
 pub fn deliver() -> bool {
     let Some((stash, target)) = STATE.with(|s| {
         let mut s = s.borrow_mut();
         let stash = s.stash.take()?;
         Some((stash, s.target.clone()))
     }) else {
-        return true;
+        return finish();
     };
-    let Some(post) = stash.post else { return true };
+    let Some(post) = stash.post else { return finish() };
     let committed = guarded(|| {
         Own.run(|| Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM cde.sync_posts WHERE id = $1)", &[post.into()]))
     });
+    // The post before is said first: once it failed, this one is not sent but handed back.
+    let said = finish();
     match committed {
-        Ok(Ok(Some(false))) => true, // the step rolled back: nothing to post
+        Ok(Ok(Some(false))) => said, // the step rolled back: nothing to post
         Ok(Ok(Some(true))) => match target.filter(|t| t.0 == stash.feed) {
-            Some((_, dest, batch)) => post_and_report(post, stash, &dest, batch),
-            None => false,
+            Some((_, dest, batch)) if said => start(post, stash, dest, batch),
+            _ => false,
         },
         _ => false,
     }
 }
 
-fn post_and_report(post: i64, stash: Stash, dest_name: &str, batch: usize) -> bool {
+/// A post on its way: its thread gives back the transport, what came of it and the bytes sent.
+struct InFlight {
+    post: i64,
+    dest: String,
+    thread: std::thread::JoinHandle<(Transport, Posted, u64)>,
+}
+
+thread_local! {
+    static IN_FLIGHT: RefCell<Option<InFlight>> = const { RefCell::new(None) };
+}
+
+/// Send a committed chunk's documents on a thread; or, once this builder stopped sending, hand
+/// them to the worker at once.
+fn start(post: i64, stash: Stash, dest_name: String, batch: usize) -> bool {
     let Stash { feed, keys, docs, .. } = stash;
-    let (posted, bytes) = STATE.with(|s| {
-        let mut guard = s.borrow_mut();
-        let s = &mut *guard;
-        let dest = s.destinations.get(dest_name)?;
-        let items = keys.into_iter().zip(docs).map(|(key, doc)| Item { key, deleted: false, doc: Some(doc) });
-        let pending = Pending { items: items.collect(), ..Pending::default() };
+    let items: Vec<Item> = keys.into_iter().zip(docs).map(|(key, doc)| Item { key, deleted: false, doc: Some(doc) }).collect();
+    let sending = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = &mut *s;
+        let dest = s.destinations.get(&dest_name).filter(|_| !s.stopped)?;
         let counter = Arc::clone(&s.bytes);
-        let transport = s.transport.get_or_insert_with(|| Transport::new(dest.timeout, counter));
-        let before = s.bytes.load(Ordering::Relaxed);
-        let posted = post_slice(transport, &dest, &feed, batch, pending, &AtomicBool::new(false));
-        for line in transport.payload_log.drain(..) {
-            log!("{line}");
+        Some((s.transport.take().unwrap_or_else(|| Transport::new(dest.timeout, counter)), dest, Arc::clone(&s.bytes)))
+    });
+    let Some((mut transport, dest, bytes)) = sending else {
+        return report(post, &dest_name, Posted::unsent(Pending { items, ..Pending::default() }), 0);
+    };
+    let thread = crate::pump::spawn_without_signals("cde builder post".into(), move || {
+        let before = bytes.load(Ordering::Relaxed);
+        let pending = Pending { items, ..Pending::default() };
+        let posted = post_slice(&mut transport, &dest, &feed, batch, pending, &AtomicBool::new(false));
+        let sent = bytes.load(Ordering::Relaxed) - before;
+        (transport, posted, sent)
+    });
+    match thread {
+        Ok(thread) => {
+            IN_FLIGHT.with(|f| *f.borrow_mut() = Some(InFlight { post, dest: dest_name, thread }));
+            true
         }
+        Err(e) => {
+            warning!("cde: a sync builder could not start a thread to post ({e}); it stops, and its keys go again");
+            false
+        }
+    }
+}
+
+/// Wait for the post on its way, if any, and say what came of it. False as `deliver`.
+pub fn finish() -> bool {
+    let Some(f) = IN_FLIGHT.with(|f| f.borrow_mut().take()) else { return true };
+    let Ok((mut transport, posted, bytes)) = f.thread.join() else {
+        warning!("cde: a sync builder's post {} failed on its thread; the builder stops, and its keys go again", f.post);
+        return false;
+    };
+    for line in transport.payload_log.drain(..) {
+        log!("{line}");
+    }
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.transport = Some(transport);
         if !posted.answered() || posted.hold.is_some() {
             s.stopped = true;
             log!(
-                "cde: a sync builder stops sending to destination {dest_name} ({}); the worker sends the rest of the full sync",
+                "cde: a sync builder stops sending to destination {} ({}); the worker sends the rest of the full sync",
+                f.dest,
                 posted.first_error.as_ref().map(|e| e.1.as_str()).unwrap_or("it asked to wait")
             );
         }
-        Some((posted, s.bytes.load(Ordering::Relaxed) - before))
-    })
-    .unzip();
-    let (Some(posted), Some(bytes)) = (posted, bytes) else { return false };
+    });
+    report(f.post, &f.dest, posted, bytes)
+}
+
+/// Say what came of a post: the keys the destination did not take (all, if nothing was sent) go
+/// to the worker, and the requests count for the destination.
+fn report(post: i64, dest_name: &str, posted: Posted, bytes: u64) -> bool {
     let not_taken: Vec<String> = posted
         .outcomes
         .iter()

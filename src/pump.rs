@@ -319,7 +319,8 @@ fn spawn_sender(
             }
             unsafe { libc::write(wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         }
-    });
+    })
+    .unwrap_or_else(|e| pgrx::error!("cde: cannot start a sender thread: {e}"));
     (jobs_tx, handle)
 }
 
@@ -327,7 +328,10 @@ fn spawn_sender(
 /// block it, and PostgreSQL's handlers (SIGHUP for a reload, SIGTERM...) set latches and flags
 /// through PostgreSQL's functions, which only the main thread may call. The new thread inherits
 /// the mask set around its creation, so no signal can reach it even in its first instant.
-fn spawn_without_signals(name: String, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+pub fn spawn_without_signals<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
@@ -335,6 +339,6 @@ fn spawn_without_signals(name: String, f: impl FnOnce() + Send + 'static) -> std
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
         let spawned = std::thread::Builder::new().name(name).spawn(f);
         libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
-        spawned.unwrap_or_else(|e| pgrx::error!("cde: cannot start a sender thread: {e}"))
+        spawned
     }
 }
