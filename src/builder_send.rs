@@ -1,7 +1,7 @@
 //! A sync builder sends the documents its chunks write, itself: the chunk's statement writes the
 //! changed rows as sent and hands their documents over (`cde._stash_sent`), and once the step has
-//! committed, the builder posts them, with no transaction open, and says what came of it
-//! (`cde._posted`). The worker's way (write them pending, read them back, post, write each again
+//! committed, a thread of the builder's posts them while the builder builds its next chunk; the
+//! builder then says what came of it (`cde._posted`). The worker's way (write them pending, read them back, post, write each again
 //! as sent) writes and reads every document twice, which a full sync cannot afford
 //! (docs/benchmarks.md).
 //!
