@@ -29,7 +29,7 @@ fn cde_sync_now(
         Spi::run_with_args("SELECT cde._managed_feed($1, $2::oid::regrole)", &[f.into(), caller.into()])
             .unwrap_or_else(|e| error!("{e}"));
     }
-    read_committed_only("cde_sync_now", unsafe { pg_sys::XactIsoLevel });
+    read_committed_only("cde_sync_now", "this transaction", unsafe { pg_sys::XactIsoLevel });
     // Wait for the worker's iteration, if one runs, rather than racing it on the same rows.
     cde::_hold_iteration_lock();
     let settings = Settings::read();
@@ -42,16 +42,22 @@ fn cde_sync_now(
 /// A collect and a full sync step each read in their own statement's snapshot, taken after their
 /// locks (docs/nothing-lost.md); a REPEATABLE READ or SERIALIZABLE transaction's one snapshot is
 /// older than the locks, and would miss what a concurrent step wrote. Refused, rather than run.
-fn read_committed_only(what: &str, level: i32) {
-    if level > pg_sys::XACT_READ_COMMITTED as i32 {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
-            format!("{what}: runs only in READ COMMITTED transactions, not in REPEATABLE READ or SERIALIZABLE ones"),
-            pgrx::function_name!(),
-        )
-        .set_hint("Call it in a transaction of its own, with SET default_transaction_isolation = 'read committed' first if the session's default is another.")
-        .report(PgLogLevel::ERROR);
+/// `level` is the transaction's (`cde_sync_now`), or the higher of it and the session's default,
+/// which each of `cde_deliver`'s later steps takes; `whose` says which.
+fn read_committed_only(what: &str, whose: &str, level: i32) {
+    if level <= pg_sys::XACT_READ_COMMITTED as i32 {
+        return;
     }
+    let name = if level == pg_sys::XACT_SERIALIZABLE as i32 { "SERIALIZABLE" } else { "REPEATABLE READ" };
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+        format!("{what}: runs only at READ COMMITTED; {whose} is {name}"),
+        pgrx::function_name!(),
+    )
+    .set_hint(
+        "Call it in a transaction of its own with default_transaction_isolation = 'read committed' (SET it first, or ALTER ROLE ... SET it for a pg_cron job's role).",
+    )
+    .report(PgLogLevel::ERROR);
 }
 
 /// The worker's job in this session, through `tx`, until nothing is left: collect, due retries,
@@ -266,7 +272,11 @@ pub unsafe extern "C-unwind" fn cde_deliver(fcinfo: pg_sys::FunctionCallInfo) ->
             );
         }
         // Each step's transaction after the first takes the session's default.
-        read_committed_only("cde_deliver", pg_sys::XactIsoLevel.max(pg_sys::DefaultXactIsoLevel));
+        read_committed_only(
+            "cde_deliver",
+            "this transaction or default_transaction_isolation (each later step's)",
+            pg_sys::XactIsoLevel.max(pg_sys::DefaultXactIsoLevel),
+        );
         let feed: Option<String> = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0).map(String::from);
         if pg_sys::InSecurityRestrictedOperation() {
             error!("cde: cde_deliver() cannot be called from a security-restricted operation");

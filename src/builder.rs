@@ -88,6 +88,7 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
     let Some(entry) = register(db) else { return };
     unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(entry as *const AtomicI32 as usize)) };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
+    unsafe { pg_sys::before_shmem_exit(Some(crate::builder_send::end_post_at_exit), pg_sys::Datum::from(0usize)) };
     crate::worker::session_settings();
     crate::builder_send::enable();
     let mut chunks = 0u64;
@@ -126,9 +127,8 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
             break;
         }
         // Busy: every lane left is another builder's chunk now. Those chunks commit in a moment,
-        // and their builders then post with no lane held: this one takes the lane's next chunk
-        // meanwhile, rather than leave the rest of the phase to one builder that builds and
-        // posts in turn. Waiting, Idle, Retry: nothing to build now.
+        // and free their lanes: this one takes the lane's next chunk then, rather than leave the
+        // rest of the phase to one builder. Waiting, Idle, Retry: nothing to build now.
         match step {
             Some(Step::Progress) => {
                 chunks += 1;

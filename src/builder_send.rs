@@ -11,7 +11,8 @@
 //! first (a crash, a kill) leaves the row, and `cde._recover_posts`, finding no such backend,
 //! makes the keys pending again. What the destination does not take goes to the worker, whose
 //! retries, holds and backoff apply. Only a builder sends, only to an immediate feed's
-//! destination that may be sent to now, and it stops sending at its first failed request. docs/nothing-lost.md, "Full syncs sent by builders".
+//! destination that may be sent to now, and it stops sending at its first failed request.
+//! docs/nothing-lost.md, "Full syncs sent by builders".
 
 use crate::deliver::{post_slice, Pending, Posted};
 use crate::destination::Destinations;
@@ -35,8 +36,6 @@ struct State {
     destinations: Destinations,
     transport: Option<Transport>,
     bytes: Arc<AtomicU64>,
-    /// The feed `cde._sends_built` said yes for: its destination and batch size.
-    target: Option<(String, String, usize)>,
     /// A request failed: this builder's chunks from now on go to the worker.
     stopped: bool,
     /// What the last chunk wrote as sent, to post once its step has committed.
@@ -121,35 +120,37 @@ fn sends(feed: &str) -> bool {
     }
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        s.target = None;
         s.stash = None;
-        if s.stopped {
-            return false;
-        }
-        let settings = Settings::read();
-        if settings.pause || !crate::gucs::SYNC_BUILDERS_SEND.get() {
-            return false;
-        }
-        // The feed's destination, as the worker would send to it: not held (the feed or the
-        // destination), failing or disabled.
-        let row = Spi::get_two_with_args::<String, i32>(
-            "SELECT d.name, coalesce(f.batch_size, 0)
-               FROM cde.feeds f JOIN cde.destinations d ON d.name = coalesce(f.destination, 'default')
-              WHERE f.name = $1 AND f.mode = 'immediate' AND NOT coalesce(f.hold_until > now(), false)
-                AND NOT coalesce(d.held_until > now(), false) AND d.failing_since IS NULL AND d.disabled_at IS NULL
-                AND cde._builders_may_send(f.name)",
-            &[feed.into()],
-        );
-        let Ok((Some(dest), Some(batch))) = row else { return false };
-        s.destinations.refresh(&settings, false);
-        let Some(d) = s.destinations.get(&dest) else { return false };
-        if !d.sendable() || d.spacing.is_some() {
-            return false;
-        }
-        let batch = if batch > 0 { batch as usize } else { d.batch_size };
-        s.target = Some((feed.to_string(), dest, batch));
-        true
+        target(&mut s, feed).is_some()
     })
+}
+
+/// The feed's destination and batch size, if this builder may send to it now, as the worker
+/// would: not stopped, not paused, the feed immediate, neither it nor its destination held,
+/// failing, disabled or rate limited, and `cde._builders_may_send`. In a transaction.
+fn target(s: &mut State, feed: &str) -> Option<(String, usize)> {
+    if s.stopped {
+        return None;
+    }
+    let settings = Settings::read();
+    if settings.pause || !crate::gucs::SYNC_BUILDERS_SEND.get() {
+        return None;
+    }
+    let row = Spi::get_two_with_args::<String, i32>(
+        "SELECT d.name, coalesce(f.batch_size, 0)
+           FROM cde.feeds f JOIN cde.destinations d ON d.name = coalesce(f.destination, 'default')
+          WHERE f.name = $1 AND f.mode = 'immediate' AND NOT coalesce(f.hold_until > now(), false)
+            AND NOT coalesce(d.held_until > now(), false) AND d.failing_since IS NULL AND d.disabled_at IS NULL
+            AND cde._builders_may_send(f.name)",
+        &[feed.into()],
+    );
+    let Ok((Some(dest), Some(batch))) = row else { return None };
+    s.destinations.refresh(&settings, false);
+    let d = s.destinations.get(&dest)?;
+    if !d.sendable() || d.spacing.is_some() {
+        return None;
+    }
+    Some((dest, if batch > 0 { batch as usize } else { d.batch_size }))
 }
 
 /// After a step: what the chunk before it posted is said (`cde._posted`), and what this step's
@@ -159,25 +160,26 @@ fn sends(feed: &str) -> bool {
 /// builder then stops, so that the row, naming a backend gone, is taken over
 /// (`cde._recover_posts`) rather than holding its keys back.
 pub fn deliver() -> bool {
-    let Some((stash, target)) = STATE.with(|s| {
-        let mut s = s.borrow_mut();
-        let stash = s.stash.take()?;
-        Some((stash, s.target.clone()))
-    }) else {
-        return finish();
-    };
-    let Some(post) = stash.post else { return finish() };
-    let committed = guarded(|| {
-        Own.run(|| Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM cde.sync_posts WHERE id = $1)", &[post.into()]))
-    });
+    let stash = STATE.with(|s| s.borrow_mut().stash.take());
     // The post before is said first: once it failed, this one is not sent but handed back.
     let said = finish();
-    match committed {
-        Ok(Ok(Some(false))) => said, // the step rolled back: nothing to post
-        Ok(Ok(Some(true))) => match target.filter(|t| t.0 == stash.feed) {
-            Some((_, dest, batch)) if said => start(post, stash, dest, batch),
-            _ => false,
-        },
+    let Some(stash) = stash else { return said };
+    let Some(post) = stash.post else { return said };
+    // Asked now, the post before done (which may have taken a request's timeout): did the step
+    // commit (its cde.sync_posts row is there), and may the feed still be sent to?
+    let checked = guarded(|| {
+        Own.run(|| {
+            let committed =
+                Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM cde.sync_posts WHERE id = $1)", &[post.into()]);
+            committed.map(|c| (c, STATE.with(|s| target(&mut s.borrow_mut(), &stash.feed))))
+        })
+    });
+    match checked {
+        Ok(Ok((Some(false), _))) => said, // the step rolled back: nothing to post
+        Ok(Ok((Some(true), target))) if said => {
+            let stopping = unsafe { pg_sys::ShutdownRequestPending } != 0;
+            start(post, stash, target.filter(|_| !stopping))
+        }
         _ => false,
     }
 }
@@ -193,20 +195,23 @@ thread_local! {
     static IN_FLIGHT: RefCell<Option<InFlight>> = const { RefCell::new(None) };
 }
 
-/// Send a committed chunk's documents on a thread; or, once this builder stopped sending, hand
-/// them to the worker at once.
-fn start(post: i64, stash: Stash, dest_name: String, batch: usize) -> bool {
+/// Send a committed chunk's documents on a thread to `target` (destination, batch size); with
+/// none (this builder stopped sending, or is stopping), hand them to the worker at once.
+fn start(post: i64, stash: Stash, target: Option<(String, usize)>) -> bool {
     let Stash { feed, keys, docs, .. } = stash;
     let items: Vec<Item> = keys.into_iter().zip(docs).map(|(key, doc)| Item { key, deleted: false, doc: Some(doc) }).collect();
-    let sending = STATE.with(|s| {
-        let mut s = s.borrow_mut();
-        let s = &mut *s;
-        let dest = s.destinations.get(&dest_name).filter(|_| !s.stopped)?;
-        let counter = Arc::clone(&s.bytes);
-        Some((s.transport.take().unwrap_or_else(|| Transport::new(dest.timeout, counter)), dest, Arc::clone(&s.bytes)))
+    let sending = target.and_then(|(dest_name, batch)| {
+        STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            let s = &mut *s;
+            let dest = s.destinations.get(&dest_name).filter(|_| !s.stopped)?;
+            let counter = Arc::clone(&s.bytes);
+            let transport = s.transport.take().unwrap_or_else(|| Transport::new(dest.timeout, counter));
+            Some((transport, dest, dest_name, batch, Arc::clone(&s.bytes)))
+        })
     });
-    let Some((mut transport, dest, bytes)) = sending else {
-        return report(post, &dest_name, Posted::unsent(Pending { items, ..Pending::default() }), 0);
+    let Some((mut transport, dest, dest_name, batch, bytes)) = sending else {
+        return report(post, "", Posted::unsent(Pending { items, ..Pending::default() }), 0);
     };
     let thread = crate::pump::spawn_without_signals("cde builder post".into(), move || {
         let before = bytes.load(Ordering::Relaxed);
@@ -224,6 +229,16 @@ fn start(post: i64, stash: Stash, dest_name: String, batch: usize) -> bool {
             warning!("cde: a sync builder could not start a thread to post ({e}); it stops, and its keys go again");
             false
         }
+    }
+}
+
+/// At this backend's exit (a FATAL, the postmaster gone), registered after it connected: a post
+/// on its way ends before the backend leaves pg_stat_activity, after which `cde._recover_posts`
+/// would hand its keys to the worker while the request is still out.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn end_post_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    if let Ok(Some(f)) = IN_FLIGHT.try_with(|f| f.borrow_mut().take()) {
+        let _ = f.thread.join();
     }
 }
 
