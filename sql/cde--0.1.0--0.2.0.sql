@@ -1044,6 +1044,15 @@ BEGIN
         -- A step's write: the feed's step lock, until commit, taken before the statement's
         -- snapshot (a collect asks for it: "syncing" above).
         PERFORM pg_advisory_xact_lock_shared(cde._feed_step_lock(f.feed_table));
+    ELSIF mode = 'apply' AND keys IS NULL THEN
+        -- A rebuild of every key (a TRUNCATE or a new definition during a full sync) cannot
+        -- leave the traces a collect of some keys leaves for steps writing from an older
+        -- snapshot ("touch" and "tomb" below): it would rewrite the whole table, and it cannot
+        -- name the keys the source lost that have no row yet. It waits for the feed's steps
+        -- instead, and keeps new ones from starting until it commits: its snapshot, taken
+        -- after, sees what they wrote, and theirs will see what it writes. Rare, and one step
+        -- long.
+        PERFORM pg_advisory_xact_lock(cde._feed_step_lock(f.feed_table));
     END IF;
     CASE mode
     WHEN 'apply' THEN
@@ -1089,10 +1098,7 @@ BEGIN
         -- every one of these rows, in key order, so no step writes between the two. Same values,
         -- no indexed column changed (heap-only where the page has room), the same state: nothing
         -- is sent again, even from a slice in flight (cde._record finds a moved row by key).
-        -- A rebuild of every key (keys NULL: a TRUNCATE or a new definition during a full sync)
-        -- touches nothing: it would rewrite the whole table. Its A, B, A case (a TRUNCATE that
-        -- puts back what it removed, during a step that saw the B) waits for the key's next
-        -- change or the next full sync (docs/nothing-lost.md).
+        -- A rebuild of every key (keys NULL) touches nothing: no step writes beside it (above).
         IF syncing THEN
             EXECUTE format($q$
                 UPDATE %s AS t SET hash = t.hash
@@ -2550,12 +2556,12 @@ AS 'MODULE_PATHNAME', '_read_sql_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:63
+-- src/builder_send.rs:62
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::builder_send::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:105
+-- src/builder_send.rs:104
 -- cde::builder_send::cde::_send_as_builder
 CREATE  FUNCTION cde."_send_as_builder"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
@@ -2564,7 +2570,7 @@ AS 'MODULE_PATHNAME', '_send_as_builder_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:92
+-- src/builder_send.rs:91
 -- cde::builder_send::cde::_stash_post
 CREATE  FUNCTION cde."_stash_post"(
 	"post" bigint /* i64 */
@@ -2575,7 +2581,7 @@ AS 'MODULE_PATHNAME', '_stash_post_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:76
+-- src/builder_send.rs:75
 -- cde::builder_send::cde::_stash_sent
 CREATE  FUNCTION cde."_stash_sent"(
 	"feed" TEXT, /* & str */
@@ -2588,7 +2594,7 @@ AS 'MODULE_PATHNAME', '_stash_sent_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/builder_send.rs:69
+-- src/builder_send.rs:68
 -- cde::builder_send::cde::_sends_built
 CREATE  FUNCTION cde."_sends_built"(
 	"feed" TEXT /* & str */
@@ -2599,12 +2605,12 @@ AS 'MODULE_PATHNAME', '_sends_built_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:140
+-- src/api.rs:149
 CREATE SCHEMA IF NOT EXISTS cde; /* cde::api::cde */
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:155
+-- src/api.rs:164
 -- cde::api::cde::_worker_status
 CREATE  FUNCTION cde."_worker_status"() RETURNS TABLE (
 	"running" bool,  /* bool */
@@ -2627,7 +2633,7 @@ AS 'MODULE_PATHNAME', '_worker_status_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:148
+-- src/api.rs:157
 -- cde::api::cde::_hold_iteration_lock
 CREATE  FUNCTION cde."_hold_iteration_lock"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
@@ -2636,7 +2642,7 @@ AS 'MODULE_PATHNAME', '_hold_iteration_lock_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/api.rs:216
+-- src/api.rs:225
 -- cde::api::cde::_serve
 CREATE  FUNCTION cde."_serve"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE

@@ -169,6 +169,15 @@ BEGIN
         -- A step's write: the feed's step lock, until commit, taken before the statement's
         -- snapshot (a collect asks for it: "syncing" above).
         PERFORM pg_advisory_xact_lock_shared(cde._feed_step_lock(f.feed_table));
+    ELSIF mode = 'apply' AND keys IS NULL THEN
+        -- A rebuild of every key (a TRUNCATE or a new definition during a full sync) cannot
+        -- leave the traces a collect of some keys leaves for steps writing from an older
+        -- snapshot ("touch" and "tomb" below): it would rewrite the whole table, and it cannot
+        -- name the keys the source lost that have no row yet. It waits for the feed's steps
+        -- instead, and keeps new ones from starting until it commits: its snapshot, taken
+        -- after, sees what they wrote, and theirs will see what it writes. Rare, and one step
+        -- long.
+        PERFORM pg_advisory_xact_lock(cde._feed_step_lock(f.feed_table));
     END IF;
     CASE mode
     WHEN 'apply' THEN
@@ -214,10 +223,7 @@ BEGIN
         -- every one of these rows, in key order, so no step writes between the two. Same values,
         -- no indexed column changed (heap-only where the page has room), the same state: nothing
         -- is sent again, even from a slice in flight (cde._record finds a moved row by key).
-        -- A rebuild of every key (keys NULL: a TRUNCATE or a new definition during a full sync)
-        -- touches nothing: it would rewrite the whole table. Its A, B, A case (a TRUNCATE that
-        -- puts back what it removed, during a step that saw the B) waits for the key's next
-        -- change or the next full sync (docs/nothing-lost.md).
+        -- A rebuild of every key (keys NULL) touches nothing: no step writes beside it (above).
         IF syncing THEN
             EXECUTE format($q$
                 UPDATE %s AS t SET hash = t.hash
