@@ -169,6 +169,7 @@ pub fn deliver() -> bool {
     // commit (its cde.sync_posts row is there), and may the feed still be sent to?
     let checked = guarded(|| {
         Own.run(|| {
+            crate::locks::keep_drop_out();
             let committed =
                 Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT 1 FROM cde.sync_posts WHERE id = $1)", &[post.into()]);
             committed.map(|c| (c, STATE.with(|s| target(&mut s.borrow_mut(), &stash.feed))))
@@ -281,6 +282,7 @@ fn report(post: i64, dest_name: &str, posted: Posted, bytes: u64) -> bool {
     let sent = (posted.pending.items.len() - not_taken.len()) as u64;
     let reported = guarded(|| {
         Own.run(|| {
+            crate::locks::keep_drop_out();
             Spi::run_with_args(
                 "SELECT cde._posted($1, $2, $3, $4, $5, $6, $7, $8)",
                 &[

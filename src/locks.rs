@@ -79,6 +79,15 @@ fn unlock_session(key: i64) {
     }
 }
 
+/// Keep DROP EXTENSION out until this transaction ends, as a full sync step does ([`SYNC_STEP`],
+/// shared). For a sync builder's transactions between its steps (a post's check, what came of
+/// it), which read and write cde's tables too: a DROP that took the lock before them, and then
+/// some of those tables, would deadlock with them. Taken first, before any table.
+pub fn keep_drop_out() {
+    use pgrx::prelude::*;
+    Spi::run_with_args("SELECT pg_catalog.pg_advisory_xact_lock_shared($1)", &[SYNC_STEP.into()]).unwrap_or_else(|e| error!("{e}"));
+}
+
 /// Take the iteration lock, for the transaction or (`session`) until released, telling this
 /// database's worker that a session waits: it starts no new send pass and releases the lock once
 /// the slices it has out came back, so the wait is bounded by the requests in flight (each by its
