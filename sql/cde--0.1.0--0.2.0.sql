@@ -1050,8 +1050,8 @@ BEGIN
         -- snapshot ("touch" and "tomb" below): it would rewrite the whole table, and it cannot
         -- name the keys the source lost that have no row yet. It waits for the feed's steps
         -- instead, and keeps new ones from starting until it commits: its snapshot, taken
-        -- after, sees what they wrote, and theirs will see what it writes. Rare, and one step
-        -- long.
+        -- after, sees what they wrote, and theirs will see what it writes. cde._collect has it
+        -- already, or did not wait for it (it tries).
         PERFORM pg_advisory_xact_lock(cde._feed_step_lock(f.feed_table));
     END IF;
     CASE mode
@@ -1365,6 +1365,17 @@ BEGIN
         IF NOT cde._syncing(f.name) THEN
             PERFORM @extschema@.cde_full_sync(f.name);
             keys := 0; changed := 0; deleted := 0;
+            RETURN;
+        END IF;
+        -- A rebuild of every key waits for the feed's steps under way (cde._rebuild). Not here:
+        -- a step may wait for this transaction (cde_sync_now() collects and takes steps in one),
+        -- and queued behind the wait, new steps would too. While a step holds the feed's step
+        -- lock, the key set goes back in the queue, and nothing counts as taken (drained 0),
+        -- so that no caller collects it again at once: a builder wakes the worker after each
+        -- chunk, and the next collect tries again.
+        IF NOT pg_try_advisory_xact_lock(cde._feed_step_lock(f.feed_table)) THEN
+            INSERT INTO cde.queue (feed, all_keys) VALUES (f.name, true);
+            drained := 0; keys := 0; changed := 0; deleted := 0;
             RETURN;
         END IF;
         key_set := NULL;     -- rebuild every key the source has, and every key the table has

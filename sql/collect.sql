@@ -68,6 +68,17 @@ BEGIN
             keys := 0; changed := 0; deleted := 0;
             RETURN;
         END IF;
+        -- A rebuild of every key waits for the feed's steps under way (cde._rebuild). Not here:
+        -- a step may wait for this transaction (cde_sync_now() collects and takes steps in one),
+        -- and queued behind the wait, new steps would too. While a step holds the feed's step
+        -- lock, the key set goes back in the queue, and nothing counts as taken (drained 0),
+        -- so that no caller collects it again at once: a builder wakes the worker after each
+        -- chunk, and the next collect tries again.
+        IF NOT pg_try_advisory_xact_lock(cde._feed_step_lock(f.feed_table)) THEN
+            INSERT INTO cde.queue (feed, all_keys) VALUES (f.name, true);
+            drained := 0; keys := 0; changed := 0; deleted := 0;
+            RETURN;
+        END IF;
         key_set := NULL;     -- rebuild every key the source has, and every key the table has
     ELSIF key_set IS NULL THEN
         keys := 0; changed := 0; deleted := 0;

@@ -175,8 +175,8 @@ BEGIN
         -- snapshot ("touch" and "tomb" below): it would rewrite the whole table, and it cannot
         -- name the keys the source lost that have no row yet. It waits for the feed's steps
         -- instead, and keeps new ones from starting until it commits: its snapshot, taken
-        -- after, sees what they wrote, and theirs will see what it writes. Rare, and one step
-        -- long.
+        -- after, sees what they wrote, and theirs will see what it writes. cde._collect has it
+        -- already, or did not wait for it (it tries).
         PERFORM pg_advisory_xact_lock(cde._feed_step_lock(f.feed_table));
     END IF;
     CASE mode
