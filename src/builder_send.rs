@@ -15,7 +15,7 @@
 //! docs/nothing-lost.md, "Full syncs sent by builders".
 
 use crate::deliver::{post_slice, Pending, Posted};
-use crate::destination::Destinations;
+use crate::destination::{Destination, Destinations};
 use crate::engine::Txn;
 use crate::gucs::Settings;
 use crate::shmem;
@@ -128,7 +128,7 @@ fn sends(feed: &str) -> bool {
 /// The feed's destination and batch size, if this builder may send to it now, as the worker
 /// would: not stopped, not paused, the feed immediate, neither it nor its destination held,
 /// failing, disabled or rate limited, and `cde._builders_may_send`. In a transaction.
-fn target(s: &mut State, feed: &str) -> Option<(String, usize)> {
+fn target(s: &mut State, feed: &str) -> Option<(Arc<Destination>, usize)> {
     if s.stopped {
         return None;
     }
@@ -150,7 +150,8 @@ fn target(s: &mut State, feed: &str) -> Option<(String, usize)> {
     if !d.sendable() || d.spacing.is_some() {
         return None;
     }
-    Some((dest, if batch > 0 { batch as usize } else { d.batch_size }))
+    let batch = if batch > 0 { batch as usize } else { d.batch_size };
+    Some((d, batch))
 }
 
 /// After a step: what the chunk before it posted is said (`cde._posted`), and what this step's
@@ -196,24 +197,22 @@ thread_local! {
     static IN_FLIGHT: RefCell<Option<InFlight>> = const { RefCell::new(None) };
 }
 
-/// Send a committed chunk's documents on a thread to `target` (destination, batch size); with
-/// none (this builder stopped sending, or is stopping), hand them to the worker at once.
-fn start(post: i64, stash: Stash, target: Option<(String, usize)>) -> bool {
+/// Send a committed chunk's documents on a thread to `target` (destination, batch size: from
+/// `target()`); with none (this builder stopped sending, or is stopping), hand them to the worker
+/// at once.
+fn start(post: i64, stash: Stash, target: Option<(Arc<Destination>, usize)>) -> bool {
     let Stash { feed, keys, docs, .. } = stash;
     let items: Vec<Item> = keys.into_iter().zip(docs).map(|(key, doc)| Item { key, deleted: false, doc: Some(doc) }).collect();
-    let sending = target.and_then(|(dest_name, batch)| {
-        STATE.with(|s| {
-            let mut s = s.borrow_mut();
-            let s = &mut *s;
-            let dest = s.destinations.get(&dest_name).filter(|_| !s.stopped)?;
-            let counter = Arc::clone(&s.bytes);
-            let transport = s.transport.take().unwrap_or_else(|| Transport::new(dest.timeout, counter));
-            Some((transport, dest, dest_name, batch, Arc::clone(&s.bytes)))
-        })
-    });
-    let Some((mut transport, dest, dest_name, batch, bytes)) = sending else {
+    let Some((dest, batch)) = target else {
         return report(post, "", Posted::unsent(Pending { items, ..Pending::default() }), 0);
     };
+    let (mut transport, bytes) = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let bytes = Arc::clone(&s.bytes);
+        let transport = s.transport.take().unwrap_or_else(|| Transport::new(dest.timeout, Arc::clone(&bytes)));
+        (transport, bytes)
+    });
+    let dest_name = dest.name.clone();
     let thread = crate::pump::spawn_without_signals("cde builder post".into(), move || {
         let before = bytes.load(Ordering::Relaxed);
         let pending = Pending { items, ..Pending::default() };
