@@ -110,11 +110,7 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
         }
         let step = crate::worker::guarded(|| {
             Own.run(|| {
-                let installed = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cde')")
-                    .ok()
-                    .flatten()
-                    .unwrap_or(false);
-                installed.then(|| sync::step_waiting(true))
+                installed().then(|| sync::step_waiting(true))
             })
         })
         .unwrap_or_else(|e| {
@@ -144,6 +140,15 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
     // The last chunk's post, on its way: said before this builder goes.
     crate::builder_send::finish();
     log!("cde: sync builder done after {chunks} steps");
+}
+
+/// Whether cde is installed in this builder's database (in a transaction): DROP EXTENSION may
+/// come between two of its steps.
+pub fn installed() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'cde')")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// This builder's pid in its database's slot; `None` when the database has no slot (its worker

@@ -308,6 +308,12 @@ fn report(post: i64, dest_name: &str, posted: Posted, bytes: u64) -> bool {
         Ok(Err(e)) => e.to_string(),
         Err(e) => e,
     };
+    // DROP EXTENSION while the request was out: its keys, its feed table and its row of
+    // cde.sync_posts went with cde, and there is nothing left for them to go back to.
+    if guarded(|| Own.run(crate::builder::installed)) == Ok(false) {
+        log!("cde: a sync builder's post {post} came back after cde was dropped from this database; it stops, with nothing left to record");
+        return false;
+    }
     warning!("cde: a sync builder could not say what came of its post {post}; it stops, and its keys go again: {failed}");
     false
 }

@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import SOCKET, Db, fresh_catalog, reconnect, restart_postgres, wait_until
+from conftest import SERVER_LOG, SOCKET, Db, fresh_catalog, reconnect, restart_postgres, wait_until
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 SYS_TGKILL = 234  # x86_64
@@ -27,6 +27,25 @@ def test_drop_extension_while_the_worker_is_busy(db, sink):
                    lambda: db.one("SELECT status FROM cde_sync_runs") != 'preparing')
     fresh_catalog(db, products=10)
     assert db.one("SELECT count(*) FROM cde_sync_runs") == 0
+
+
+def test_a_builder_posting_while_cde_is_dropped_says_so(db, sink):
+    # DROP EXTENSION while a sync builder's post is out (it waits for the builder's step, not
+    # for its request): the request comes back to a database without cde. The builder says so
+    # and stops; it does not warn that the post's keys "go again": they went with cde.
+    fresh_catalog(db, products=2000)
+    db.configure(batch_size=20)
+    sink.fault(feed="products", delay_ms=50)   # the 2000 documents take about 5 seconds
+    db.run("SELECT cde_full_sync('products')")
+    wait_until("a builder posting", lambda: db.one("SELECT count(*) FROM cde.sync_posts") > 0, timeout=30, interval=0.01)
+    log_start = SERVER_LOG.stat().st_size
+    db.run("DROP EXTENSION cde CASCADE")
+    said = "came back after cde was dropped from this database; it stops, with nothing left to record"
+    wait_until("the builder to say its post came back to no cde",
+               lambda: said in SERVER_LOG.read_text(errors="replace")[log_start:], timeout=60, interval=0.2)
+    assert "could not say what came of its post" not in SERVER_LOG.read_text(errors="replace")[log_start:]
+    sink.clear_faults()
+    fresh_catalog(db, products=10)
 
 
 def sighup_other_threads(pid):
