@@ -1323,6 +1323,8 @@ DECLARE
     everything boolean;
     res      record;
     chunk    int := cde._chunk_size();
+    seqscan  text := current_setting('enable_seqscan');
+    bitmaps  text := current_setting('enable_bitmapscan');
 BEGIN
     failed := 0;
     SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
@@ -1333,6 +1335,13 @@ BEGIN
     -- The oldest queue rows holding about max_keys keys (at least one row; rows hold at most
     -- cde._chunk_size() keys, see cde._enqueue), so that one call is a bounded amount of work
     -- and sending is never far behind collecting.
+    -- Along the queue's (feed, id) index, in its order, whatever the statistics say: a queue
+    -- fills in seconds (single-row writes while the worker is paused or its destination down)
+    -- and autoanalyze comes a minute later. Going by a queue analyzed nearly empty, the planner
+    -- read the whole queue, or all of the feed's rows, and sorted them for each slice
+    -- (docs/benchmarks.md, "Decisions and their measurements"). Only for this statement: the
+    -- source queries below plan as their owners' settings say.
+    PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true);
     WITH slice AS (
         SELECT x.id FROM (
             SELECT q.id, sum(coalesce(cardinality(q.keys), 0)) OVER (ORDER BY q.id) - coalesce(cardinality(q.keys), 0) AS before
@@ -1352,6 +1361,7 @@ BEGIN
            (SELECT array_agg(DISTINCT u COLLATE "C" ORDER BY u COLLATE "C") FROM taken t2, unnest(t2.keys) AS u)
       INTO drained, everything, key_set
       FROM taken;
+    PERFORM set_config('enable_seqscan', seqscan, true), set_config('enable_bitmapscan', bitmaps, true);
     IF drained = 0 THEN
         keys := 0; changed := 0; deleted := 0;
         RETURN;
@@ -3281,10 +3291,13 @@ AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 -- beyond, those two samples give how densely the feed's ids run (ids are shared by all feeds)
 -- over the span between them. Keys are counted in the oldest 1,000 rows (a row holds up to
 -- 5,000): exact up to 1,000 rows, else as many per row. queue_exact says which.
+-- Every read here goes along an index, in its order, whatever the statistics say: the queue's
+-- are behind whenever it fills fast (cde._collect says why), and by them the planner read and
+-- sorted the whole queue for each sample.
 CREATE FUNCTION cde._feed_counts()
 RETURNS TABLE (feed text, oldest_unsent timestamptz, queue_rows bigint, queue_keys bigint, oldest_queued timestamptz,
                queue_exact boolean)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     sample constant int := 10000;
     key_sample constant int := 1000;

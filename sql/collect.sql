@@ -24,6 +24,8 @@ DECLARE
     everything boolean;
     res      record;
     chunk    int := cde._chunk_size();
+    seqscan  text := current_setting('enable_seqscan');
+    bitmaps  text := current_setting('enable_bitmapscan');
 BEGIN
     failed := 0;
     SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
@@ -34,6 +36,13 @@ BEGIN
     -- The oldest queue rows holding about max_keys keys (at least one row; rows hold at most
     -- cde._chunk_size() keys, see cde._enqueue), so that one call is a bounded amount of work
     -- and sending is never far behind collecting.
+    -- Along the queue's (feed, id) index, in its order, whatever the statistics say: a queue
+    -- fills in seconds (single-row writes while the worker is paused or its destination down)
+    -- and autoanalyze comes a minute later. Going by a queue analyzed nearly empty, the planner
+    -- read the whole queue, or all of the feed's rows, and sorted them for each slice
+    -- (docs/benchmarks.md, "Decisions and their measurements"). Only for this statement: the
+    -- source queries below plan as their owners' settings say.
+    PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true);
     WITH slice AS (
         SELECT x.id FROM (
             SELECT q.id, sum(coalesce(cardinality(q.keys), 0)) OVER (ORDER BY q.id) - coalesce(cardinality(q.keys), 0) AS before
@@ -53,6 +62,7 @@ BEGIN
            (SELECT array_agg(DISTINCT u COLLATE "C" ORDER BY u COLLATE "C") FROM taken t2, unnest(t2.keys) AS u)
       INTO drained, everything, key_set
       FROM taken;
+    PERFORM set_config('enable_seqscan', seqscan, true), set_config('enable_bitmapscan', bitmaps, true);
     IF drained = 0 THEN
         keys := 0; changed := 0; deleted := 0;
         RETURN;

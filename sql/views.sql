@@ -10,10 +10,13 @@
 -- beyond, those two samples give how densely the feed's ids run (ids are shared by all feeds)
 -- over the span between them. Keys are counted in the oldest 1,000 rows (a row holds up to
 -- 5,000): exact up to 1,000 rows, else as many per row. queue_exact says which.
+-- Every read here goes along an index, in its order, whatever the statistics say: the queue's
+-- are behind whenever it fills fast (cde._collect says why), and by them the planner read and
+-- sorted the whole queue for each sample.
 CREATE FUNCTION cde._feed_counts()
 RETURNS TABLE (feed text, oldest_unsent timestamptz, queue_rows bigint, queue_keys bigint, oldest_queued timestamptz,
                queue_exact boolean)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET enable_seqscan = off SET enable_bitmapscan = off AS $$
 DECLARE
     sample constant int := 10000;
     key_sample constant int := 1000;

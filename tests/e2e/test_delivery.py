@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import SERVER_LOG, Db, kill_worker, wait_until
+from conftest import SERVER_LOG, Db, connect, kill_worker, wait_until
 
 
 def name_at_sink(sink, key):
@@ -252,3 +252,28 @@ def test_the_workers_writes_are_counted_for_autovacuum(catalog, sink):
     wait_until("delivery", lambda: all(name_at_sink(sink, k) == f"counted {k}" for k in range(40, 60)))
     # Collect rewrites the 20 documents and delivery records them: 40 updates, 1 queue row.
     wait_until("the worker's writes counted", lambda: counts()[0] >= updated + 40 and counts()[1] >= deleted + 1, timeout=15)
+
+
+def test_the_queue_is_read_by_its_index_whatever_its_statistics_say(catalog):
+    # A queue fills in seconds and autoanalyze comes a minute later: its statistics are often
+    # those of a queue nearly empty. Planning by them, a collect read and sorted the whole queue
+    # for each slice, and deleted the slice by reading it all again; the status views did the
+    # same for their samples. Here statistics say "a few rows" over 20,000 queued rows, and the
+    # plans of a collect and of cde_feed_status (auto_explain, nested statements included) must
+    # read the queue along its index, in its order: no scan of the whole queue, nor of all the
+    # feed's rows (a bitmap scan) to sort them.
+    catalog.configure(pause="on")
+    with connect() as conn:
+        plans = []
+        conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+        with conn.transaction(force_rollback=True):
+            conn.execute("INSERT INTO cde.queue (feed, keys) SELECT 'products', ARRAY[(i % 200 + 1)::text] FROM generate_series(1, 20000) AS i")
+            conn.execute("UPDATE pg_class SET reltuples = 20000, relpages = 1000 WHERE oid = 'cde.queue'::regclass")
+            conn.execute("LOAD 'auto_explain'")
+            for setting, value in [("log_min_duration", "0"), ("log_nested_statements", "on"), ("log_level", "notice")]:
+                conn.execute(f"SET LOCAL auto_explain.{setting} = {value}")
+            assert conn.execute("SELECT queued_changes FROM cde_feed_status WHERE feed = 'products'").fetchone()[0] == 20000
+            assert conn.execute("SELECT drained FROM cde._collect('products')").fetchone()[0] > 0
+    reads = [p for p in plans if re.search(r"\bon queue\b|queue_feed_id", p)]
+    assert reads, "no plan read the queue"
+    assert not [p for p in reads if re.search(r"(Seq|Bitmap Heap) Scan on queue\b", p)], "\n\n".join(reads)
