@@ -1323,8 +1323,6 @@ DECLARE
     everything boolean;
     res      record;
     chunk    int := cde._chunk_size();
-    seqscan  text := current_setting('enable_seqscan');
-    bitmaps  text := current_setting('enable_bitmapscan');
 BEGIN
     failed := 0;
     SELECT * INTO f FROM cde.feeds WHERE name = p_feed;
@@ -1335,33 +1333,7 @@ BEGIN
     -- The oldest queue rows holding about max_keys keys (at least one row; rows hold at most
     -- cde._chunk_size() keys, see cde._enqueue), so that one call is a bounded amount of work
     -- and sending is never far behind collecting.
-    -- Along the queue's (feed, id) index, in its order, whatever the statistics say: a queue
-    -- fills in seconds (single-row writes while the worker is paused or its destination down)
-    -- and autoanalyze comes a minute later. Going by a queue analyzed nearly empty, the planner
-    -- read the whole queue, or all of the feed's rows, and sorted them for each slice
-    -- (docs/benchmarks.md, "Decisions and their measurements"). Only for this statement: the
-    -- source queries below plan as their owners' settings say.
-    PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true);
-    WITH slice AS (
-        SELECT x.id FROM (
-            SELECT q.id, sum(coalesce(cardinality(q.keys), 0)) OVER (ORDER BY q.id) - coalesce(cardinality(q.keys), 0) AS before
-              FROM cde.queue q WHERE q.feed = f.name ORDER BY q.id LIMIT max_keys
-        ) AS x WHERE x.before < max_keys
-    ), taken AS (
-        -- The slice is the feed's oldest rows, up to an id: one range of the queue's (feed, id)
-        -- index, in this statement's snapshot (a row committed since is not in it, and stays).
-        -- Deleting them by a join on the id alone finds no index and reads the whole queue on
-        -- every call (docs/benchmarks.md, "Decisions and their measurements").
-        DELETE FROM cde.queue q
-         WHERE q.feed = f.name AND q.id <= (SELECT max(slice.id) FROM slice)
-        RETURNING q.keys, q.all_keys
-    )
-    -- In byte order, as the rebuilds write rows (cde._rebuild): chunk after chunk too.
-    SELECT count(*), coalesce(bool_or(all_keys), false),
-           (SELECT array_agg(DISTINCT u COLLATE "C" ORDER BY u COLLATE "C") FROM taken t2, unnest(t2.keys) AS u)
-      INTO drained, everything, key_set
-      FROM taken;
-    PERFORM set_config('enable_seqscan', seqscan, true), set_config('enable_bitmapscan', bitmaps, true);
+    SELECT s.drained, s.everything, s.key_set INTO drained, everything, key_set FROM cde._take_slice(f.name, max_keys) AS s;
     IF drained = 0 THEN
         keys := 0; changed := 0; deleted := 0;
         RETURN;
@@ -1405,6 +1377,36 @@ BEGIN
         failed := failed + res.r_failed;
     END LOOP;
 END $$;
+
+-- Take (delete) the feed's oldest queue rows holding about max_keys keys, at least one row: how
+-- many rows, whether one asked for every key, and their keys, distinct, in byte order (as the
+-- rebuilds write rows, chunk after chunk too).
+-- Along the queue's (feed, id) index, in its order, whatever the statistics say (the SET
+-- clauses, for this function alone: the source queries cde._collect runs next plan as their
+-- owners' settings say). A queue fills in seconds (single-row writes while the worker is paused
+-- or its destination down) and autoanalyze comes a minute later; going by a queue analyzed
+-- nearly empty, the planner read the whole queue, or all of the feed's rows, and sorted them
+-- for each slice (docs/benchmarks.md, "Decisions and their measurements").
+CREATE FUNCTION cde._take_slice(feed text, max_keys int, OUT drained bigint, OUT everything boolean, OUT key_set text[])
+LANGUAGE sql SET enable_seqscan = off SET enable_bitmapscan = off SET search_path = pg_catalog, pg_temp AS $$
+    WITH slice AS (
+        SELECT x.id FROM (
+            SELECT q.id, sum(coalesce(cardinality(q.keys), 0)) OVER (ORDER BY q.id) - coalesce(cardinality(q.keys), 0) AS before
+              FROM cde.queue q WHERE q.feed = _take_slice.feed ORDER BY q.id LIMIT max_keys
+        ) AS x WHERE x.before < max_keys
+    ), taken AS (
+        -- The slice is the feed's oldest rows, up to an id: one range of the queue's (feed, id)
+        -- index, in this statement's snapshot (a row committed since is not in it, and stays).
+        -- Deleting them by a join on the id alone finds no index and reads the whole queue on
+        -- every call (docs/benchmarks.md, "Decisions and their measurements").
+        DELETE FROM cde.queue q
+         WHERE q.feed = _take_slice.feed AND q.id <= (SELECT max(slice.id) FROM slice)
+        RETURNING q.keys, q.all_keys
+    )
+    SELECT count(*), coalesce(bool_or(all_keys), false),
+           (SELECT array_agg(DISTINCT u COLLATE "C" ORDER BY u COLLATE "C") FROM taken t2, unnest(t2.keys) AS u)
+      FROM taken
+$$;
 
 -- Rebuild one set of keys (NULL: all). If that fails (a source query that errors for some rows),
 -- find out which keys, one at a time: they are recorded with their error, the others go on.
@@ -3292,7 +3294,7 @@ AS 'MODULE_PATHNAME', '_doc_hash_wrapper';
 -- over the span between them. Keys are counted in the oldest 1,000 rows (a row holds up to
 -- 5,000): exact up to 1,000 rows, else as many per row. queue_exact says which.
 -- Every read here goes along an index, in its order, whatever the statistics say: the queue's
--- are behind whenever it fills fast (cde._collect says why), and by them the planner read and
+-- are behind whenever it fills fast (cde._take_slice says why), and by them the planner read and
 -- sorted the whole queue for each sample.
 CREATE FUNCTION cde._feed_counts()
 RETURNS TABLE (feed text, oldest_unsent timestamptz, queue_rows bigint, queue_keys bigint, oldest_queued timestamptz,

@@ -11,7 +11,7 @@
 -- over the span between them. Keys are counted in the oldest 1,000 rows (a row holds up to
 -- 5,000): exact up to 1,000 rows, else as many per row. queue_exact says which.
 -- Every read here goes along an index, in its order, whatever the statistics say: the queue's
--- are behind whenever it fills fast (cde._collect says why), and by them the planner read and
+-- are behind whenever it fills fast (cde._take_slice says why), and by them the planner read and
 -- sorted the whole queue for each sample.
 CREATE FUNCTION cde._feed_counts()
 RETURNS TABLE (feed text, oldest_unsent timestamptz, queue_rows bigint, queue_keys bigint, oldest_queued timestamptz,

@@ -17,7 +17,7 @@ use crate::sync::{self, Step};
 use crate::worker::Own;
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a builder finding every lane left taken waits for one before it exits, and how often
@@ -142,13 +142,22 @@ pub extern "C-unwind" fn cde_builder_main(arg: pg_sys::Datum) {
     log!("cde: sync builder done after {chunks} steps");
 }
 
-/// Whether cde is installed in this builder's database (in a transaction): DROP EXTENSION may
-/// come between two of its steps.
+/// The cde this builder serves: the oid of its pg_extension row, as the builder first found it.
+/// A DROP EXTENSION between two of its steps, and a CREATE EXTENSION after it, make another cde,
+/// which is not this builder's: nothing of the first one's (a post out, a step) belongs in it.
+static SERVES: AtomicU32 = AtomicU32::new(0);
+
+/// Whether the cde this builder serves is still installed, in a transaction; the first call
+/// says which one that is.
 pub fn installed() -> bool {
-    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'cde')")
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    let now = Spi::get_one::<pg_sys::Oid>("SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'cde'")
+        .unwrap_or_else(|e| error!("cde: {e}"))
+        .map_or(0, u32::from);
+    let serves = match SERVES.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => now,
+        Err(first) => first,
+    };
+    now != 0 && now == serves
 }
 
 /// This builder's pid in its database's slot; `None` when the database has no slot (its worker

@@ -279,9 +279,14 @@ fn report(post: i64, dest_name: &str, posted: Posted, bytes: u64) -> bool {
         .collect();
     let error = posted.error_text();
     let sent = (posted.pending.items.len() - not_taken.len()) as u64;
+    // False: cde was dropped while the request was out (and maybe created again): the post's
+    // keys, feed table and row of cde.sync_posts went with it, and nothing is left to record.
     let reported = guarded(|| {
         Own.run(|| {
             crate::locks::keep_drop_out();
+            if !crate::builder::installed() {
+                return Ok(false);
+            }
             Spi::run_with_args(
                 "SELECT cde._posted($1, $2, $3, $4, $5, $6, $7, $8)",
                 &[
@@ -295,6 +300,7 @@ fn report(post: i64, dest_name: &str, posted: Posted, bytes: u64) -> bool {
                     posted.answered().into(),
                 ],
             )
+            .map(|()| true)
         })
     });
     if let Some(w) = shmem::worker() {
@@ -304,16 +310,14 @@ fn report(post: i64, dest_name: &str, posted: Posted, bytes: u64) -> bool {
         w.builders_requests_failed.fetch_add(posted.failed_requests, Ordering::Relaxed);
     }
     let failed = match reported {
-        Ok(Ok(())) => return true,
+        Ok(Ok(true)) => return true,
+        Ok(Ok(false)) => {
+            log!("cde: a sync builder's post {post} came back after cde was dropped from this database; it stops, with nothing left to record");
+            return false;
+        }
         Ok(Err(e)) => e.to_string(),
         Err(e) => e,
     };
-    // DROP EXTENSION while the request was out: its keys, its feed table and its row of
-    // cde.sync_posts went with cde, and there is nothing left for them to go back to.
-    if guarded(|| Own.run(crate::builder::installed)) == Ok(false) {
-        log!("cde: a sync builder's post {post} came back after cde was dropped from this database; it stops, with nothing left to record");
-        return false;
-    }
     warning!("cde: a sync builder could not say what came of its post {post}; it stops, and its keys go again: {failed}");
     false
 }

@@ -256,23 +256,28 @@ def test_the_workers_writes_are_counted_for_autovacuum(catalog, sink):
 
 def test_the_queue_is_read_by_its_index_whatever_its_statistics_say(catalog):
     # A queue fills in seconds and autoanalyze comes a minute later: its statistics are often
-    # those of a queue nearly empty. Planning by them, a collect read and sorted the whole queue
-    # for each slice, and deleted the slice by reading it all again; the status views did the
-    # same for their samples. Here statistics say "a few rows" over 20,000 queued rows, and the
-    # plans of a collect and of cde_feed_status (auto_explain, nested statements included) must
-    # read the queue along its index, in its order: no scan of the whole queue, nor of all the
-    # feed's rows (a bitmap scan) to sort them.
+    # those of a queue nearly empty, over pages emptied since. Planning by them, a collect read
+    # and sorted the whole queue for each slice, and the status views did the same for their
+    # samples. Here the queue is analyzed with 30 rows, pg_class then says two rows a page (as
+    # measured on the benchmark's cluster), and 20,000 rows are queued: the plans of a collect
+    # and of cde_feed_status (auto_explain, nested statements included) must read the queue
+    # along its index, in its order: no scan of the whole queue, nor of all the feed's rows (a
+    # bitmap scan) to sort them.
     catalog.configure(pause="on")
     with connect() as conn:
         plans = []
         conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
         with conn.transaction(force_rollback=True):
-            conn.execute("INSERT INTO cde.queue (feed, keys) SELECT 'products', ARRAY[(i % 200 + 1)::text] FROM generate_series(1, 20000) AS i")
-            conn.execute("UPDATE pg_class SET reltuples = 20000, relpages = 1000 WHERE oid = 'cde.queue'::regclass")
+            def queue(n):
+                conn.execute(f"INSERT INTO cde.queue (feed, keys) SELECT 'products', ARRAY[(i % 200 + 1)::text] FROM generate_series(1, {n}) AS i")
+            queue(30)
+            conn.execute("ANALYZE cde.queue")
+            conn.execute("UPDATE pg_class SET reltuples = 5732, relpages = 2841 WHERE oid = 'cde.queue'::regclass")
+            queue(20000)
             conn.execute("LOAD 'auto_explain'")
             for setting, value in [("log_min_duration", "0"), ("log_nested_statements", "on"), ("log_level", "notice")]:
                 conn.execute(f"SET LOCAL auto_explain.{setting} = {value}")
-            assert conn.execute("SELECT queued_changes FROM cde_feed_status WHERE feed = 'products'").fetchone()[0] == 20000
+            assert conn.execute("SELECT queued_changes FROM cde_feed_status WHERE feed = 'products'").fetchone()[0] == 20030
             assert conn.execute("SELECT drained FROM cde._collect('products')").fetchone()[0] > 0
     reads = [p for p in plans if re.search(r"\bon queue\b|queue_feed_id", p)]
     assert reads, "no plan read the queue"

@@ -31,8 +31,9 @@ def test_drop_extension_while_the_worker_is_busy(db, sink):
 
 def test_a_builder_posting_while_cde_is_dropped_says_so(db, sink):
     # DROP EXTENSION while a sync builder's post is out (it waits for the builder's step, not
-    # for its request): the request comes back to a database without cde. The builder says so
-    # and stops; it does not warn that the post's keys "go again": they went with cde.
+    # for its request), and CREATE EXTENSION at once: the request comes back to another cde.
+    # The builder says so and stops; it neither warns that the post's keys "go again" (they went
+    # with the first cde) nor records anything of it in the new one.
     fresh_catalog(db, products=2000)
     db.configure(batch_size=20)
     sink.fault(feed="products", delay_ms=50)   # the 2000 documents take about 5 seconds
@@ -40,10 +41,12 @@ def test_a_builder_posting_while_cde_is_dropped_says_so(db, sink):
     wait_until("a builder posting", lambda: db.one("SELECT count(*) FROM cde.sync_posts") > 0, timeout=30, interval=0.01)
     log_start = SERVER_LOG.stat().st_size
     db.run("DROP EXTENSION cde CASCADE")
+    db.run("CREATE EXTENSION cde")
     said = "came back after cde was dropped from this database; it stops, with nothing left to record"
-    wait_until("the builder to say its post came back to no cde",
+    wait_until("the builder to say its post came back to another cde",
                lambda: said in SERVER_LOG.read_text(errors="replace")[log_start:], timeout=60, interval=0.2)
     assert "could not say what came of its post" not in SERVER_LOG.read_text(errors="replace")[log_start:]
+    assert db.one("SELECT requests FROM cde_destinations WHERE name = 'default'") == 0
     sink.clear_faults()
     fresh_catalog(db, products=10)
 
