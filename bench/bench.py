@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import (ROOT, SCALE, SECONDS, SOCKET, PORT, conn, goal, goals, one, pgbench, report, rows, sink, wait)
+from common import (PGBENCH, ROOT, SCALE, SECONDS, SOCKET, PORT, conn, goal, goals, one, pgbench, report, rows, sink, wait)
 import peers
 
 # The peers' figures for the side-by-side table: single (ratios by clients), bulk, latency.
@@ -347,69 +347,159 @@ def backlog(db, feed="products"):
                            + (SELECT count(*) FROM cde.feed_{feed} WHERE status = 'pending')""")
 
 
-def bench_throughput(db, rows_per_statement=50, start=20_000, target=30_000):
-    """Two runs of UPDATEs of 50 neighbouring products per statement, 2 clients.
-    1. The goal, the highest rate the worker keeps up with: steady rates (pgbench -R) from `start`
-       changes/s up in steps of 5%, each for 60 s (CDE_BENCH_TP_SECONDS) with the backlog
-       sampled every second, until one is not kept up with. A rate is kept up with when the
-       writers committed it (98% of it or more: pgbench -R draws its schedule at random, and
-       commits 20,000/s give or take half a percent; it falls further short when the writers
-       themselves cannot go that fast on the shared vCPUs), the backlog did not trend up (its
-       least-squares slope after the first 5 s, over the run, adds less than one second of
-       changes: it wobbles by a second or two of changes as collects come and go) and what was
-       left at the end was delivered within 5 s.
-       The figure is the highest rate kept up with, and what was committed at it.
-    2. For information: as fast as the clients go, for SECONDS, and what the worker delivers
-       meanwhile, on the same two cores."""
-    script = (f"\\set id random(1, {SCALE - rows_per_statement})\n"
-              f"UPDATE products SET name = 'tp ' || :id || ' ' || random() WHERE id BETWEEN :id AND :id + {rows_per_statement - 1};\n")
-    seconds = int(os.environ.get("CDE_BENCH_TP_SECONDS", "60"))
+THROUGHPUT_ROWS = 50  # products per UPDATE in the throughput benchmarks
 
-    def steady(target):
-        sink("POST", "/_sink/reset", b"")
-        result, samples = [], []
-        run = threading.Thread(target=lambda: result.append(pgbench(script, seconds, clients=2, rate=target / rows_per_statement)))
-        t0 = time.monotonic()
-        run.start()
-        while run.is_alive():
-            samples.append((time.monotonic() - t0, backlog(db)))
-            run.join(1.0)
-        t_end = time.monotonic()
-        changes = result[0] * rows_per_statement
-        wait("the backlog delivered", lambda: backlog(db) == 0, 3600)
-        drain = time.monotonic() - t_end
-        settled = [(t, b) for t, b in samples if t >= 5]
-        trend = statistics.linear_regression([t for t, _ in settled], [b for _, b in settled]).slope if len(settled) > 2 else 0.0
-        peak = max([b for _, b in samples] or [0])
-        kept_up = changes >= 0.98 * target and trend * seconds < target and drain <= 5
-        line = (f"{changes:,.0f} changes/s committed at {target:,}/s; backlog trend {trend:+,.0f} keys/s, peak {peak:,} keys; "
-                f"drained {drain:.1f} s after")
-        print(f"    {line}: {'kept up' if kept_up else 'not kept up'}", flush=True)
-        return kept_up, changes, line
 
+def throughput_script():
+    return (f"\\set id random(1, {SCALE - THROUGHPUT_ROWS})\n"
+            f"UPDATE products SET name = 'tp ' || :id || ' ' || random() WHERE id BETWEEN :id AND :id + {THROUGHPUT_ROWS - 1};\n")
+
+
+def steady(db, target, seconds):
+    """One steady run: UPDATEs of 50 neighbouring products at `target` changes/s (pgbench -R, 2
+    clients) for `seconds`, the backlog sampled every second. Kept up with when the writers
+    committed it (98% of it or more: pgbench -R draws its schedule at random, and commits
+    20,000/s give or take half a percent; it falls further short when the writers themselves
+    cannot go that fast on the shared vCPUs), the backlog did not trend up (its least-squares
+    slope after the first 5 s, over the run, adds less than one second of changes: it wobbles by
+    a second or two of changes as collects come and go) and what was left at the end was
+    delivered within 5 s. Returns (kept up, the line printed)."""
+    sink("POST", "/_sink/reset", b"")
+    result, samples = [], []
+    run = threading.Thread(target=lambda: result.append(
+        pgbench(throughput_script(), seconds, clients=2, rate=target / THROUGHPUT_ROWS)))
+    t0 = time.monotonic()
+    run.start()
+    while run.is_alive():
+        samples.append((time.monotonic() - t0, backlog(db)))
+        run.join(1.0)
+    t_end = time.monotonic()
+    changes = result[0] * THROUGHPUT_ROWS
+    wait("the backlog delivered", lambda: backlog(db) == 0, 3600)
+    drain = time.monotonic() - t_end
+    settled = [(t, b) for t, b in samples if t >= 5]
+    trend = statistics.linear_regression([t for t, _ in settled], [b for _, b in settled]).slope if len(settled) > 2 else 0.0
+    peak = max([b for _, b in samples] or [0])
+    kept_up = changes >= 0.98 * target and trend * seconds < target and drain <= 5
+    line = (f"{changes:,.0f} changes/s committed at {target:,}/s; backlog trend {trend:+,.0f} keys/s, peak {peak:,} keys; "
+            f"drained {drain:.1f} s after")
+    print(f"    {line}: {'kept up' if kept_up else 'not kept up'}", flush=True)
+    return kept_up, line
+
+
+def highest_kept(db, start, seconds):
+    """Steady runs from `start` changes/s up in steps of 5% until one is not kept up with. Returns
+    the highest rate kept up with and its line (None if not even `start`), then the first rate
+    not kept up with and its line."""
     best, rate = None, start
     while True:
-        kept_up, changes, line = steady(rate)
+        kept_up, line = steady(db, rate, seconds)
         if not kept_up:
-            break
+            return best, (rate, line)
         best = (rate, line)
         rate = int(round(rate * 1.05, -2))
-    report(f"sustained throughput: the highest steady rate kept up with ({rows_per_statement} products per UPDATE, {seconds} s each)",
-           f"{best[0]:,}/s: {best[1]}; not {rate:,}/s" if best else f"none from {start:,}/s: {line}",
-           f">= {target:,} changes/s with bounded lag", best is not None and best[0] >= target)
+
+
+def kept_figure(best, first_not, start):
+    (rate, line) = first_not
+    return f"{best[0]:,}/s: {best[1]}; not {rate:,}/s" if best else f"none from {start:,}/s: {line}"
+
+
+def bench_throughput(db, start=20_000, target=30_000):
+    """Two runs of UPDATEs of 50 neighbouring products per statement, 2 clients.
+    1. The goal, the highest rate the worker keeps up with: steady rates (pgbench -R) from `start`
+       changes/s up in steps of 5%, each for 60 s (CDE_BENCH_TP_SECONDS), until one is not kept
+       up with (`steady` says when a rate is). The figure is the highest rate kept up with, and
+       what was committed at it.
+    2. For information: as fast as the clients go, for SECONDS, and what the worker delivers
+       meanwhile, on the same two cores."""
+    seconds = int(os.environ.get("CDE_BENCH_TP_SECONDS", "60"))
+    best, first_not = highest_kept(db, start, seconds)
+    report(f"sustained throughput: the highest steady rate kept up with ({THROUGHPUT_ROWS} products per UPDATE, {seconds} s each)",
+           kept_figure(best, first_not, start), f">= {target:,} changes/s with bounded lag", best is not None and best[0] >= target)
     goal("sustained changes/s kept up with (lag bounded for 60 s)", f">= {target:,}",
          f"{best[0]:,}" if best else f"below {start:,}", best is not None and best[0] >= target)
 
     sink("POST", "/_sink/reset", b"")
     t = time.monotonic()
-    tps = pgbench(script, SECONDS, clients=2)
+    tps = pgbench(throughput_script(), SECONDS, clients=2)
     t_end = time.monotonic()
     delivered_during = sink("GET", "/_sink/stats")["items_received"] / (t_end - t)
     wait("the backlog delivered", lambda: backlog(db) == 0, 3600)
     drain = time.monotonic() - t_end
-    report(f"flat-out writes ({rows_per_statement} products per UPDATE, 2 clients, {SECONDS} s)",
-           f"{tps * rows_per_statement:,.0f} changes/s committed, {delivered_during:,.0f} docs/s delivered meanwhile, backlog drained {drain:.1f} s after",
+    report(f"flat-out writes ({THROUGHPUT_ROWS} products per UPDATE, 2 clients, {SECONDS} s)",
+           f"{tps * THROUGHPUT_ROWS:,.0f} changes/s committed, {delivered_during:,.0f} docs/s delivered meanwhile, backlog drained {drain:.1f} s after",
            "(no goal: writers and worker share 2 cores)", True)
+
+
+# The least a change can cost the worker in any design that keeps a feed table: its document built
+# by the feed's source query and its row written. For the ceilings, the rebuild writes a changed
+# row as 'sent' rather than 'pending' (in this database, undone after): nothing is read back,
+# recorded or posted. The text of cde._rebuild it swaps (the status of a row a collect writes).
+CEILING_WRITE = ("'', '''pending'''),", "'', '''sent'''),")
+
+
+def rebuild_writes_sent(db, on):
+    before, after = CEILING_WRITE if on else CEILING_WRITE[::-1]
+    text = one(db, "SELECT pg_get_functiondef('cde._rebuild(text, text[], text, text, int, int, int)'::regprocedure)")
+    if text.count(before) != 1:
+        raise SystemExit(f"cde._rebuild has changed: {before!r} is not in it once; update CEILING_WRITE in bench/bench.py")
+    db.execute(text.replace(before, after))
+
+
+# For the second collecting session: each collect takes the oldest queue rows no other holds
+# (SKIP LOCKED), as the fifteenth session's design did; the queue's range delete would make the
+# second collect wait for the first. The output and the rows taken are as cde._take_slice's.
+SKIP_LOCKED_SLICE = """
+CREATE OR REPLACE FUNCTION cde._take_slice(feed text, max_keys int, OUT drained bigint, OUT everything boolean, OUT key_set text[])
+LANGUAGE sql SET enable_seqscan = off SET enable_bitmapscan = off SET search_path = pg_catalog, pg_temp AS $$
+    WITH free AS (
+        SELECT q.id, q.keys FROM cde.queue q WHERE q.feed = _take_slice.feed ORDER BY q.id LIMIT max_keys FOR UPDATE SKIP LOCKED
+    ), slice AS (
+        SELECT x.id FROM (SELECT free.id, sum(coalesce(cardinality(free.keys), 0)) OVER (ORDER BY free.id)
+                                            - coalesce(cardinality(free.keys), 0) AS before FROM free) AS x
+         WHERE x.before < max_keys
+    ), taken AS (
+        DELETE FROM cde.queue q WHERE q.feed = _take_slice.feed AND q.id IN (SELECT slice.id FROM slice)
+        RETURNING q.keys, q.all_keys
+    )
+    SELECT count(*), coalesce(bool_or(all_keys), false),
+           (SELECT array_agg(DISTINCT u COLLATE "C" ORDER BY u COLLATE "C") FROM taken t2, unnest(t2.keys) AS u)
+      FROM taken
+$$"""
+
+
+def bench_throughput_ceilings(db, start=20_000):
+    """What the sustained-changes goal could reach at best on this machine (run when named, or with
+    CDE_BENCH_CEILINGS=1; twenty-third session): the steady runs of `bench_throughput`, with the worker
+    only collecting, (1) alone, as it does, and (2) with a second session collecting the same
+    feed beside it (a loop of cde._collect, each collect taking queue rows the other does not
+    hold): what spreading the collect over two processes could give, with nothing else to do."""
+    seconds = int(os.environ.get("CDE_BENCH_TP_SECONDS", "60"))
+    rebuild_writes_sent(db, True)
+    try:
+        best, first_not = highest_kept(db, start, seconds)
+        report("(ceiling) sustained throughput, the worker only collecting (documents built and written, nothing sent)",
+               kept_figure(best, first_not, start), "(no goal: the least a change costs a design that keeps a feed table)", True)
+        loop = Path(os.environ.get("TMPDIR", "/tmp")) / "cde-bench-collect.sql"
+        loop.write_text("SELECT drained FROM cde._collect('products') \\gset\n\\if :drained\n\\else\n\\sleep 5 ms\n\\endif\n")
+        slice_text = one(db, "SELECT pg_get_functiondef('cde._take_slice(text, int)'::regprocedure)")
+        db.execute(SKIP_LOCKED_SLICE)
+        second = subprocess.Popen([PGBENCH, "-n", "-h", SOCKET, "-p", str(PORT),
+                                   "-U", "postgres", "-c", "1", "-T", "86400", "-f", str(loop), "cde"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            best, first_not = highest_kept(db, start, seconds)
+            if second.poll() is not None:
+                raise SystemExit(f"the second collecting session stopped: {second.stderr.read()}")
+        finally:
+            second.terminate()
+            second.wait()
+            db.execute(slice_text)
+        report("(ceiling) the same, a second session collecting beside the worker",
+               kept_figure(best, first_not, start), "(no goal: two collecting processes on the two cores)", True)
+    finally:
+        rebuild_writes_sent(db, False)
 
 
 def bench_monitoring(db, changes=100_000, goal_ms=50):
@@ -484,8 +574,10 @@ def main():
             wait("the initial full sync", lambda: one(db, "SELECT count(*) FROM cde_sync_runs WHERE finished_at IS NULL") == 0, 7200)
             for name, bench in [("bulk", bench_bulk), ("full_sync", bench_full_sync), ("latency", bench_latency),
                                 ("latency_slow", bench_latency_slow),
-                                ("throughput", bench_throughput), ("monitoring", bench_monitoring)]:
-                if only is None or name in only:
+                                ("throughput", bench_throughput), ("monitoring", bench_monitoring),
+                                ("throughput_ceilings", bench_throughput_ceilings)]:
+                # The ceilings only when asked for: they measure designs, not cde.
+                if name in (only or ()) or only is None and (name != "throughput_ceilings" or peers.CEILINGS):
                     bench(db)
     print("\n| benchmark | result | goal | met |\n|---|---|---|---|")
     for name, figure, target, ok, _ in rows:
