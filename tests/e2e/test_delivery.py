@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import SERVER_LOG, Db, connect, kill_worker, wait_until
+from conftest import SERVER_LOG, Db, connect, fresh_catalog, full_sync_and_wait, kill_worker, wait_until
 
 
 def name_at_sink(sink, key):
@@ -282,3 +282,33 @@ def test_the_queue_is_read_by_its_index_whatever_its_statistics_say(catalog):
     reads = [p for p in plans if re.search(r"\bon queue\b|queue_feed_id", p)]
     assert reads, "no plan read the queue"
     assert not [p for p in reads if re.search(r"(Seq|Bitmap Heap) Scan on queue\b", p)], "\n\n".join(reads)
+
+
+def private_mb(pid):
+    """The process's private (anonymous) resident memory, in MB: its heap, not the shared buffers."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^RssAnon:\s+(\d+) kB", status, re.M).group(1)) / 1024
+
+
+def test_an_idle_worker_gives_back_the_memory_a_burst_freed(db, sink):
+    # glibc keeps the memory a process freed, to use again: after delivering a burst of changes
+    # the worker's heap stayed at its high-water mark for good (after a million changes, 44 MB of
+    # private memory against 19 before). Before it sleeps it gives the free memory back to the
+    # system (at most every 5 s): once the burst is delivered its private memory is back near
+    # where it was.
+    fresh_catalog(db, products=30000)
+    full_sync_and_wait(db, timeout=120)
+    pid = db.worker_pid()
+    wait_until("the worker idle", lambda: db.one("SELECT state FROM cde_worker_status") == "idle", timeout=30)
+    before = private_mb(pid)
+    db.run("UPDATE products SET name = name || repeat('x', 2000)")
+    peak = before
+
+    def delivered():
+        nonlocal peak
+        peak = max(peak, private_mb(pid))
+        return db.one("SELECT pending FROM cde_feed_status WHERE feed = 'products'") == 0
+    wait_until("the burst delivered", delivered, timeout=120, interval=0.05)
+    assert peak > before + 10, f"the burst did not grow the heap ({before:.1f} -> {peak:.1f} MB): the test shows nothing"
+    wait_until("the freed memory given back", lambda: private_mb(pid) < before + 5, timeout=30, interval=0.2)
+    assert db.worker_pid() == pid
