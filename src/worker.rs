@@ -255,8 +255,9 @@ fn publish(shared: &shmem::WorkerShared, w: &Worker) {
 
 /// Give the heap's free memory back to the system, before the worker sleeps. glibc keeps what a
 /// burst freed for the process to use again: after delivering a million changes the worker's
-/// private memory stayed at 44 MB, against 19 MB before them, until trimmed (12 MB). Trimming a
-/// small heap takes well under a millisecond (docs/benchmarks.md, "Decisions and their
+/// private memory stayed at 44 MB, against 19 MB before them, until trimmed (12 MB). A trim takes
+/// a few milliseconds when tens of megabytes go back, microseconds when nothing does; only an
+/// idle worker trims, at most every `TRIM_EVERY` (docs/benchmarks.md, "Decisions and their
 /// measurements").
 fn give_back_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
