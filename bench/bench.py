@@ -12,7 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import (PGBENCH, ROOT, SCALE, SECONDS, SOCKET, PORT, conn, goal, goals, one, pgbench, report, rows, sink, wait)
+from common import (ROOT, SCALE, SECONDS, SOCKET, PORT, conn, goal, goals, one, pgbench, pgbench_command, report, rows, sink,
+                    wait)
 import peers
 
 # The peers' figures for the side-by-side table: single (ratios by clients), bulk, latency.
@@ -481,14 +482,12 @@ def bench_throughput_ceilings(db, start=20_000):
         best, first_not = highest_kept(db, start, seconds)
         report("(ceiling) sustained throughput, the worker only collecting (documents built and written, nothing sent)",
                kept_figure(best, first_not, start), "(no goal: the least a change costs a design that keeps a feed table)", True)
-        loop = Path(os.environ.get("TMPDIR", "/tmp")) / "cde-bench-collect.sql"
-        loop.write_text("SELECT drained FROM cde._collect('products') \\gset\n\\if :drained\n\\else\n\\sleep 5 ms\n\\endif\n")
+        loop = "SELECT drained FROM cde._collect('products') \\gset\n\\if :drained\n\\else\n\\sleep 5 ms\n\\endif\n"
         slice_text = one(db, "SELECT pg_get_functiondef('cde._take_slice(text, int)'::regprocedure)")
         second = None
         try:
             db.execute(SKIP_LOCKED_SLICE)
-            second = subprocess.Popen([PGBENCH, "-n", "-h", SOCKET, "-p", str(PORT),
-                                       "-U", "postgres", "-c", "1", "-T", "86400", "-f", str(loop), "cde"],
+            second = subprocess.Popen(pgbench_command(loop, 86400, clients=1, name="collect"),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             best, first_not = highest_kept(db, start, seconds)
             if second.poll() is not None:

@@ -58,13 +58,19 @@ def wait(what, fn, timeout):
         time.sleep(0.05)
 
 
-def pgbench(script, seconds, clients=2, rate=None):
-    """TPS of `script` run by `clients` clients (one pgbench thread each) for `seconds`."""
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"cde-bench-{threading.get_ident()}.sql"
+def pgbench_command(script, seconds, clients=2, rate=None, name=None):
+    """The pgbench command running `script` (written to a file of its own, `name` or one per
+    calling thread) by `clients` clients (one pgbench thread each) for `seconds`."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"cde-bench-{name or threading.get_ident()}.sql"
     path.write_text(script)
     cmd = [PGBENCH, "-n", "-h", SOCKET, "-p", str(PORT), "-U", "postgres", "-c", str(clients), "-j", str(clients),
            "-T", str(seconds), "-f", str(path), "cde"]
     if rate:
         cmd += ["-R", str(rate)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return cmd
+
+
+def pgbench(script, seconds, clients=2, rate=None):
+    """TPS of `script` run by `clients` clients (one pgbench thread each) for `seconds`."""
+    out = subprocess.run(pgbench_command(script, seconds, clients, rate), capture_output=True, text=True, check=True).stdout
     return float(re.search(r"tps = ([0-9.]+)", out).group(1))
